@@ -1,0 +1,150 @@
+"""DynamicLoRALinear: a frozen linear layer plus a low-rank update whose rank can change while training.
+
+    y = W x + s · B[:, :r] A[:r] x,        s = alpha / r_init
+
+A has a *capacity* of ``max_rank`` rows; only the first ``r`` (the *active rank*) take part. The active rank is
+changed in place with :meth:`DynamicLoRALinear.set_rank`, so the module, the model and the optimizer's parameter
+list stay the same objects (parameter shapes never change, which also keeps DDP's buckets valid), while the
+forward pass slices the matrices: compute and memory traffic follow the active rank.
+
+The scale ``s`` is fixed at construction from the *initial* rank, not the active one: growing the rank with zero
+columns of B must leave the output unchanged, which a scale of ``alpha / r_active`` would break.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+class DynamicLoRALinear(nn.Module):
+    """Wraps an ``nn.Linear`` (or GPT-2's transposed ``Conv1D``) with a LoRA update of changeable active rank.
+
+    Args:
+        base_layer: the frozen layer to adapt. Its weights are not copied.
+        rank: initial active rank ``r`` (≥ 1); also fixes the scale ``alpha / rank``.
+        alpha: LoRA alpha of this layer.
+        max_rank: capacity, the largest rank the layer can grow to (default: ``rank``).
+        dropout: dropout probability on the adapter's input path.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int,
+        alpha: float,
+        max_rank: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
+            raise TypeError(f"DynamicLoRALinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        # Conv1D stores its weight as (in, out) and computes x @ W: the delta must be transposed to merge.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        max_rank = rank if max_rank is None else max_rank
+        limit = min(self.in_features, self.out_features)
+        if not 1 <= rank <= max_rank <= limit:
+            raise ValueError(
+                f"need 1 <= rank ({rank}) <= max_rank ({max_rank}) <= min(in, out) ({limit}) "
+                f"for a {self.in_features}x{self.out_features} layer"
+            )
+        self.max_rank = max_rank
+        self.initial_rank = rank
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Standard LoRA init: A Kaiming-uniform (as nn.Linear), B zero, so the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # --- active rank -------------------------------------------------------------------------------------------
+
+    def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
+        """Change the active rank in place.
+
+        Growing re-initialises the new rows of A (Kaiming-uniform, drawn from ``generator`` when given) and zeroes
+        the new columns of B, so the layer's output does not change at the moment of growth. Shrinking drops the
+        trailing components; put the least important ones last first (see the allocator).
+        """
+        if self.merged:
+            raise RuntimeError("cannot change the rank of a merged layer: call unmerge() first")
+        if not 0 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} is outside [0, max_rank={self.max_rank}]")
+        old = self.rank
+        if rank > old:
+            with torch.no_grad():
+                bound = 1.0 / math.sqrt(self.in_features)  # what kaiming_uniform_(a=sqrt(5)) gives
+                new_rows = torch.empty(rank - old, self.in_features, dtype=torch.float32, device="cpu")
+                new_rows.uniform_(-bound, bound, generator=generator)
+                self.lora_A[old:rank].copy_(new_rows)
+                self.lora_B[:, old:rank].zero_()
+        self.rank = rank
+
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A[:r], B[:, :r]): views of the active part, no copy."""
+        r = self.rank
+        if r == self.max_rank:
+            return self.lora_A, self.lora_B
+        return self.lora_A[:r], self.lora_B[:, :r]
+
+    def active_parameters(self) -> int:
+        """Number of adapter parameters that take part at the current rank."""
+        return self.rank * (self.in_features + self.out_features)
+
+    # --- forward / merge ---------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.rank == 0:
+            return result
+        a, b = self.active_factors()
+        h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling  # scale the r-wide tensor, not the output
+        return result + F.linear(h, b).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s · B A`` in the base weight's own layout ((in, out) for Conv1D)."""
+        a, b = self.active_factors()
+        delta = (b @ a) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight; the forward pass then skips the adapter."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from the base weight again."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, max_rank={self.max_rank}, "
+            f"alpha={self.alpha:g}, merged={self.merged}"
+        )
