@@ -1,0 +1,110 @@
+"""Which modules of a Hugging Face model get an adapter: per-family defaults and PEFT-compatible name matching."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .layer import SUPPORTED_BASE_LAYERS
+
+# The attention projections that LoRA papers adapt by default, per `config.model_type`.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+}
+
+# Task heads that must stay trainable on classification-style models (PEFT's SEQ_CLS choice, plus QA/NER heads).
+HEAD_MODULE_NAMES = ("classifier", "score", "qa_outputs")
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """PEFT's rule for rank/alpha patterns: ``pattern`` matches the end of the name at a dot boundary."""
+    return re.fullmatch(rf"(.*\.)?(?:{pattern})", name) is not None
+
+
+def name_matches(targets: list[str] | str, name: str) -> bool:
+    """A list entry matches a name equal to it or ending in ``.entry``; a string is a full-name regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    try:  # PEFT keeps a longer table; use it for families we do not list ourselves.
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+    except ImportError:  # pragma: no cover - peft is a dependency, but the core must not need it
+        peft_table = {}
+    if model_type in peft_table:
+        return list(peft_table[model_type])
+    raise ValueError(
+        f"no default target modules for model type {model_type!r}; pass target_modules explicitly. "
+        f"Linear layers of this model: {candidate_summary(model)}"
+    )
+
+
+def default_modules_to_save(model: nn.Module) -> list[str]:
+    """The task head of a classification/QA model; nothing for base or generative models."""
+    cls = type(model).__name__
+    if not cls.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+        return []
+    children = dict(model.named_children())
+    return [n for n in HEAD_MODULE_NAMES if n in children]
+
+
+def linear_module_names(model: nn.Module) -> Iterable[str]:
+    return (n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS))
+
+
+def candidate_summary(model: nn.Module, limit: int = 20) -> str:
+    """Distinct last name parts of the adaptable layers, e.g. ``query, key, value, dense``."""
+    seen: dict[str, None] = {}
+    for name in linear_module_names(model):
+        seen.setdefault(name.rsplit(".", 1)[-1], None)
+    names = list(seen)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear/Conv1D layers)"
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str]) -> list[str]:
+    """Names of the modules to adapt, in model order; a clear ValueError when nothing (adaptable) matches."""
+    found, wrong_type = [], []
+    for name, module in model.named_modules():
+        if not name or not name_matches(targets, name):
+            continue
+        if exclude and name_matches(exclude, name):
+            continue
+        if isinstance(module, SUPPORTED_BASE_LAYERS):
+            found.append(name)
+        elif not any(name.startswith(f + ".") for f in found):
+            wrong_type.append(f"{name} ({type(module).__name__})")
+    if wrong_type and not found:
+        raise ValueError(
+            f"target_modules {targets!r} matched only layers that cannot be adapted: {', '.join(wrong_type[:5])}. "
+            f"Only nn.Linear and Conv1D are supported; candidates: {candidate_summary(model)}"
+        )
+    if not found:
+        raise ValueError(
+            f"target_modules {targets!r} matched no module of this {type(model).__name__}. "
+            f"Candidates: {candidate_summary(model)}"
+        )
+    return found

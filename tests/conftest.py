@@ -1,0 +1,83 @@
+"""Tiny randomly initialised Hugging Face models (one per architecture family) for fast, offline tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a hub
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 97
+
+
+def tiny_bert(num_labels: int = 2):
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2(head: str = "lm"):
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(cfg) if head == "lm" else GPT2ForSequenceClassification(cfg)
+
+
+# Llama and Qwen2 share their shape: grouped-query attention (2 KV heads for 4 query heads).
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+
+
+def tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(**DECODER))
+
+
+def tiny_qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(**DECODER))
+
+
+BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "qwen2": tiny_qwen2}
+# Default targets per family and how many layers they hit in a 2-layer model.
+EXPECTED_TARGETS = {"bert": ("query", "value"), "gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"),
+                    "qwen2": ("q_proj", "v_proj")}  # fmt: skip
+
+
+def build(arch: str, seed: int = 0):
+    """The same weights for the same (arch, seed): a fresh copy of a base model, as a user reloads it."""
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.3) -> None:
+    """Give B non-zero values so the adapter changes the output (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lora_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
+
+
+def batch(seed: int = 2, n: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def arch(request) -> str:
+    return request.param

