@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from conftest import batch, build, randomize_adapters, tiny_gpt2
+
+from dynlora import DynamicLoRAConfig, get_dynlora_model
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def peft_round_trip(dyn, fresh_base, tmp_path, inputs):
+    from peft import PeftModel
+
+    dyn.export_peft(tmp_path)
+    peft_model = PeftModel.from_pretrained(fresh_base, str(tmp_path)).eval()
+    return (logits(peft_model, inputs) - logits(dyn, inputs)).abs().max().item()
+
+
+def test_peft_export_reproduces_logits(arch, tmp_path):
+    model = get_dynlora_model(build(arch), DynamicLoRAConfig(rank=4, max_rank=8, alpha=8, rank_pattern={"v_proj": 3}))
+    randomize_adapters(model)
+    names = list(model.lora_layers())
+    model.set_ranks({names[0]: 7, names[-1]: 1})
+    assert peft_round_trip(model, build(arch), tmp_path, batch()) < 1e-5
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    assert sorted(cfg["rank_pattern"].values()) == sorted(model.rank_pattern().values())
+    # Scale folded into B: every layer's alpha equals its rank, so loaders that ignore alpha_pattern agree.
+    assert cfg["alpha_pattern"] == cfg["rank_pattern"] and cfg["lora_alpha"] == cfg["r"]
+
+
+def test_peft_export_skips_rank_zero_layers(tmp_path):
+    from safetensors.torch import load_file
+
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    randomize_adapters(model)
+    dropped = next(iter(model.lora_layers()))
+    model.set_ranks({dropped: 0})
+    assert peft_round_trip(model, build("bert"), tmp_path, batch()) < 1e-5
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert not any(dropped in k for k in keys)
+    assert "base_model.model.classifier.weight" in keys
+
+
+def test_gpt2_conv1d_classifier_export(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_gpt2(head="cls").eval()
+    model = get_dynlora_model(base, DynamicLoRAConfig(rank=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.model.score.weight.normal_()
+    torch.manual_seed(0)
+    fresh = tiny_gpt2(head="cls").eval()
+    assert peft_round_trip(model, fresh, tmp_path, batch()) < 1e-5
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+
+def test_export_of_all_zero_ranks_is_an_error(tmp_path):
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    model.set_ranks(dict.fromkeys(model.lora_layers(), 0))
+    with pytest.raises(ValueError, match="rank 0"):
+        model.export_peft(tmp_path)
