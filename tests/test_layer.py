@@ -127,3 +127,16 @@ def test_dropout_only_in_training():
     assert torch.allclose(layer(x), manual(layer, x), atol=1e-6)
     layer.train()
     assert not torch.allclose(layer(x), manual(layer, x), atol=1e-3)
+
+
+def test_mixed_dtype_base_uses_adapter_precision():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 12).to(torch.bfloat16)
+    layer = DynamicLoRALinear(base, rank=4, alpha=8)
+    layer.lora_A.data = layer.lora_A.data.float()
+    layer.lora_B.data = torch.randn(12, 4)
+    x = torch.randn(3, 10, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = base(x).float() + x.float() @ (layer.lora_B @ layer.lora_A).T * layer.scaling
+    assert torch.allclose(y.float(), expected, atol=5e-2)

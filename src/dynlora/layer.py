@@ -116,8 +116,14 @@ class DynamicLoRALinear(nn.Module):
         if self.merged or self.rank == 0:
             return result
         a, b = self.active_factors()
-        h = F.linear(self.dropout(x).to(a.dtype), a) * self.scaling  # scale the r-wide tensor, not the output
-        return result + F.linear(h, b).to(result.dtype)
+        h = F.linear(self.dropout(x).to(a.dtype), a)
+        if h.dtype == result.dtype:
+            # One GEMM adds s·h·Bᵀ into the base output: no separate scale pass, no extra full-width tensor.
+            out_2d = torch.addmm(
+                result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling
+            )
+            return out_2d.view_as(result)
+        return result + (F.linear(h, b) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``s · B A`` in the base weight's own layout ((in, out) for Conv1D)."""
