@@ -208,3 +208,17 @@ def test_load_into_model_missing_layers(tmp_path):
     )
     with pytest.raises(ValueError, match="does not have"):
         DynamicLoRAModel.from_pretrained(one_layer, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [("roberta", {"query", "value"}), ("deberta-v2", {"query_proj", "value_proj"}), ("mistral", {"q_proj", "v_proj"})],
+)
+def test_default_targets_of_other_families(family, expected):
+    from transformers import AutoConfig, AutoModel
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=97)
+    torch.manual_seed(0)
+    model = get_dynlora_model(AutoModel.from_config(AutoConfig.for_model(family, **small)))
+    assert {n.rsplit(".", 1)[-1] for n in model.lora_layers()} == expected
+    assert len(model.lora_layers()) == 2 * len(expected)
