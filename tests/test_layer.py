@@ -140,3 +140,38 @@ def test_mixed_dtype_base_uses_adapter_precision():
     assert y.dtype == torch.bfloat16
     expected = base(x).float() + x.float() @ (layer.lora_B @ layer.lora_A).T * layer.scaling
     assert torch.allclose(y.float(), expected, atol=5e-2)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_rebase_keeps_function_and_orders_by_singular_value(conv):
+    layer = make(rank=5, max_rank=8, conv=conv)
+    with torch.no_grad():
+        layer.lora_A[:5].normal_()
+    x = torch.randn(7, 10)
+    before, delta = layer(x), layer.delta_weight().clone()
+    a0, b0 = (t.clone() for t in layer.active_factors())
+    t, t_inv = layer.rebase()
+    a, b = layer.active_factors()
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    assert torch.allclose(layer.delta_weight(), delta, atol=1e-5)
+    assert torch.allclose(a @ a.T, torch.eye(5), atol=1e-5)  # orthonormal rows
+    norms = b.norm(dim=0)
+    assert torch.all(norms[:-1] >= norms[1:] - 1e-6)  # strongest direction first
+    assert torch.allclose(t @ a0, a, atol=1e-5) and torch.allclose(b0 @ t_inv, b, atol=1e-5)
+
+
+def test_shrink_after_rebase_keeps_the_dominant_direction():
+    # A known answer: the update is a strong rank-1 term plus a weak one, stored in the "wrong" order.
+    torch.manual_seed(0)
+    layer = DynamicLoRALinear(nn.Linear(6, 6), rank=2, alpha=2)  # scale 1
+    u = torch.nn.functional.normalize(torch.randn(6, 2), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(2, 6), dim=1)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.stack([u[:, 0] * 0.1, u[:, 1] * 5.0], dim=1))  # weak first, strong second
+        layer.lora_A.copy_(v)
+    strong = 5.0 * torch.outer(u[:, 1], v[1])
+    layer.rebase()
+    layer.set_rank(1)
+    err_kept = (layer.delta_weight() - strong).norm()
+    assert err_kept < 0.15  # only the weak term (norm <= 0.1 * |<v0, v1>| effects) is lost
+    assert (layer.delta_weight() - 0.1 * torch.outer(u[:, 0], v[0])).norm() > 4

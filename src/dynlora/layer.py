@@ -77,19 +77,20 @@ class DynamicLoRALinear(nn.Module):
 
     # --- active rank -------------------------------------------------------------------------------------------
 
-    def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
+    def set_rank(self, rank: int, generator: torch.Generator | None = None, *, init_new: bool = True) -> None:
         """Change the active rank in place.
 
         Growing re-initialises the new rows of A (Kaiming-uniform, drawn from ``generator`` when given) and zeroes
         the new columns of B, so the layer's output does not change at the moment of growth. Shrinking drops the
-        trailing components; put the least important ones last first (see the allocator).
+        trailing components; put the least important ones last first (see the allocator). ``init_new=False``
+        only moves the boundary: for restoring a rank whose rows were loaded from a full-capacity state dict.
         """
         if self.merged:
             raise RuntimeError("cannot change the rank of a merged layer: call unmerge() first")
         if not 0 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} is outside [0, max_rank={self.max_rank}]")
         old = self.rank
-        if rank > old:
+        if rank > old and init_new:
             with torch.no_grad():
                 bound = 1.0 / math.sqrt(self.in_features)  # what kaiming_uniform_(a=sqrt(5)) gives
                 new_rows = torch.empty(rank - old, self.in_features, dtype=torch.float32, device="cpu")
@@ -97,6 +98,28 @@ class DynamicLoRALinear(nn.Module):
                 self.lora_A[old:rank].copy_(new_rows)
                 self.lora_B[:, old:rank].zero_()
         self.rank = rank
+
+    @torch.no_grad()
+    def rebase(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-express the active update in its singular basis, strongest direction first, without changing it.
+
+        With A = R_aᵀ Q_aᵀ and B = Q_b R_b (two thin QRs) the update is Q_b (R_b R_aᵀ) Q_aᵀ; the SVD of the small
+        r×r core, U Σ Vᵀ, gives A' = Vᵀ Q_aᵀ (orthonormal rows) and B' = Q_b U Σ. Then B'A' = BA, and keeping the
+        first k components is the best rank-k approximation of the update (Eckart–Young), so shrinking afterwards
+        drops the weakest directions. Cost: O((in + out) r²).
+
+        Returns ``(T, T_inv)`` with A' = T A and B' = B T_inv, for moving optimizer state into the new basis.
+        """
+        a, b = self.active_factors()
+        qa, ra = torch.linalg.qr(a.T.float())
+        qb, rb = torch.linalg.qr(b.float())
+        u, sigma, vh = torch.linalg.svd(rb @ ra.T)
+        a.copy_((vh @ qa.T).to(a.dtype))
+        b.copy_((qb @ u * sigma).to(b.dtype))
+        # A' = Vᵀ R_a⁻ᵀ A; pinv keeps this defined for a rank-deficient A (then the map is only used approximately).
+        t = vh @ torch.linalg.pinv(ra.T)
+        t_inv = ra.T @ vh.T
+        return t, t_inv
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A[:r], B[:, :r]): views of the active part, no copy."""
