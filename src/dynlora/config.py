@@ -25,6 +25,22 @@ class DynamicLoRAConfig:
             ``*ForSequenceClassification``-style models (``classifier``, ``score``, ...); ``[]`` means none.
         rank_pattern: per-layer initial rank overrides, ``{name regex: rank}`` matched like PEFT's.
         alpha_pattern: per-layer alpha overrides, ``{name regex: alpha}``.
+
+    Re-allocation (the Dynamic LoRA engine; see docs/method.md):
+
+    Args:
+        reallocate: move rank between layers during training (``False``: a static LoRA of the same layers).
+        importance: layer/rank importance scorer: ``"sensitivity"`` (AdaLoRA's |θ·∇θ| with uncertainty),
+            ``"gradient"`` (gradient norm, the paper's ∂L/∂W rule) or ``"update_norm"`` (‖s·B_i A_i‖).
+        budget: total adapter parameters the allocation may use; ``None``: what the initial ranks use, i.e. the
+            same budget as a static LoRA at ``rank``.
+        min_rank: smallest rank a layer is shrunk to (0 lets a layer drop out; it can grow back).
+        temperature: allocation sharpness τ: a layer's share of the budget ∝ score^(1/τ).
+        warmup, interval, final: schedule. Scores accumulate from the first step; ranks are re-allocated at
+            ``warmup``, ``warmup + interval``, ... up to ``final``, then frozen. A float in (0, 1) is a fraction of
+            the total steps, an int a step count.
+        beta1, beta2: EMA factors of the importance score and of its uncertainty.
+        seed: seed of the random initialisation of components added when a layer grows.
     """
 
     target_modules: list[str] | str | None = None
@@ -35,6 +51,17 @@ class DynamicLoRAConfig:
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    reallocate: bool = True
+    importance: str = "sensitivity"
+    budget: int | None = None
+    min_rank: int = 1
+    temperature: float = 1.0
+    warmup: float | int = 0.1
+    interval: float | int = 0.05
+    final: float | int = 0.8
+    beta1: float = 0.85
+    beta2: float = 0.85
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -47,6 +74,28 @@ class DynamicLoRAConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if not 0 <= self.min_rank <= self.rank:
+            raise ValueError(f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be >= 0 parameters, got {self.budget}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("warmup", "interval", "final"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise ValueError(f"{name} must be a step count (int) or a fraction of training (float in [0, 1])")
+            if isinstance(value, float) and value > 1:
+                raise ValueError(f"{name}={value}: a float is a fraction of training (<= 1.0); an int is steps")
+
+    @property
+    def capacity(self) -> int:
+        """Rank a layer can grow to: ``max_rank``, else twice ``rank`` when re-allocating, else ``rank``."""
+        if self.max_rank is not None:
+            return self.max_rank
+        return 2 * self.rank if self.reallocate else self.rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .allocator import RankAllocator
 from .config import DynamicLoRAConfig
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear
@@ -46,13 +47,16 @@ def _resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[st
     for name in find_targets(model, targets, exclude):
         rank = int(_first_match(config.rank_pattern, name, config.rank))
         alpha = float(_first_match(config.alpha_pattern, name, config.alpha))
-        max_rank = max(rank, config.max_rank or rank)
         in_f, out_f = _layer_dims(model.get_submodule(name))
-        if max_rank > min(in_f, out_f):
+        limit = min(in_f, out_f)
+        asked = max(rank, config.max_rank or 0)  # what the user set explicitly must fit
+        if asked > limit:
             raise ValueError(
-                f"rank {max_rank} is larger than layer {name} allows ({in_f} -> {out_f}: at most {min(in_f, out_f)}); "
+                f"rank {asked} is larger than layer {name} allows ({in_f} -> {out_f}: at most {limit}); "
                 "lower rank/max_rank or use rank_pattern for this layer"
             )
+        # The implicit capacity (2 x rank when re-allocating) is capped at what the layer can hold.
+        max_rank = asked if config.max_rank is not None else min(max(rank, config.capacity), limit)
         specs[name] = LayerSpec(rank, alpha, max_rank)
     return specs
 
@@ -103,6 +107,8 @@ class DynamicLoRAModel(nn.Module):
         for name in self.saved_module_names:
             model.get_submodule(name).requires_grad_(True)
         self.unloaded = False
+        # A plain attribute, not a submodule: it holds references to the layers, not parameters of its own.
+        self.allocator = RankAllocator(self.lora_layers(), config, config.seed) if config.reallocate else None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -139,6 +145,24 @@ class DynamicLoRAModel(nn.Module):
         adapters = sum(m.active_parameters() for m in self.lora_layers().values())
         extra = sum(p.numel() for n in self.saved_module_names for p in self.model.get_submodule(n).parameters())
         return adapters + extra
+
+    # --- the Dynamic LoRA engine ------------------------------------------------------------------------------
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
+        """Bind, once, the optimizer whose state follows rank changes, and the run's length in optimizer steps
+        (fractions in the schedule are resolved against it). A no-op for a static LoRA (``reallocate=False``)."""
+        if self.allocator is not None:
+            self.allocator.bind(optimizer, total_steps)
+
+    def update_and_allocate(self, step: int) -> bool:
+        """Call after each ``optimizer.step()``, before ``zero_grad()``, with the number of optimizer steps done
+        (1, 2, ...): updates the importance scores and re-allocates ranks when the schedule says so. Returns
+        whether ranks were re-allocated."""
+        return False if self.allocator is None else self.allocator.step(step)
+
+    def importance(self) -> dict[str, float]:
+        """Module name -> current importance score (empty for a static LoRA)."""
+        return {} if self.allocator is None else self.allocator.layer_scores()
 
     # --- merge -------------------------------------------------------------------------------------------------
 

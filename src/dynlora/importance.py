@@ -1,0 +1,176 @@
+"""Layer and rank-component importance, from what the ordinary backward pass already produced.
+
+Every scorer turns the adapter's parameters and gradients into a raw score per active rank component i of a layer
+(row i of A, column i of B), smooths it with an EMA Ī, and optionally with its uncertainty
+U = EMA|I − Ī| (AdaLoRA, Zhang et al. 2023). A layer's score is the *sum* over its active components. A component
+that was just added has B_i = 0 and so no sensitivity yet; a mean would fall at every growth and pull the layer
+back at the next decision (we saw ranks oscillate), a sum does not. With allocation ∝ score (allocator.py) this
+makes each re-allocation a multiplicative update, r_l ← r_l · (importance per unit rank of l) / average, whose fixed
+point is equal marginal importance across layers.
+
+Scorers (selected by ``DynamicLoRAConfig.importance``):
+
+- ``sensitivity`` (default): I_i = mean_j |A_ij ∂L/∂A_ij| + mean_k |B_ki ∂L/∂B_ki|, scored √(Ī·U): the same
+  order as AdaLoRA's Ī·U, in the units of I, so allocation shares are not squared.
+  Invariant to rescaling a component (A_i·c, B_i/c), so a change of basis does not change a layer's score much.
+- ``gradient``: I_i = ‖(∂L/∂A_i, ∂L/∂B_i)‖₂, the loss sensitivity of the paper's rule γ_l = ∂L/∂W_l taken on the
+  adapter's own factors; scored Ī.
+- ``update_norm``: I_i = s·‖B_i‖·‖A_i‖, the size of the component's contribution to the weight update (needs no
+  gradient); scored Ī.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import DynamicLoRALinear
+
+
+class ImportanceScorer:
+    """EMA of a per-component raw score (see the module doc). Subclasses define :meth:`raw`.
+
+    State is one ``[layers, capacity]`` tensor per statistic, so the per-step update costs a few batched ops
+    plus one small raw-score computation per layer."""
+
+    name = ""
+    uses_uncertainty = False
+    needs_grad = True
+
+    def __init__(self, layers: dict[str, DynamicLoRALinear], beta1: float = 0.85, beta2: float = 0.85) -> None:
+        self.beta1, self.beta2 = beta1, beta2
+        self.names = list(layers)
+        self.row = {n: i for i, n in enumerate(self.names)}
+        capacity = max((m.max_rank for m in layers.values()), default=0)
+        self.mean = torch.zeros(len(layers), capacity)
+        self.unc = torch.zeros(len(layers), capacity)
+        self._raw = torch.zeros(len(layers), capacity)
+        # Layer score kept from the last time the layer was scored, so a layer at rank 0 can still win rank back.
+        self.last_layer_score = torch.zeros(len(layers), dtype=torch.float64)
+        self.updates = 0
+        self.skipped_nonfinite = 0
+
+    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
+        """Raw score of each active component (shape ``[rank]``), or None when there is nothing to score."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, layers: dict[str, DynamicLoRALinear]) -> None:
+        """Fold this step's raw scores into the EMAs. Call after backward, before the gradients are zeroed.
+        Layers without gradients (frozen, unused this step) are left as they were; a step with any non-finite
+        score is skipped whole and counted."""
+        scored = torch.zeros(len(self.names), self.mean.shape[1], dtype=torch.bool)
+        self._raw.zero_()
+        for name, layer in layers.items():
+            raw = self.raw(layer) if layer.rank > 0 else None
+            if raw is not None:
+                i = self.row[name]
+                self._raw[i, : layer.rank] = raw.detach().float().cpu()
+                scored[i, : layer.rank] = True
+        if not torch.isfinite(self._raw).all():
+            self.skipped_nonfinite += 1
+            return
+        new_mean = torch.where(scored, self.beta1 * self.mean + (1 - self.beta1) * self._raw, self.mean)
+        new_unc = self.beta2 * self.unc + (1 - self.beta2) * (self._raw - new_mean).abs()
+        self.unc = torch.where(scored, new_unc, self.unc)
+        self.mean = new_mean
+        rows = scored.any(dim=1)
+        self.last_layer_score[rows] = (self._scores() * scored).sum(dim=1).double()[rows]
+        self.updates += 1
+
+    def _scores(self) -> torch.Tensor:
+        return (self.mean * self.unc).sqrt() if self.uses_uncertainty else self.mean
+
+    def component_scores(self, name: str, rank: int) -> torch.Tensor:
+        """Smoothed score of each of the first ``rank`` components of a layer."""
+        return self._scores()[self.row[name], :rank].clone()
+
+    def layer_scores(self) -> dict[str, float]:
+        """Layer name -> importance (sum over its active components; the last value for a layer at rank 0)."""
+        return dict(zip(self.names, self.last_layer_score.tolist(), strict=True))
+
+    def rebased(self, name: str, old_rank: int, new_rank: int) -> None:
+        """The layer was re-expressed in a new basis and kept ``new_rank`` components: per-component history does
+        not carry over, so each kept component takes the mean state of the old ones."""
+        i = self.row[name]
+        for state in (self.mean, self.unc):
+            state[i, :new_rank] = state[i, :old_rank].mean() if old_rank > 0 else 0.0
+            state[i, new_rank:] = 0.0
+
+    def grown(self, name: str, old_rank: int, new_rank: int) -> None:
+        """Components [old_rank, new_rank) were added: they start at zero, as their sensitivity does (B_i = 0),
+        which leaves the layer's score unchanged."""
+        i = self.row[name]
+        for state in (self.mean, self.unc):
+            state[i, old_rank:new_rank] = 0.0
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "names": list(self.names),
+            "mean": self.mean.clone(),
+            "unc": self.unc.clone(),
+            "last_layer_score": self.last_layer_score.clone(),
+            "updates": self.updates,
+            "skipped_nonfinite": self.skipped_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"importance state is from scorer {state['name']!r}, this run uses {self.name!r}")
+        if state["names"] != self.names or state["mean"].shape != self.mean.shape:
+            raise ValueError("importance state is for other layers than this model's adapters")
+        self.mean, self.unc = state["mean"].clone(), state["unc"].clone()
+        self.last_layer_score = state["last_layer_score"].clone()
+        self.updates = int(state["updates"])
+        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+
+
+def _active_grads(layer: DynamicLoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if layer.lora_A.grad is None or layer.lora_B.grad is None:
+        return None  # e.g. a parameter that took no part in this step's loss (PEFT #1721)
+    r = layer.rank
+    return layer.lora_A.grad[:r], layer.lora_B.grad[:, :r]
+
+
+class SensitivityScorer(ImportanceScorer):
+    name = "sensitivity"
+    uses_uncertainty = True
+
+    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
+        grads = _active_grads(layer)
+        if grads is None:
+            return None
+        a, b = layer.active_factors()
+        ga, gb = grads
+        return (a * ga).abs().mean(dim=1) + (b * gb).abs().mean(dim=0)
+
+
+class GradientScorer(ImportanceScorer):
+    name = "gradient"
+
+    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
+        grads = _active_grads(layer)
+        if grads is None:
+            return None
+        ga, gb = grads
+        return (ga.square().sum(dim=1) + gb.square().sum(dim=0)).sqrt()
+
+
+class UpdateNormScorer(ImportanceScorer):
+    name = "update_norm"
+    needs_grad = False
+
+    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
+        a, b = layer.active_factors()
+        return a.norm(dim=1) * b.norm(dim=0) * layer.scaling
+
+
+SCORERS: dict[str, type[ImportanceScorer]] = {
+    cls.name: cls for cls in (SensitivityScorer, GradientScorer, UpdateNormScorer)
+}
+
+
+def make_scorer(name: str, layers: dict[str, DynamicLoRALinear], beta1: float, beta2: float) -> ImportanceScorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown importance scorer {name!r}; choose one of: {', '.join(SCORERS)}")
+    return SCORERS[name](layers, beta1, beta2)

@@ -1,0 +1,72 @@
+"""Keep an optimizer's per-parameter state consistent with a layer whose rank or basis changed.
+
+Parameters never change shape (the layer slices to its active rank), so the optimizer stays bound to the same
+tensors; only the rows of A / columns of B of the changed components need their state fixed:
+
+- re-basing (A' = T A, B' = B T⁻¹) maps gradients as ∂L/∂A' = T⁻ᵀ ∂L/∂A and ∂L/∂B' = ∂L/∂B Tᵀ. First moments
+  (Adam's ``exp_avg``, SGD's ``momentum_buffer``) are linear in the gradient and are mapped exactly. Second moments
+  (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped through the element-wise squared matrices, which is exact when
+  the map is a permutation or diagonal scaling and ignores cross terms otherwise.
+- dropped components get zero state (they are inactive; if they grow back they start fresh).
+- grown components get zero first moments and, for second moments, the mean of the layer's active entries: an
+  Adam state of zero under a late, already bias-corrected step count would make their first updates ~3-6× larger
+  than everyone else's for hundreds of steps.
+Any other per-element state (an optimizer we do not know) is zeroed for the changed components.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import DynamicLoRALinear
+
+LINEAR_KEYS = ("exp_avg", "momentum_buffer")
+SQUARED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+
+
+def _buffers(optimizer: torch.optim.Optimizer | None, param: torch.Tensor):
+    """(key, tensor) of the per-element state of ``param`` (same shape as the parameter)."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(param, {})
+    return [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+def _rank_slice(tensor: torch.Tensor, is_b: bool, start: int, stop: int) -> torch.Tensor:
+    return tensor[:, start:stop] if is_b else tensor[start:stop]
+
+
+@torch.no_grad()
+def rebase_state(optimizer, layer: DynamicLoRALinear, t: torch.Tensor, t_inv: torch.Tensor) -> None:
+    """Move the state of the active components into the basis of ``layer.rebase()`` (which returned t, t_inv)."""
+    r = layer.rank
+    for param, is_b in ((layer.lora_A, False), (layer.lora_B, True)):
+        # Rows of A mix by T⁻ᵀ (left), columns of B by Tᵀ (right).
+        mix = t.T if is_b else t_inv.T
+        for key, buf in _buffers(optimizer, param):
+            view = _rank_slice(buf, is_b, 0, r)
+            m = (mix.square() if key in SQUARED_KEYS else mix).to(buf.dtype)
+            if key in LINEAR_KEYS or key in SQUARED_KEYS:
+                view.copy_(view @ m if is_b else m @ view)
+            else:
+                view.zero_()
+
+
+@torch.no_grad()
+def clear_state(optimizer, layer: DynamicLoRALinear, start: int, stop: int) -> None:
+    """Zero the state of components [start, stop) (dropped by a shrink)."""
+    for param, is_b in ((layer.lora_A, False), (layer.lora_B, True)):
+        for _, buf in _buffers(optimizer, param):
+            _rank_slice(buf, is_b, start, stop).zero_()
+
+
+@torch.no_grad()
+def init_grown_state(optimizer, layer: DynamicLoRALinear, old: int, new: int) -> None:
+    """State for components [old, new) that a growth just added (see the module doc)."""
+    for param, is_b in ((layer.lora_A, False), (layer.lora_B, True)):
+        for key, buf in _buffers(optimizer, param):
+            grown = _rank_slice(buf, is_b, old, new)
+            if key in SQUARED_KEYS and old > 0:
+                grown.fill_(_rank_slice(buf, is_b, 0, old).mean())
+            else:
+                grown.zero_()

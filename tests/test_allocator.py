@@ -1,0 +1,84 @@
+"""The allocation rule and the schedule, as pure functions."""
+
+import random
+
+import pytest
+
+from dynlora import DynamicLoRAConfig, allocate
+from dynlora.allocator import Schedule
+
+
+def cost(ranks, costs):
+    return sum(r * c for r, c in zip(ranks, costs, strict=True))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_min_max_hold_for_random_inputs(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 12)
+    costs = [rng.choice([64, 96, 128, 640]) for _ in range(n)]
+    mins = [rng.randint(0, 2) for _ in range(n)]
+    maxs = [lo + rng.randint(0, 14) for lo in mins]
+    floor = cost(mins, costs)
+    budget = floor + rng.randint(0, cost(maxs, costs) - floor + 500)
+    scores = [rng.choice([0.0, rng.random(), rng.random() * 1e-6, float("nan")]) for _ in range(n)]
+    ranks = allocate(scores, costs, budget, mins, maxs, temperature=rng.choice([0.5, 1.0, 3.0]))
+    assert cost(ranks, costs) <= budget
+    assert all(lo <= r <= hi for r, lo, hi in zip(ranks, mins, maxs, strict=True))
+    # The budget is spent as far as the integer ranks allow: no layer below max could take one more rank.
+    left = budget - cost(ranks, costs)
+    assert all(r == hi or c > left for r, hi, c in zip(ranks, maxs, costs, strict=True))
+
+
+def test_equal_scores_give_the_static_lora_allocation():
+    assert allocate([1.0] * 6, [768] * 6, 6 * 8 * 768, [1] * 6, [16] * 6) == [8] * 6
+    assert allocate([0.0] * 4, [10] * 4, 40, [0] * 4, [4] * 4) == [1] * 4  # no signal: uniform
+
+
+def test_shares_follow_scores_and_are_scale_free():
+    scores = [1.0, 2.0, 4.0, 1.0]
+    ranks = allocate(scores, [1] * 4, 32, [1] * 4, [32] * 4)
+    assert ranks == [4, 8, 16, 4]
+    assert allocate([s * 1e-9 for s in scores], [1] * 4, 32, [1] * 4, [32] * 4) == ranks
+    assert allocate([s * 1e9 for s in scores], [1] * 4, 32, [1] * 4, [32] * 4) == ranks
+
+
+def test_temperature_flattens_or_sharpens():
+    scores = [1.0, 4.0]
+    assert allocate(scores, [1, 1], 20, [0, 0], [20, 20], temperature=1.0) == [4, 16]
+    assert allocate(scores, [1, 1], 20, [0, 0], [20, 20], temperature=1000.0) == [10, 10]
+    assert allocate(scores, [1, 1], 20, [0, 0], [20, 20], temperature=0.1) == [0, 20]
+
+
+def test_max_rank_caps_and_surplus_goes_elsewhere():
+    assert allocate([100.0, 1.0, 1.0], [1, 1, 1], 24, [1, 1, 1], [8, 16, 16]) == [8, 8, 8]
+
+
+def test_deterministic_and_ties_go_to_earlier_layers():
+    a = allocate([1.0, 1.0, 1.0], [1, 1, 1], 10, [0, 0, 0], [10, 10, 10])
+    assert a == allocate([1.0, 1.0, 1.0], [1, 1, 1], 10, [0, 0, 0], [10, 10, 10]) == [4, 3, 3]
+
+
+def test_impossible_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="below"):
+        allocate([1.0, 1.0], [100, 100], 150, [1, 1], [4, 4])
+
+
+def test_schedule_from_fractions_and_steps():
+    cfg = DynamicLoRAConfig(warmup=0.1, interval=0.1, final=0.5)
+    s = Schedule.resolve(cfg, 100)
+    assert (s.warmup, s.interval, s.final) == (10, 10, 50)
+    assert [t for t in range(1, 101) if s.is_reallocation(t)] == [10, 20, 30, 40, 50]
+    s = Schedule.resolve(DynamicLoRAConfig(warmup=3, interval=4, final=12), 1000)
+    assert [t for t in range(1, 1001) if s.is_reallocation(t)] == [3, 7, 11]
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="beyond the run"):
+        Schedule.resolve(DynamicLoRAConfig(final=500), 100)
+    with pytest.raises(ValueError, match="after final"):
+        Schedule.resolve(DynamicLoRAConfig(warmup=0.9, final=0.5), 100)
+    with pytest.raises(ValueError, match="fraction"):
+        DynamicLoRAConfig(warmup=1.5)
+    with pytest.raises(ValueError, match="step count"):
+        DynamicLoRAConfig(interval=-1)

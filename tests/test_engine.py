@@ -1,0 +1,188 @@
+"""The Dynamic LoRA engine driven by a real training loop: scores, re-allocation, optimizer state, resume."""
+
+import pytest
+import torch
+from conftest import VOCAB, build
+
+from dynlora import DynamicLoRAConfig, DynamicLoRAModel, get_dynlora_model
+from dynlora.optim_state import rebase_state
+
+# Every linear layer of the encoder blocks (not the pooler): 6 per block.
+ALL_LINEAR = r".*layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)"
+
+
+def engine_config(**overrides):
+    base = dict(target_modules=ALL_LINEAR, rank=4, max_rank=8, alpha=8, warmup=4, interval=3, final=16)
+    return DynamicLoRAConfig(**{**base, **overrides})
+
+
+def data(step: int, n: int = 8, length: int = 10):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    labels = (ids[:, 0] > VOCAB // 2).long()  # a learnable rule, so gradients carry signal
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def make(config=None, seed=0):
+    model = get_dynlora_model(build("bert", seed), config or engine_config())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    return model, optimizer
+
+
+def train(model, optimizer, start, stop, total, check=None):
+    model.bind_optimizer(optimizer, total) if start == 1 else None
+    model.train()
+    for step in range(start, stop + 1):
+        model(**data(step)).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+        if check:
+            check(model, step)
+
+
+def test_budget_and_bounds_hold_at_every_step_and_ranks_move():
+    model, opt = make()
+    budget = model.allocator.budget
+    initial = model.rank_pattern()
+
+    def check(m, step):
+        assert m.allocator.total_cost() <= budget
+        assert all(1 <= r <= 8 for r in m.rank_pattern().values())
+
+    train(model, opt, 1, 20, 20, check)
+    history = model.allocator.history
+    assert [h["step"] for h in history] == [4, 7, 10, 13, 16]
+    assert model.rank_pattern() != initial  # the allocation moved away from uniform
+    assert len(set(model.rank_pattern().values())) > 1
+    scores = model.importance()
+    assert set(scores) == set(initial) and all(s >= 0 for s in scores.values()) and max(scores.values()) > 0
+
+
+@pytest.mark.parametrize("scorer", ["sensitivity", "gradient", "update_norm"])
+def test_every_scorer_drives_an_allocation(scorer):
+    model, opt = make(engine_config(importance=scorer))
+    train(model, opt, 1, 10, 20)
+    assert model.allocator.history and model.allocator.total_cost() <= model.allocator.budget
+    assert all(torch.isfinite(torch.tensor(list(model.importance().values()))))
+
+
+def test_unknown_scorer_and_impossible_budget_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown importance scorer"):
+        make(engine_config(importance="magic"))
+    with pytest.raises(ValueError, match="min_rank"):
+        make(engine_config(budget=100, min_rank=1))
+    with pytest.raises(RuntimeError, match="bind the optimizer"):
+        make()[0].update_and_allocate(1)
+
+
+def test_growth_leaves_outputs_unchanged_and_shrink_changes_little():
+    model, opt = make()
+    train(model, opt, 1, 3, 20)  # before the first re-allocation: B is non-zero now
+    model.eval()
+    batch = {k: v for k, v in data(0).items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+        model.allocator.apply({n: 6 for n in model.lora_layers()})  # grow every layer 4 -> 6
+        grown = model(**batch).logits
+    assert (grown - before).abs().max() < 1e-6
+
+
+def test_optimizer_state_follows_rank_changes():
+    model, opt = make()
+    train(model, opt, 1, 3, 20)
+    name, layer = next(iter(model.lora_layers().items()))
+    state_a = opt.state[layer.lora_A]
+    m_before = state_a["exp_avg"][:4].clone()
+    v_before_mean = state_a["exp_avg_sq"][:4].mean()
+
+    # Grow: new rows start with zero first moment and the layer's mean second moment; old rows untouched.
+    model.allocator.apply({**model.rank_pattern(), name: 6})
+    assert torch.equal(state_a["exp_avg"][:4], m_before)
+    assert state_a["exp_avg"][4:6].abs().sum() == 0
+    assert torch.allclose(state_a["exp_avg_sq"][4:6], v_before_mean.expand(2, state_a["exp_avg_sq"].shape[1]))
+    # Shrink: re-based, state mapped into the new basis, dropped rows zeroed; shapes never change.
+    model.allocator.apply({**model.rank_pattern(), name: 2})
+    assert layer.rank == 2 and state_a["exp_avg"].shape == layer.lora_A.shape
+    assert state_a["exp_avg"][2:].abs().sum() == 0 and state_a["exp_avg_sq"][2:].abs().sum() == 0
+    assert opt.state[layer.lora_B]["exp_avg"][:, 2:].abs().sum() == 0
+
+
+def test_rebase_maps_first_moments_exactly():
+    model, opt = make()
+    train(model, opt, 1, 3, 20)
+    layer = next(iter(model.lora_layers().values()))
+    ma = opt.state[layer.lora_A]["exp_avg"][:4].clone()
+    mb = opt.state[layer.lora_B]["exp_avg"][:, :4].clone()
+    t, t_inv = layer.rebase()
+    rebase_state(opt, layer, t, t_inv)
+    assert torch.allclose(opt.state[layer.lora_A]["exp_avg"][:4], t_inv.T @ ma, atol=1e-6)
+    assert torch.allclose(opt.state[layer.lora_B]["exp_avg"][:, :4], mb @ t.T, atol=1e-6)
+
+
+def test_same_seed_same_decisions_and_weights():
+    runs = []
+    for _ in range(2):
+        model, opt = make()
+        train(model, opt, 1, 18, 20)
+        runs.append((model.allocator.history, model.adapter_state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
+    straight, opt = make()
+    train(straight, opt, 1, 20, 20)
+
+    first, opt1 = make()
+    train(first, opt1, 1, 8, 20)  # past two re-allocations
+    first.save_pretrained(tmp_path)
+    torch.save({"optimizer": opt1.state_dict(), "allocator": first.allocator.state_dict()}, tmp_path / "state.pt")
+
+    resumed = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=5e-3)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)
+    opt2.load_state_dict(saved["optimizer"])
+    resumed.bind_optimizer(opt2, 20)
+    resumed.allocator.load_state_dict(saved["allocator"])
+    resumed.train()
+    for step in range(9, 21):
+        resumed(**data(step)).loss.backward()
+        opt2.step()
+        resumed.update_and_allocate(step)
+        opt2.zero_grad()
+
+    assert resumed.allocator.history == straight.allocator.history
+    a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_allocator_state_mismatch_is_an_error():
+    model, opt = make()
+    train(model, opt, 1, 8, 20)
+    state = model.allocator.state_dict()
+    fresh, _ = make()
+    with pytest.raises(ValueError, match="current ranks"):
+        fresh.allocator.load_state_dict(state)
+
+
+def test_missing_and_nonfinite_gradients_are_skipped():
+    model, opt = make()
+    model.bind_optimizer(opt, 20)
+    model.update_and_allocate(1)  # no backward yet: no gradients anywhere
+    assert max(model.importance().values()) == 0
+    model(**data(1)).loss.backward()
+    next(iter(model.lora_layers().values())).lora_B.grad[0, 0] = float("nan")
+    model.update_and_allocate(2)
+    assert model.allocator.scorer.skipped_nonfinite == 1
+    assert max(model.importance().values()) == 0
+
+
+def test_static_lora_has_no_engine():
+    model, opt = make(engine_config(reallocate=False))
+    model.bind_optimizer(opt, 10)
+    assert model.allocator is None and model.importance() == {}
+    assert model.update_and_allocate(5) is False
+    assert all(layer.max_rank == 8 for layer in model.lora_layers().values())  # explicit max_rank kept
+    static = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, reallocate=False))
+    assert all(layer.max_rank == 4 for layer in static.lora_layers().values())
