@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ class DynamicLoRAModel(nn.Module):
             raise ValueError("this model already has Dynamic LoRA layers; pass the plain base model")
         self.model = model
         self.dynlora_config = config
+        # Carry the base model's forward signature: tools read it (Trainer drops dataset columns it does not name).
+        self.forward = functools.update_wrapper(functools.partial(DynamicLoRAModel.forward, self), model.forward)
         if _saved_modules is None:
             wanted = default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
             _saved_modules = _resolve_saved_modules(model, wanted)
