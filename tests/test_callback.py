@@ -1,0 +1,90 @@
+"""DynamicLoRACallback under a real transformers.Trainer: one line, nothing else to call."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import build
+from test_engine import data, engine_config
+from transformers import Trainer, TrainingArguments
+
+from dynlora import DynamicLoRACallback, get_dynlora_model
+from dynlora.callbacks import ALLOCATOR_STATE_NAME
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n=160):
+        batch = data(0, n=n)
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def trainer(model, out, max_steps=20, **kw):
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=10,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[DynamicLoRACallback()])
+
+
+def test_trainer_user_gets_reallocation_and_checkpointed_allocator(tmp_path):
+    model = get_dynlora_model(build("bert"), engine_config())
+    initial = model.rank_pattern()
+    trainer(model, tmp_path).train()
+    assert isinstance(model.allocator.optimizer, torch.optim.Optimizer)  # bound to the Trainer's optimizer
+    assert [h["step"] for h in model.allocator.history] == [4, 7, 10, 13, 16]
+    assert model.rank_pattern() != initial
+    assert (tmp_path / "checkpoint-10" / ALLOCATOR_STATE_NAME).is_file()
+    assert model.allocator.total_cost() <= model.allocator.budget
+
+
+def test_resume_from_trainer_checkpoint_restores_the_allocation(tmp_path):
+    straight = get_dynlora_model(build("bert"), engine_config())
+    trainer(straight, tmp_path / "a").train()
+
+    first = get_dynlora_model(build("bert"), engine_config())
+    trainer(first, tmp_path / "b").train()  # writes checkpoint-10 on the way
+    resumed = get_dynlora_model(build("bert"), engine_config())
+    trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+    assert resumed.allocator.history == straight.allocator.history  # includes steps 4, 7, 10 from the checkpoint
+    assert resumed.rank_pattern() == straight.rank_pattern()
+    a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_callback_rejects_a_plain_model(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    with pytest.raises(TypeError, match="get_dynlora_model"):
+        trainer(build("bert"), tmp_path).train()
+    assert isinstance(build("bert"), BertForSequenceClassification)
+
+
+def test_warns_when_the_schedule_never_ran(tmp_path):
+    model = get_dynlora_model(build("bert"), engine_config(warmup=4, final=16))
+    cb = DynamicLoRACallback()
+    model.bind_optimizer(None, 20)
+
+    class State:
+        global_step = 20
+
+    with pytest.warns(UserWarning, match="never re-allocated"):
+        cb.on_train_end(None, State(), None, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.allocator.history.append({"step": 4})
+        cb.on_train_end(None, State(), None, model=model)
+
+
+def test_resume_without_allocator_state_is_a_clear_error(tmp_path):
+    first = get_dynlora_model(build("bert"), engine_config())
+    trainer(first, tmp_path).train()
+    (tmp_path / "checkpoint-10" / ALLOCATOR_STATE_NAME).unlink()
+    resumed = get_dynlora_model(build("bert"), engine_config())
+    with pytest.raises(FileNotFoundError, match="cannot be restored"):
+        trainer(resumed, tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
