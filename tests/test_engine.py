@@ -186,3 +186,14 @@ def test_static_lora_has_no_engine():
     assert all(layer.max_rank == 8 for layer in model.lora_layers().values())  # explicit max_rank kept
     static = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, reallocate=False))
     assert all(layer.max_rank == 4 for layer in static.lora_layers().values())
+
+
+def test_gradient_checkpointing_gives_the_same_decisions():
+    histories = []
+    for checkpointing in (False, True):
+        model, opt = make()
+        if checkpointing:
+            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        train(model, opt, 1, 17, 20)
+        histories.append(model.allocator.history)
+    assert [h["ranks"] for h in histories[0]] == [h["ranks"] for h in histories[1]]

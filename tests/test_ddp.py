@@ -1,0 +1,39 @@
+"""Under torch.distributed (DDP, gloo on CPU) every process must make the identical rank allocation."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import build
+from test_engine import data, engine_config
+
+from dynlora import get_dynlora_model
+
+STEPS = 20
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = get_dynlora_model(build("bert"), engine_config())
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        model.bind_optimizer(optimizer, STEPS)
+        for step in range(1, STEPS + 1):
+            ddp(**data(step * world + rank)).loss.backward()  # each process sees different data
+            optimizer.step()
+            model.update_and_allocate(step)
+            optimizer.zero_grad()
+        torch.save({"history": model.allocator.history, "adapter": model.adapter_state_dict()}, f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_allocate_identically(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(r0["history"]) == 5
+    assert r0["history"] == r1["history"]
+    assert all(torch.equal(r0["adapter"][k], r1["adapter"][k]) for k in r0["adapter"])
+    ranks = r0["history"][-1]["ranks"]
+    assert len(set(ranks.values())) > 1  # the allocation really moved
