@@ -41,6 +41,9 @@ class DynamicLoRAConfig:
             the total steps, an int a step count.
         beta1, beta2: EMA factors of the importance score and of its uncertainty.
         seed: seed of the random initialisation of components added when a layer grows.
+        input_adaptive: input-feature-based adaptation (see gate.py): ``"mergeable"`` (running input statistics,
+            folded into the weights at merge, zero inference cost), ``"per_example"`` (a per-token gate; cannot
+            be merged or exported) or ``None`` (off, for ablations).
     """
 
     target_modules: list[str] | str | None = None
@@ -62,6 +65,7 @@ class DynamicLoRAConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     seed: int = 0
+    input_adaptive: str | None = "mergeable"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -74,6 +78,8 @@ class DynamicLoRAConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if self.input_adaptive not in (None, "mergeable", "per_example"):
+            raise ValueError(f"input_adaptive must be 'mergeable', 'per_example' or None, got {self.input_adaptive!r}")
         if not 0 <= self.min_rank <= self.rank:
             raise ValueError(f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         if self.temperature <= 0:

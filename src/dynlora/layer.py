@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .gate import MODES, InputNorm, TokenGate
+
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
@@ -32,6 +34,7 @@ class DynamicLoRALinear(nn.Module):
         alpha: LoRA alpha of this layer.
         max_rank: capacity, the largest rank the layer can grow to (default: ``rank``).
         dropout: dropout probability on the adapter's input path.
+        input_adaptive: ``None``, ``"mergeable"`` or ``"per_example"`` input-feature adaptation (see gate.py).
     """
 
     def __init__(
@@ -41,8 +44,11 @@ class DynamicLoRALinear(nn.Module):
         alpha: float,
         max_rank: int | None = None,
         dropout: float = 0.0,
+        input_adaptive: str | None = None,
     ) -> None:
         super().__init__()
+        if input_adaptive is not None and input_adaptive not in MODES:
+            raise ValueError(f"input_adaptive must be None or one of {MODES}, got {input_adaptive!r}")
         if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
             raise TypeError(f"DynamicLoRALinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -67,6 +73,9 @@ class DynamicLoRALinear(nn.Module):
         factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
+        self.input_adaptive = input_adaptive
+        self.input_norm = InputNorm(self.in_features).to(weight.device) if input_adaptive == "mergeable" else None
+        self.token_gate = TokenGate(max_rank).to(**factory) if input_adaptive == "per_example" else None
         self.merged = False
         self.reset_parameters()
 
@@ -97,6 +106,8 @@ class DynamicLoRALinear(nn.Module):
                 new_rows.uniform_(-bound, bound, generator=generator)
                 self.lora_A[old:rank].copy_(new_rows)
                 self.lora_B[:, old:rank].zero_()
+                if self.token_gate is not None:
+                    self.token_gate.weight[old:rank].zero_()
         self.rank = rank
 
     @torch.no_grad()
@@ -119,7 +130,18 @@ class DynamicLoRALinear(nn.Module):
         # A' = Vᵀ R_a⁻ᵀ A; pinv keeps this defined for a rank-deficient A (then the map is only used approximately).
         t = vh @ torch.linalg.pinv(ra.T)
         t_inv = ra.T @ vh.T
+        if self.token_gate is not None:  # w·h = (T⁻ᵀ w)·(T h): the gate sees the same value in the new basis
+            w = self.token_gate.weight[: self.rank]
+            w.copy_((t_inv.T @ w.float()).to(w.dtype))
         return t, t_inv
+
+    def rank_parameters(self) -> list[tuple[nn.Parameter, int, str]]:
+        """Parameters indexed by rank component: (parameter, rank axis, side). Under a re-basis with A' = T A,
+        "in"-side tensors (A) map by T⁻ᵀ along the axis, "out"-side ones (B, the token gate) by T."""
+        params = [(self.lora_A, 0, "in"), (self.lora_B, 1, "out")]
+        if self.token_gate is not None:
+            params.append((self.token_gate.weight, 0, "out"))
+        return params
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A[:r], B[:, :r]): views of the active part, no copy."""
@@ -129,8 +151,9 @@ class DynamicLoRALinear(nn.Module):
         return self.lora_A[:r], self.lora_B[:, :r]
 
     def active_parameters(self) -> int:
-        """Number of adapter parameters that take part at the current rank."""
-        return self.rank * (self.in_features + self.out_features)
+        """Number of trainable adapter parameters that take part at the current rank (gate included)."""
+        gate = self.rank + 1 if self.token_gate is not None else 0
+        return self.rank * (self.in_features + self.out_features) + gate
 
     # --- forward / merge ---------------------------------------------------------------------------------------
 
@@ -139,7 +162,13 @@ class DynamicLoRALinear(nn.Module):
         if self.merged or self.rank == 0:
             return result
         a, b = self.active_factors()
+        if self.input_norm is not None:
+            if self.training:
+                self.input_norm.observe(x)
+            a = a * self.input_norm.scale().to(a.dtype)  # O(r·d) per step, not a pass over x
         h = F.linear(self.dropout(x).to(a.dtype), a)
+        if self.token_gate is not None:
+            h = self.token_gate(h)
         if h.dtype == result.dtype:
             # One GEMM adds s·h·Bᵀ into the base output: no separate scale pass, no extra full-width tensor.
             out_2d = torch.addmm(
@@ -148,9 +177,21 @@ class DynamicLoRALinear(nn.Module):
             return out_2d.view_as(result)
         return result + (F.linear(h, b) * self.scaling).to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update ``s · B A`` in the base weight's own layout ((in, out) for Conv1D)."""
+    def mergeable_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B) with the mergeable input scale folded into A; an error for a per-example gate."""
+        if self.token_gate is not None:
+            raise RuntimeError(
+                "this layer has a per_example input gate, which depends on each input and cannot be folded into a "
+                "weight; merge/export need input_adaptive='mergeable' or None"
+            )
         a, b = self.active_factors()
+        if self.input_norm is not None:
+            a = a * self.input_norm.scale().to(a.dtype)
+        return a, b
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s · B A_eff`` in the base weight's own layout ((in, out) for Conv1D)."""
+        a, b = self.mergeable_factors()
         delta = (b @ a) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
@@ -175,5 +216,6 @@ class DynamicLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, max_rank={self.max_rank}, "
-            f"alpha={self.alpha:g}, merged={self.merged}"
+            f"alpha={self.alpha:g}, merged={self.merged}, "
+            f"input_adaptive={self.input_adaptive}"
         )

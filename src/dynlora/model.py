@@ -15,6 +15,7 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import DynamicLoRAConfig
+from .gate import commit_statistics
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear
 from .targets import default_modules_to_save, default_target_modules, find_targets, name_matches, pattern_matches
@@ -105,7 +106,9 @@ class DynamicLoRAModel(nn.Module):
         for name, spec in specs.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = DynamicLoRALinear(getattr(parent, child), spec.rank, spec.alpha, spec.max_rank, config.dropout)
+            layer = DynamicLoRALinear(
+                getattr(parent, child), spec.rank, spec.alpha, spec.max_rank, config.dropout, config.input_adaptive
+            )
             setattr(parent, child, layer)
         for name in self.saved_module_names:
             model.get_submodule(name).requires_grad_(True)
@@ -159,8 +162,9 @@ class DynamicLoRAModel(nn.Module):
 
     def update_and_allocate(self, step: int) -> bool:
         """Call after each ``optimizer.step()``, before ``zero_grad()``, with the number of optimizer steps done
-        (1, 2, ...): updates the importance scores and re-allocates ranks when the schedule says so. Returns
-        whether ranks were re-allocated."""
+        (1, 2, ...): commits the mergeable input gate's statistics, updates the importance scores and re-allocates
+        ranks when the schedule says so. Returns whether ranks were re-allocated."""
+        commit_statistics([m.input_norm for m in self.lora_layers().values() if m.input_norm is not None])
         return False if self.allocator is None else self.allocator.step(step)
 
     def importance(self) -> dict[str, float]:
@@ -195,14 +199,20 @@ class DynamicLoRAModel(nn.Module):
     # --- save / load -------------------------------------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter at its active ranks plus the modules to save, as contiguous CPU tensors."""
+        """The adapter at its active ranks (gate included) plus the modules to save, as contiguous CPU tensors."""
         state = {}
         for name, layer in self.lora_layers().items():
             if layer.merged:
                 raise RuntimeError(f"layer {name} is merged: call unmerge_adapter() before saving")
-            a, b = layer.active_factors()
-            state[f"{name}.lora_A"] = a.detach().cpu().contiguous()
-            state[f"{name}.lora_B"] = b.detach().cpu().contiguous()
+            r = layer.rank
+            for param, axis, _ in layer.rank_parameters():
+                key = f"{name}.{_param_name(layer, param)}"
+                state[key] = param.detach().movedim(axis, 0)[:r].movedim(0, axis).cpu().contiguous()
+            if layer.input_norm is not None:  # running statistics: the mergeable gate's whole state
+                for key, value in layer.input_norm.state_dict().items():
+                    state[f"{name}.input_norm.{key}"] = value.detach().cpu().clone()
+            if layer.token_gate is not None:  # its weight is rank-indexed and saved above
+                state[f"{name}.token_gate.bias"] = layer.token_gate.bias.detach().cpu().clone()
         for name in self.saved_module_names:
             for key, value in self.model.get_submodule(name).state_dict().items():
                 state[f"{name}.{key}"] = value.detach().cpu().contiguous()
@@ -276,12 +286,14 @@ class DynamicLoRAModel(nn.Module):
         with torch.no_grad():
             for name, layer in self.lora_layers().items():
                 r = layer.rank
-                layer.lora_A[:r].copy_(state[f"{name}.lora_A"])
-                layer.lora_B[:, :r].copy_(state[f"{name}.lora_B"])
+                for param, axis, _ in layer.rank_parameters():
+                    param.movedim(axis, 0)[:r].copy_(state[f"{name}.{_param_name(layer, param)}"].movedim(axis, 0))
+                if layer.input_norm is not None:
+                    layer.input_norm.load_state_dict(_sub(state, f"{name}.input_norm."))
+                if layer.token_gate is not None:
+                    layer.token_gate.bias.copy_(state[f"{name}.token_gate.bias"])
             for name in self.saved_module_names:
-                module = self.model.get_submodule(name)
-                prefix = f"{name}."
-                module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+                self.model.get_submodule(name).load_state_dict(_sub(state, f"{name}."))
 
     def export_peft(self, save_directory: str | os.PathLike) -> None:
         """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained`` loads (see
@@ -290,6 +302,14 @@ class DynamicLoRAModel(nn.Module):
 
         self._check_not_unloaded()
         export_peft(self, save_directory)
+
+
+def _param_name(layer: DynamicLoRALinear, param: nn.Parameter) -> str:
+    return next(n for n, p in layer.named_parameters() if p is param)
+
+
+def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

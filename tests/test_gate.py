@@ -1,0 +1,127 @@
+"""Input-feature-based adaptation: the mergeable input statistics and the per-example token gate."""
+
+import pytest
+import torch
+from conftest import batch, build, randomize_adapters
+from test_engine import data, engine_config, make, train
+from torch import nn
+
+from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
+from dynlora.gate import commit_statistics
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_mergeable_scale_starts_at_one_and_evens_out_feature_sizes():
+    torch.manual_seed(0)
+    layer = DynamicLoRALinear(nn.Linear(6, 4), rank=2, alpha=2, input_adaptive="mergeable")
+    assert torch.equal(layer.input_norm.scale(), torch.ones(6))
+    x = torch.randn(50, 6)
+    x[:, 2] *= 100.0  # an outlier feature
+    layer.train()
+    layer(x)
+    assert torch.equal(layer.input_norm.scale(), torch.ones(6))  # accumulated, not yet committed
+    commit_statistics([layer.input_norm])
+    scale = layer.input_norm.scale()
+    assert scale[2] < 0.02  # the outlier is brought down to the typical size ...
+    assert ((scale[[0, 1, 3, 4, 5]] - 1).abs() < 0.4).all()  # ... which the typical features keep
+    rms = (x * scale).square().mean(0).sqrt()
+    assert rms.max() / rms.min() < 1.5
+
+
+def test_forwards_within_a_step_see_the_same_scale():
+    """What gradient checkpointing's recomputation needs: a training forward does not change the next one."""
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    randomize_adapters(model)
+    model.bind_optimizer(None, 10)
+    model.train()
+    model(**data(1))
+    model.update_and_allocate(1)
+    first, second = model(**data(2)).logits, model(**data(2)).logits
+    assert torch.equal(first, second)
+
+
+def test_nonfinite_statistics_are_dropped():
+    layer = DynamicLoRALinear(nn.Linear(3, 3), rank=1, alpha=1, input_adaptive="mergeable")
+    layer.train()
+    layer(torch.tensor([[1.0, float("inf"), 2.0]]))
+    commit_statistics([layer.input_norm])
+    assert not bool(layer.input_norm.initialized)
+    assert torch.isfinite(layer.input_norm.scale()).all()
+
+
+@pytest.mark.parametrize("mode", ["mergeable", "per_example"])
+def test_engine_runs_with_the_gate_on(mode):
+    model, opt = make(engine_config(input_adaptive=mode))
+    train(model, opt, 1, 20, 20)
+    assert len(model.allocator.history) == 5
+    assert model.allocator.total_cost() <= model.allocator.budget
+    if mode == "per_example":
+        gates = [m.token_gate.weight for m in model.lora_layers().values()]
+        assert any(g.abs().sum() > 0 for g in gates)  # the gate trained
+        for layer in model.lora_layers().values():  # entries beyond the active rank carry nothing
+            assert opt.state[layer.token_gate.weight]["exp_avg"][layer.rank :].abs().sum() == 0
+
+
+def test_mergeable_gate_merges_and_exports_exactly(tmp_path):
+    from peft import PeftModel
+
+    model, opt = make(engine_config(input_adaptive="mergeable"))
+    train(model, opt, 1, 12, 20)
+    model.eval()
+    inputs = batch()
+    expected = logits(model, inputs)
+    scale = next(iter(model.lora_layers().values())).input_norm.scale()
+    assert (scale - 1).abs().max() > 0.05  # the gate really rescales something
+    model.export_peft(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(build("bert"), str(tmp_path / "peft")).eval()
+    assert (logits(peft_model, inputs) - expected).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "dyn")
+    reloaded = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path / "dyn").eval()
+    assert (logits(reloaded, inputs) - expected).abs().max() < 1e-6
+    assert (logits(model.merge_and_unload(), inputs) - expected).abs().max() < 1e-5
+
+
+def test_per_example_gate_starts_as_identity_and_is_not_mergeable(tmp_path):
+    plain = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_adaptive=None))
+    gated = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_adaptive="per_example"))
+    randomize_adapters(plain)
+    randomize_adapters(gated)
+    inputs = batch()
+    assert torch.allclose(logits(plain, inputs), logits(gated, inputs), atol=1e-6)  # w = 0, b = 0: g = 1
+    with torch.no_grad():
+        for layer in gated.lora_layers().values():
+            layer.token_gate.weight.normal_()
+    assert (logits(plain, inputs) - logits(gated, inputs)).abs().max() > 1e-4
+    gated.save_pretrained(tmp_path)
+    reloaded = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
+    assert torch.allclose(logits(reloaded, inputs), logits(gated, inputs), atol=1e-6)
+    with pytest.raises(RuntimeError, match="per_example"):
+        gated.export_peft(tmp_path / "peft")
+    with pytest.raises(RuntimeError, match="per_example"):
+        gated.merge_and_unload()
+
+
+def test_per_example_gate_survives_rebase_and_growth_exactly():
+    torch.manual_seed(0)
+    layer = DynamicLoRALinear(nn.Linear(10, 12), rank=4, alpha=4, max_rank=8, input_adaptive="per_example")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.token_gate.weight.normal_()
+        layer.token_gate.bias.fill_(0.3)
+    x = torch.randn(5, 10)
+    before = layer(x)
+    layer.rebase()
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    layer.set_rank(7)
+    assert torch.allclose(layer(x), before, atol=1e-5)
+
+
+def test_gate_off_and_bad_mode():
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(input_adaptive=None))
+    assert all(m.input_norm is None and m.token_gate is None for m in model.lora_layers().values())
+    with pytest.raises(ValueError, match="input_adaptive"):
+        DynamicLoRAConfig(input_adaptive="sometimes")
