@@ -56,3 +56,31 @@ def test_minilm_default_targets_train_and_round_trip(path, tmp_path):
         assert (reloaded(**inputs).logits - expected).abs().max() < 1e-5
         assert (peft_model(**inputs).logits - expected).abs().max() < 1e-5
         assert (model.merge_and_unload()(**inputs).logits - expected).abs().max() < 1e-5
+
+
+def test_short_real_run_moves_the_allocation_away_from_uniform(path):
+    import csv
+    import os
+    from pathlib import Path
+
+    glue = Path(os.environ.get("DYNLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
+    if not (glue / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"no GLUE data at {glue}")
+    with open(glue / "SST-2" / "train.tsv", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:481]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = get_dynlora_model(load(path), DynamicLoRAConfig(rank=4, warmup=10, interval=5, final=25))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.bind_optimizer(optimizer, 30)
+    model.train()
+    for step in range(1, 31):
+        chunk = rows[(step - 1) * 16 : step * 16]
+        enc = tok([r[0] for r in chunk], padding=True, truncation=True, max_length=32, return_tensors="pt")
+        model(**enc, labels=torch.tensor([int(r[1]) for r in chunk])).loss.backward()
+        optimizer.step()
+        model.update_and_allocate(step)
+        optimizer.zero_grad()
+    assert [h["step"] for h in model.allocator.history] == [10, 15, 20, 25]
+    ranks = model.rank_pattern()
+    assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 12 * 4
+    assert model.allocator.total_cost() <= model.allocator.budget
