@@ -113,7 +113,7 @@ class RankAllocator:
     optimizer steps done so far (1, 2, ...). ``DynamicLoRAModel.update_and_allocate`` and the Trainer callback do.
     """
 
-    def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig, seed: int = 0) -> None:
+    def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig) -> None:
         self.layers = layers
         self.config = config
         self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2)
@@ -132,7 +132,7 @@ class RankAllocator:
                 f"the initial ranks use {initial} adapter parameters, more than the budget of {self.budget}; "
                 "lower rank or raise budget"
             )
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.schedule: Schedule | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_step = 0
@@ -153,7 +153,7 @@ class RankAllocator:
         self.last_step = step
         if not self.schedule.is_reallocation(step):
             return False
-        scores = self.layer_scores()
+        scores = self.synced_scores()
         if not all(math.isfinite(s) for s in scores.values()):
             warnings.warn(f"step {step}: non-finite importance scores; ranks left unchanged", stacklevel=2)
             return False
@@ -170,8 +170,9 @@ class RankAllocator:
         self.history.append({"step": step, "ranks": self.ranks(), "scores": scores})
         return True
 
-    def layer_scores(self) -> dict[str, float]:
-        """Layer scores, averaged over processes under torch.distributed so every process decides the same."""
+    def synced_scores(self) -> dict[str, float]:
+        """Layer scores averaged over processes under torch.distributed, so every process decides the same.
+        A collective: every process must call it (the allocator does, at each re-allocation)."""
         scores = self.scorer.layer_scores()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             values = torch.tensor([scores[n] for n in self.layers], dtype=torch.float64)

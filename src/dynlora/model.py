@@ -114,7 +114,8 @@ class DynamicLoRAModel(nn.Module):
             model.get_submodule(name).requires_grad_(True)
         self.unloaded = False
         # A plain attribute, not a submodule: it holds references to the layers, not parameters of its own.
-        self.allocator = RankAllocator(self.lora_layers(), config, config.seed) if config.reallocate else None
+        self.allocator = RankAllocator(self.lora_layers(), config) if config.reallocate else None
+        self._input_norms = [m.input_norm for m in self.lora_layers().values() if m.input_norm is not None]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -164,12 +165,13 @@ class DynamicLoRAModel(nn.Module):
         """Call after each ``optimizer.step()``, before ``zero_grad()``, with the number of optimizer steps done
         (1, 2, ...): commits the mergeable input gate's statistics, updates the importance scores and re-allocates
         ranks when the schedule says so. Returns whether ranks were re-allocated."""
-        commit_statistics([m.input_norm for m in self.lora_layers().values() if m.input_norm is not None])
+        commit_statistics(self._input_norms)
         return False if self.allocator is None else self.allocator.step(step)
 
     def importance(self) -> dict[str, float]:
-        """Module name -> current importance score (empty for a static LoRA)."""
-        return {} if self.allocator is None else self.allocator.layer_scores()
+        """Module name -> current importance score of this process (empty for a static LoRA). Local: safe to call
+        from one process only, e.g. for logging."""
+        return {} if self.allocator is None else self.allocator.scorer.layer_scores()
 
     # --- merge -------------------------------------------------------------------------------------------------
 
