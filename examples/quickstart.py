@@ -1,5 +1,5 @@
-"""Quickstart: wrap the embedded MiniLM-L6 with Dynamic LoRA, train a few steps on SST-2, then move ranks between
-layers, merge, and export a PEFT adapter, printing what changed at each stage.
+"""Quickstart: train Dynamic LoRA on the embedded MiniLM-L6 on SST-2 (ranks re-allocated across layers by
+importance while it trains), then save, export a PEFT adapter and merge, printing what changed at each stage.
 
     python examples/quickstart.py [--steps 60] [--glue-dir ../shared/data/glue] [--out outputs/quickstart]
 
@@ -58,6 +58,7 @@ def main() -> None:
     path = default_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    # Every query/value projection starts at rank 8 (the budget of a static LoRA r=8) and may grow to 16.
     model = get_dynlora_model(base, DynamicLoRAConfig(rank=8, alpha=16, max_rank=16))
     print(f"model: MiniLM-L6 from {path}")
     print(f"adapted layers: {len(model.lora_layers())}, trainable parameters: {model.trainable_parameters():,}")
@@ -65,6 +66,7 @@ def main() -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
+    model.bind_optimizer(optimizer, total_steps=args.steps)  # once: optimizer state follows every rank change
     model.train()
     bar = tqdm(range(args.steps), desc="train")
     for step in bar:
@@ -74,15 +76,18 @@ def main() -> None:
         loss = model(**enc, labels=torch.tensor(labels)).loss
         loss.backward()
         optimizer.step()
+        model.update_and_allocate(step + 1)  # score layers; re-allocate ranks on the schedule
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     print(f"dev accuracy after {args.steps} steps: {accuracy(model, tok, dev):.3f}")
 
-    # Move rank from the first layer to the last: the total stays the same; growth does not change the output.
-    layers = list(model.lora_layers())
-    model.set_ranks({layers[0]: 4, layers[-1]: 12})
-    print(f"moved 4 ranks {layers[0]} -> {layers[-1]}; dev accuracy now {accuracy(model, tok, dev):.3f}")
-    print(f"ranks: {sorted(set(model.rank_pattern().values()))}, trainable parameters {model.trainable_parameters():,}")
+    history = model.allocator.history
+    print(f"ranks re-allocated {len(history)} times; final ranks by layer (query, value):")
+    ranks = model.rank_pattern()
+    for layer in range(6):
+        prefix = f"bert.encoder.layer.{layer}.attention.self."
+        print(f"  layer {layer}: query {ranks[prefix + 'query']:>2}, value {ranks[prefix + 'value']:>2}")
+    print(f"adapter parameters used: {model.allocator.total_cost():,} of a budget of {model.allocator.budget:,}")
 
     out = Path(args.out)
     model.save_pretrained(out / "adapter")
