@@ -8,7 +8,13 @@ rounds after warm-up. A step is forward + backward + AdamW step + zero_grad.
 
 - frozen limit: the same model with no adapter, backward through every layer (input gradients only), no weight
   gradients but the classifier head's. No adapter method can be faster than this.
-- dynlora LoRA r=8 and PEFT LoRA r=8, both on query/value with the head trainable.
+- dynlora LoRA r=8 (static), PEFT LoRA r=8, all on query/value with the head trainable.
+- Dynamic LoRA (same budget as LoRA r=8), input gate off and on ("mergeable"): update_and_allocate every step.
+- PEFT AdaLoRA init_r=12 -> target_r=8, with its update_and_allocate every step (its orthogonality loss is in its
+  forward).
+Re-allocations happen once per `interval` (default 5 % of a run), so they are timed on their own and amortised
+over a run with the default schedule; the engine's per-step cost is also timed directly, since a 0.1 % difference
+is far below the noise of a step-time median.
 Merged inference: dynlora's merge_and_unload() model vs the untouched base model, eval forward under no_grad.
 
 Writes benchmarks/results/step_time.json and the step-time section of benchmarks/RESULTS.md.
@@ -50,7 +56,14 @@ def frozen_limit() -> torch.nn.Module:
 
 
 def dynlora_lora() -> torch.nn.Module:
-    return get_dynlora_model(load_base(), DynamicLoRAConfig(target_modules=["query", "value"], rank=8, alpha=16))
+    return get_dynlora_model(load_base(), DynamicLoRAConfig(rank=8, alpha=16, reallocate=False, input_adaptive=None))
+
+
+def dynamic(gate: str | None) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        return get_dynlora_model(load_base(), DynamicLoRAConfig(rank=8, alpha=16, input_adaptive=gate))
+
+    return build
 
 
 def peft_lora() -> torch.nn.Module:
@@ -60,23 +73,66 @@ def peft_lora() -> torch.nn.Module:
     return get_peft_model(load_base(), cfg)
 
 
+def peft_adalora() -> torch.nn.Module:
+    from peft import AdaLoraConfig, get_peft_model
+
+    cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=["query", "value"], total_step=1000,
+                        tinit=0, tfinal=0, deltaT=10, modules_to_save=["classifier"])  # fmt: skip
+    return get_peft_model(load_base(), cfg)
+
+
 TRAIN_CONFIGS: dict[str, Callable[[], torch.nn.Module]] = {
     "frozen limit": frozen_limit,
     "dynlora LoRA r=8": dynlora_lora,
+    "Dynamic LoRA, gate off": dynamic(None),
+    "Dynamic LoRA, gate on": dynamic("mergeable"),
     "PEFT LoRA r=8": peft_lora,
+    "PEFT AdaLoRA 12->8": peft_adalora,
 }
+# A long run's step count for binding the schedule: no re-allocation falls inside the timed steps.
+BIND_STEPS = 100_000
 
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    after_step: Callable[[int], object] = lambda _step: None  # noqa: E731
+    if hasattr(model, "update_and_allocate") and hasattr(model, "bind_optimizer"):  # dynlora
+        model.bind_optimizer(optimizer, BIND_STEPS)
+        after_step = model.update_and_allocate
+    elif hasattr(getattr(model, "base_model", None), "update_and_allocate"):  # PEFT AdaLoRA
+        after_step = model.base_model.update_and_allocate
+    count = 0
 
     def step() -> None:
+        nonlocal count
+        count += 1
         model(**batch).loss.backward()
         optimizer.step()
+        after_step(count)
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def engine_costs(batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
+    """Median seconds of update_and_allocate on an ordinary step, and of one re-allocation, for MiniLM q/v."""
+    model = dynamic("mergeable")()
+    step = make_step(model, batch)
+    for _ in range(3):  # gradients and Adam state exist, B is non-zero
+        step()
+    model(**batch).loss.backward()
+    updates, reallocs = [], []
+    layers = list(model.lora_layers())
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        model.update_and_allocate(10)  # not a re-allocation step of a 100k-step schedule
+        updates.append(time.perf_counter() - t0)
+        targets = {n: (6 if (j + i) % 2 else 10) for j, n in enumerate(layers)}  # half shrink, half grow
+        t0 = time.perf_counter()
+        model.allocator.apply(targets)
+        reallocs.append(time.perf_counter() - t0)
+    return {"update_s": statistics.median(updates), "reallocation_s": statistics.median(reallocs)}
 
 
 def make_infer(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -119,6 +175,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--run-steps", type=int, default=1000, help="run length for amortising re-allocations")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md/JSON")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()  # the head is newly initialised on purpose: no load report
@@ -131,6 +188,11 @@ def main() -> None:
     steps = {name: make_step(build(), batch) for name, build in TRAIN_CONFIGS.items()}
     train = interleaved_medians(steps, args.rounds, args.warmup)
     limit = train["frozen limit"]
+    static = train["dynlora LoRA r=8"]
+    engine = engine_costs(batch, args.rounds)
+    # A run of T steps with the default schedule re-allocates at 0.1, 0.15, ..., 0.8 of T: 15 times.
+    reallocations_per_step = 15 / args.run_steps
+    engine_fraction = (engine["update_s"] + reallocations_per_step * engine["reallocation_s"]) / static
 
     merged = dynlora_lora()
     with torch.no_grad():  # a non-zero adapter, so the merge really changes the weights
@@ -142,11 +204,23 @@ def main() -> None:
         args.warmup,
     )
 
-    lines = [f"{'configuration':<22} {'median step':>12} {'x frozen limit':>15}"]
-    lines += [f"{name:<22} {t * 1000:>10.0f}ms {t / limit:>14.3f}x" for name, t in train.items()]
-    ratio_peft = train["dynlora LoRA r=8"] / train["PEFT LoRA r=8"]
+    lines = [f"{'configuration':<24} {'median step':>12} {'x frozen limit':>15}"]
+    lines += [f"{name:<24} {t * 1000:>10.0f}ms {t / limit:>14.3f}x" for name, t in train.items()]
+    ratio_peft = static / train["PEFT LoRA r=8"]
     infer_ratio = infer["dynlora merged"] / infer["base model"]
-    lines.append(f"dynlora / PEFT LoRA step time: {ratio_peft:.3f}x")
+    dyn_vs_ada = {g: train[f"Dynamic LoRA, gate {g}"] / train["PEFT AdaLoRA 12->8"] for g in ("off", "on")}
+    measured = {g: train[f"Dynamic LoRA, gate {g}"] / static - 1 for g in ("off", "on")}
+    lines.append(f"dynlora static LoRA / PEFT LoRA step time: {ratio_peft:.3f}x")
+    lines.append(
+        f"Dynamic LoRA / PEFT AdaLoRA step time: gate off {dyn_vs_ada['off']:.3f}x, on {dyn_vs_ada['on']:.3f}x"
+    )
+    lines.append(
+        f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}"
+    )
+    lines.append(
+        f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step + {engine['reallocation_s'] * 1000:.1f} ms"
+        f"/re-allocation -> {engine_fraction:.3%} of a static LoRA step over a {args.run_steps}-step run"
+    )
     lines.append(f"merged dynlora inference / base model inference: {infer_ratio:.3f}x")
     print("\n".join(lines))
     if args.no_write:
@@ -169,6 +243,11 @@ def main() -> None:
         "train_step_median_s": train,
         "train_ratio_to_frozen_limit": {k: v / limit for k, v in train.items()},
         "dynlora_over_peft_lora": ratio_peft,
+        "dynamic_over_peft_adalora": dyn_vs_ada,
+        "dynamic_over_static_measured": measured,
+        "engine_s": engine,
+        "engine_fraction_of_static_step": engine_fraction,
+        "run_steps_for_amortisation": args.run_steps,
         "inference_median_s": infer,
         "merged_over_base_inference": infer_ratio,
     }
@@ -185,7 +264,13 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 |---|---|
 {rows}
 
-- dynlora LoRA / PEFT LoRA step time: **{ratio_peft:.3f}×** (target ≤ 1.00)
+- dynlora static LoRA / PEFT LoRA step time: **{ratio_peft:.3f}×** (target ≤ 1.00)
+- Dynamic LoRA / PEFT AdaLoRA step time: gate off **{dyn_vs_ada["off"]:.3f}×**, gate on **{dyn_vs_ada["on"]:.3f}×**
+  (target < 1)
+- Dynamic LoRA's overhead over static LoRA. Step medians (noise ~±1 %): gate off {measured["off"]:+.2%}, gate on
+  {measured["on"]:+.2%}. Timed directly: update_and_allocate {engine["update_s"] * 1000:.2f} ms per step, one
+  re-allocation {engine["reallocation_s"] * 1000:.1f} ms; over a {args.run_steps}-step run with the default schedule
+  (15 re-allocations) that is **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %).
 - merged dynlora model inference / base model inference: **{infer_ratio:.3f}×** (target: equal within noise)
 
 Raw figures: [results/step_time.json](results/step_time.json)."""
