@@ -273,6 +273,8 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
   (15 re-allocations) that is **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %).
 - merged dynlora model inference / base model inference: **{infer_ratio:.3f}×** (target: equal within noise)
 
+Repeated runs move a median by about ±1.5 % on this 2-core machine: compare ratios taken within one run.
+
 Raw figures: [results/step_time.json](results/step_time.json)."""
     write_section(HERE / "RESULTS.md", "step_time", body)
 
