@@ -1,0 +1,45 @@
+"""Tokenise once, pad per batch: short sentences are never padded to --max-length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .glue import Example
+
+
+def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[dict]:
+    """Features (input_ids, attention_mask, token_type_ids where the model has them, labels), not padded."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    keys = list(encoded.keys())
+    return [{**{k: encoded[k][i] for k in keys}, "labels": e.label} for i, e in enumerate(examples)]
+
+
+def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence of this batch (right padding)."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        if key == "labels":
+            dtype = torch.float32 if isinstance(features[0]["labels"], float) else torch.long
+            batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)
+            continue
+        fill = pad_token_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([f[key] + [fill] * (width - len(f[key])) for f in features], dtype=torch.long)
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches(features: Sequence[dict], order: Sequence[int], batch_size: int, pad_token_id: int,
+            start: int = 0) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+    """Batches of ``features`` in ``order``, from batch index ``start`` on (the data position of a resumed run)."""
+    for b in range(start, (len(order) + batch_size - 1) // batch_size):
+        yield collate([features[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_token_id)
