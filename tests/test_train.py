@@ -1,0 +1,113 @@
+"""The training loop: outputs, every method, exact resume after SIGINT, and checkpoint errors."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from test_data import GLUE, needs_glue
+
+from dynlora import DynamicLoRAModel
+from dynlora.checkpoint import CheckpointError
+from dynlora.train import Interrupted, TrainConfig, Trainer, train
+
+pytestmark = needs_glue
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT with MiniLM's real tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from dynlora import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def config(model_dir, out, **overrides):
+    base = dict(task="rte", model=model_dir, data_dir=str(GLUE), max_steps=12, batch_size=8, max_length=48,
+                max_train_samples=160, max_eval_samples=48, lr=5e-3, output_dir=str(out), progress=False,
+                adapter={"rank": 4, "warmup": 0.25, "interval": 0.25, "final": 0.75})  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    result = train(config(tiny_model_dir, tmp_path, eval_every=6))
+    assert result["steps"] == 12 and 0 <= result["metrics"]["validation"]["accuracy"] <= 1
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = [r.get("event") for r in records]
+    assert events[0] == "start" and events.count("eval") == 2 and events.count("allocation") == 3
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == "dynamic"
+    assert (tmp_path / "best" / "metrics.json").is_file()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    loaded = DynamicLoRAModel.from_pretrained(base, tmp_path / "adapter")
+    assert loaded.rank_pattern() == result["ranks"]
+
+
+@pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora"])
+def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method):
+    dynamic = Trainer(config(tiny_model_dir, tmp_path / "d", max_steps=4)).adapted.trainable_parameters()
+    result = train(config(tiny_model_dir, tmp_path / method, method=method, max_steps=4))
+    assert result["method"] == method and result["steps"] == 4
+    if method == "peft-adalora":  # starts at 1.5 x rank and prunes to rank: more parameters until then
+        assert result["trainable_parameters"] > dynamic
+    else:
+        assert result["trainable_parameters"] == dynamic
+
+
+def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    straight = train(config(tiny_model_dir, tmp_path / "a"))
+
+    original = Trainer._train_step
+
+    def interrupt_at_step_6(self):
+        loss = original(self)
+        if self.step == 5:  # the step being finished is step 6
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_6)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(config(tiny_model_dir, tmp_path / "b"))
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert (tmp_path / "b" / "checkpoints" / "LATEST").read_text().strip() == "step-00000006"
+
+    resumed = train(config(tiny_model_dir, tmp_path / "b", resume=True))
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["ranks"] == straight["ranks"]
+    a = DynamicLoRAModel.from_pretrained
+    from transformers import AutoModelForSequenceClassification
+
+    def adapter(run):
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+        return a(base, tmp_path / run / "adapter").adapter_state_dict()
+
+    sa, sb = adapter("a"), adapter("b")
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    log_steps = [s for s in steps if s % 10 == 0 and s > 0]
+    assert len(log_steps) == len(set(log_steps))  # the resumed run did not log steps twice
+
+
+def test_checkpoint_errors(tiny_model_dir, tmp_path):
+    train(config(tiny_model_dir, tmp_path, max_steps=3))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(config(tiny_model_dir, tmp_path, max_steps=3))
+    with pytest.raises(CheckpointError, match="another run: lr"):
+        train(config(tiny_model_dir, tmp_path, max_steps=3, lr=1e-4, resume=True))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(config(tiny_model_dir, tmp_path / "fresh", resume=True))
+    weights = tmp_path / "checkpoints" / "step-00000003" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="damaged: weights.safetensors"):
+        train(config(tiny_model_dir, tmp_path, max_steps=3, resume=True))
