@@ -88,3 +88,12 @@ def test_resume_without_allocator_state_is_a_clear_error(tmp_path):
     resumed = get_dynlora_model(build("bert"), engine_config())
     with pytest.raises(FileNotFoundError, match="cannot be restored"):
         trainer(resumed, tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+
+
+def test_trainer_predict_sees_the_labels(tmp_path):
+    model = get_dynlora_model(build("bert"), engine_config(warmup=0.25, interval=0.25, final=0.75))
+    t = trainer(model, tmp_path, max_steps=4)
+    t.train()
+    out = t.predict(Rows(n=16))
+    assert out.label_ids is not None and out.label_ids.shape == (16,)
+    assert "test_loss" in out.metrics

@@ -125,7 +125,10 @@ class DynamicLoRAModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        # `labels` is named so that Trainer, which reads the class's signature to find label columns, finds it.
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.model(*args, **kwargs)
 
     # --- inspection --------------------------------------------------------------------------------------------
