@@ -81,3 +81,20 @@ def batch(seed: int = 2, n: int = 3, length: int = 7) -> dict[str, torch.Tensor]
 @pytest.fixture(params=sorted(BUILDERS))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT with MiniLM's real tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from dynlora import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -15,23 +15,6 @@ from dynlora.train import Interrupted, TrainConfig, Trainer, train
 pytestmark = needs_glue
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random BERT with MiniLM's real tokenizer, saved as a local model directory."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from dynlora import default_model_path
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def config(model_dir, out, **overrides):
     base = dict(task="rte", model=model_dir, data_dir=str(GLUE), max_steps=12, batch_size=8, max_length=48,
                 max_train_samples=160, max_eval_samples=48, lr=5e-3, output_dir=str(out), progress=False,

@@ -1,0 +1,325 @@
+"""The ``dynlora`` command: train, eval, export, merge.
+
+User errors (bad data, flags, checkpoints, adapters) print one ``error:`` line and exit 2; ``--debug`` shows the
+traceback. An interrupted training run exits 130 after saving, with the command that resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .data import DataError
+
+QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
+
+# (flag, TrainConfig field, type, help). Adapter fields live in TrainConfig.adapter.
+TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--task", "task", str, "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"),
+    ("--model", "model", str, "local model directory or hub id (default: the embedded MiniLM-L6)"),
+    ("--method", "method", str, "dynamic | lora | peft-lora | peft-adalora (equal adapter budget)"),
+    ("--data-dir", "data_dir", str, "GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)"),
+    ("--train-file", "train_file", str, "your own training data, .csv/.tsv/.jsonl (instead of --task)"),
+    ("--dev-file", "dev_file", str, "your own evaluation data, same format as --train-file"),
+    ("--text-col", "text_col", str, "column of the text in --train-file/--dev-file"),
+    ("--text-pair-col", "text_pair_col", str, "column of the second text of a pair, if any"),
+    ("--label-col", "label_col", str, "column of the label"),
+    ("--max-length", "max_length", int, "truncate inputs to this many tokens (batches pad to their longest)"),
+    ("--max-train-samples", "max_train_samples", int, "train on a random subset of this size"),
+    ("--max-eval-samples", "max_eval_samples", int, "evaluate on a random subset of this size"),
+    ("--batch-size", "batch_size", int, "examples per micro-batch (per process)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step"),
+    ("--epochs", "epochs", float, "training epochs (used when --max-steps is 0)"),
+    ("--max-steps", "max_steps", int, f"optimizer steps; overrides --epochs (default {QUICK_STEPS} unless --epochs)"),
+    ("--lr", "lr", float, "peak learning rate of AdamW"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--warmup-ratio", "warmup_ratio", float, "fraction of steps of linear learning-rate warm-up"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (0: off)"),
+    ("--seed", "seed", int, "seed of data order, initialisation and dropout"),
+    ("--eval-every", "eval_every", int, "evaluate every N steps (0: only at the end)"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (0: only at the end or on interrupt)"),
+    ("--log-every", "log_every", int, "write a loss record to log.jsonl every N steps"),
+    ("--output-dir", "output_dir", str, "run directory (default: runs/<task>-<method>-<time>)"),
+]
+ADAPTER_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--rank", "rank", int, "LoRA rank; also fixes the budget of every method"),
+    ("--alpha", "alpha", float, "LoRA alpha (scale alpha / rank)"),
+    ("--dropout", "dropout", float, "dropout on the adapter path"),
+    ("--target-modules", "target_modules", str, "comma-separated module names, or a regex prefixed with re:"),
+    ("--max-rank", "max_rank", int, "largest rank a layer may grow to (dynamic; default 2 x rank)"),
+    ("--min-rank", "min_rank", int, "smallest rank a layer may shrink to (dynamic)"),
+    ("--importance", "importance", str, "sensitivity | gradient | update_norm (dynamic)"),
+    ("--temperature", "temperature", float, "allocation sharpness: shares ~ score^(1/T) (dynamic)"),
+    ("--schedule-warmup", "warmup", float, "first re-allocation, fraction of steps (or steps if >= 1)"),
+    ("--schedule-interval", "interval", float, "re-allocation interval, fraction of steps (or steps if >= 1)"),
+    ("--schedule-final", "final", float, "last re-allocation, fraction of steps (or steps if >= 1)"),
+    ("--input-adaptive", "input_adaptive", str, "mergeable | per_example | none (dynamic)"),
+]
+
+
+def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
+    from .methods import AdapterSettings
+    from .train import TrainConfig
+
+    cfg = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    adapter = {f.name: f.default for f in dataclasses.fields(AdapterSettings) if f.default is not dataclasses.MISSING}
+    return cfg, adapter
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    cfg, adapter = _defaults()
+    # SUPPRESS: a flag not given leaves no attribute, so a --config file's value is not overwritten by a default.
+    for flag, name, kind, text in TRAIN_FLAGS:
+        shown = "" if name in ("max_steps", "output_dir", "model", "data_dir") else f" (default: {cfg.get(name)})"
+        p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text + shown)
+    group = p.add_argument_group("adapter")
+    for flag, name, kind, text in ADAPTER_FLAGS:
+        default = adapter.get(name)
+        group.add_argument(flag, dest=f"adapter.{name}", type=kind, default=argparse.SUPPRESS,
+                           metavar=name.upper(), help=f"{text} (default: {default})")  # fmt: skip
+    p.add_argument("--regression", action="store_true", default=argparse.SUPPRESS, help="labels are numbers")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue --output-dir's run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")  # fmt: skip
+    p.add_argument("--config", help="YAML or JSON file of the same settings (flags given here override it)")
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise ValueError(f"config file {path} cannot be parsed: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def _parse_target_modules(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def build_train_config(args: argparse.Namespace) -> Any:
+    """Defaults < --config file < flags given on the command line."""
+    from .train import TrainConfig
+
+    settings: dict[str, Any] = {}
+    adapter: dict[str, Any] = {}
+    if args.config:
+        data = _read_config_file(args.config)
+        adapter.update(data.pop("adapter", {}) or {})
+        settings.update(data)
+    for key, value in vars(args).items():
+        if key.startswith("adapter."):
+            adapter[key.split(".", 1)[1]] = value
+        elif key not in ("command", "config", "debug", "func"):
+            settings[key] = value
+    if "target_modules" in adapter:
+        adapter["target_modules"] = _parse_target_modules(adapter["target_modules"])
+    if str(adapter.get("input_adaptive", "")).lower() == "none":
+        adapter["input_adaptive"] = None
+    for key in ("warmup", "interval", "final"):  # values >= 1 are step counts
+        if key in adapter and float(adapter[key]) >= 1:
+            adapter[key] = int(adapter[key])
+    if "max_steps" not in settings and "epochs" not in settings:
+        settings["max_steps"] = QUICK_STEPS
+    if "output_dir" not in settings:
+        name = Path(settings.get("train_file") or settings.get("task", "sst2")).stem
+        settings["output_dir"] = f"runs/{name}-{settings.get('method', 'dynamic')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in --config; see dynlora train --help")
+    return TrainConfig(**settings, adapter=adapter)
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    lines = []
+    for split, values in metrics.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "main")
+        lines.append(f"  {split}: {shown}")
+    return "\n".join(lines)
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+
+
+def _quiet_transformers() -> None:
+    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+
+    cfg = build_train_config(args)
+    _quiet_transformers()
+    trainer = Trainer(cfg)
+    print(f"{cfg.method} on {cfg.task if not cfg.train_file else cfg.train_file}: "
+          f"{len(trainer.train_features)} training examples, {trainer.total_steps} steps, "
+          f"{trainer.adapted.trainable_parameters():,} trainable parameters (adapter + new task head) "
+          f"-> {cfg.output_dir}")  # fmt: skip
+    result = trainer.run()
+    print(f"dev metrics after {result['steps']} steps:")
+    print(format_metrics(result["metrics"]))
+    if result["ranks"]:
+        values = list(result["ranks"].values())
+        print(f"final ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers")
+    print(f"adapter: {Path(cfg.output_dir) / 'adapter'}   log: {Path(cfg.output_dir) / 'log.jsonl'}")
+    return 0
+
+
+def _load_adapted(adapter: str, model: str | None, num_labels: int | None = None):
+    """(model with the adapter, tokenizer) for a dynlora or PEFT adapter directory."""
+    _quiet_transformers()
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .model import DynamicLoRAModel, read_adapter_meta
+    from .models import resolve_model_path
+
+    where = Path(adapter)
+    if (where / "adapter_config.json").is_file() and not (where / "dynlora_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = model or json.loads((where / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        path = resolve_model_path(base_name)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2)
+        return PeftModel.from_pretrained(base, str(where)), AutoTokenizer.from_pretrained(path)
+    meta = read_adapter_meta(where)
+    path = resolve_model_path(model or meta["base_model"].get("name_or_path"))
+    heads = {}
+    from safetensors import safe_open
+
+    with safe_open(str(where / "dynlora_model.safetensors"), framework="pt") as f:
+        for name in meta["modules_to_save"]:
+            if f"{name}.weight" in f.keys():  # noqa: SIM118 - safe_open handles support keys(), not `in`
+                heads[name] = f.get_slice(f"{name}.weight").get_shape()[0]
+    labels = num_labels or next(iter(heads.values()), 2)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=labels)
+    return DynamicLoRAModel.from_pretrained(base, where), AutoTokenizer.from_pretrained(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import batches, load_glue, task_spec, tokenize
+    from .metrics import glue_metrics
+
+    spec = task_spec(args.task)
+    model, tok = _load_adapted(args.adapter, args.model, spec.num_labels)
+    model.eval()
+    results = {}
+    for split, examples in load_glue(spec.name, args.data_dir).items():
+        if split == "train":
+            continue
+        features = tokenize(examples, tok, args.max_length)
+        preds, gold = [], []
+        with torch.no_grad():
+            for batch in batches(features, range(len(features)), args.batch_size, tok.pad_token_id):
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                preds += (logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).tolist()
+                gold += labels.tolist()
+        results[split] = glue_metrics(spec.name, preds, gold)
+    print(f"{spec.name} with {args.adapter}:")
+    print(format_metrics(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, _ = _load_adapted(args.adapter, args.model)
+    if not hasattr(model, "export_peft"):
+        raise ValueError(f"{args.adapter} is already a PEFT adapter; nothing to export")
+    model.export_peft(args.peft)
+    print(f"wrote a PEFT LoRA adapter to {args.peft} (load it with peft.PeftModel.from_pretrained(base, dir))")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    model, tok = _load_adapted(args.adapter, args.model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(f"wrote the merged model to {args.out} (a plain transformers model: from_pretrained({args.out!r}))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynlora", description="Dynamic LoRA fine-tuning for transformers.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune on a GLUE task or your data; prints dev metrics",
+                       description="Fine-tune a sequence classifier with an adapter method. With no flags: Dynamic "
+                       f"LoRA on the embedded MiniLM-L6, GLUE SST-2, {QUICK_STEPS} steps.")  # fmt: skip
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data")
+    p.add_argument("--adapter", required=True, help="adapter directory (dynlora or PEFT format)")
+    p.add_argument("--task", required=True, help="GLUE task")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
+    p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens (default: 128)")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a dynlora adapter as a standard PEFT LoRA adapter")
+    p.add_argument("--adapter", required=True, help="dynlora adapter directory")
+    p.add_argument("--peft", required=True, help="output directory of the PEFT adapter")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save a plain transformers model")
+    p.add_argument("--adapter", required=True, help="adapter directory (dynlora or PEFT format)")
+    p.add_argument("--out", required=True, help="output directory of the merged model")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+USER_ERRORS = (DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train import Interrupted
+
+    try:
+        return args.func(args)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The `dynlora` command end to end, as a user runs it: train -> eval -> export -> merge; errors; torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_data import GLUE, needs_glue
+
+pytestmark = needs_glue
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def dynlora(*args, timeout=600, module=("-m", "dynlora.cli")):
+    cmd = [sys.executable, *module, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def quick(model, out, *extra):
+    return ("train", "--task", "rte", "--model", model, "--data-dir", GLUE, "--max-steps", 6, "--batch-size", 8,
+            "--max-train-samples", 64, "--max-length", 64, "--rank", 4, "--output-dir", out, "--no-progress",
+            *extra)  # fmt: skip
+
+
+def test_train_eval_export_merge(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    done = dynlora(*quick(tiny_model_dir, run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dev metrics after 6 steps" in done.stdout and "final ranks" in done.stdout
+    accuracy = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
+
+    done = dynlora("eval", "--adapter", run / "adapter", "--task", "rte", "--model", tiny_model_dir,
+                   "--data-dir", GLUE, "--max-length", 64)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"accuracy {accuracy:.4f}" in done.stdout  # the saved adapter reproduces the run's own evaluation
+
+    done = dynlora("export", "--adapter", run / "adapter", "--peft", tmp_path / "peft", "--model", tiny_model_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = dynlora("eval", "--adapter", tmp_path / "peft", "--task", "rte", "--model", tiny_model_dir,
+                   "--data-dir", GLUE, "--max-length", 64)  # fmt: skip
+    assert done.returncode == 0 and f"accuracy {accuracy:.4f}" in done.stdout, done.stderr[-3000:]
+
+    done = dynlora("merge", "--adapter", run / "adapter", "--out", tmp_path / "merged", "--model", tiny_model_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_config_file_and_flag_precedence(tiny_model_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"task: rte\nmodel: {tiny_model_dir}\ndata_dir: {GLUE}\nmax_steps: 3\nbatch_size: 8\n"
+                   "max_train_samples: 32\nmax_eval_samples: 16\n"
+                   "adapter:\n  rank: 2\n  input_adaptive: none\n")  # fmt: skip
+    done = dynlora("train", "--config", cfg, "--max-steps", 4, "--output-dir", tmp_path / "r", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["adapter"]["rank"] == 2 and saved["adapter"]["input_adaptive"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("train", "--task", "glue9"), "unknown GLUE task 'glue9'"),
+        (("train", "--data-dir", "/nonexistent/glue"), "no SST-2/ folder in /nonexistent/glue"),
+        (("train", "--method", "magic"), "unknown method 'magic'"),
+        (("train", "--resume", "--output-dir", "/tmp/dynlora-no-such-run"), "no checkpoint to resume from"),
+        (("eval", "--adapter", "/tmp", "--task", "rte"), "not a Dynamic LoRA adapter directory"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    done = dynlora(*args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_torchrun_two_processes(tiny_model_dir, tmp_path):
+    done = dynlora("--nproc_per_node", 2, "-m", "dynlora.cli", *quick(tiny_model_dir, tmp_path / "ddp"),
+                   module=("-m", "torch.distributed.run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert result["steps"] == 6
+    start = json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2
+    assert (tmp_path / "ddp" / "adapter" / "dynlora_config.json").is_file()
