@@ -1,9 +1,9 @@
 """Quickstart: train Dynamic LoRA on the embedded MiniLM-L6 on SST-2 (ranks re-allocated across layers by
 importance while it trains), then save, export a PEFT adapter and merge, printing what changed at each stage.
 
-    python examples/quickstart.py [--steps 60] [--glue-dir ../shared/data/glue] [--out outputs/quickstart]
+    python examples/quickstart.py [--steps 60] [--data-dir ../shared/data/glue] [--out outputs/quickstart]
 
-The GLUE folder comes from --glue-dir, else $DYNLORA_GLUE_DIR, else ../shared/data/glue (this checkout's layout).
+The GLUE folder comes from --data-dir, else $DYNLORA_GLUE_DIR, else ../shared/data/glue (this checkout's layout).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
 
 def read_sst2(path: Path) -> list[tuple[str, int]]:
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass --glue-dir or set DYNLORA_GLUE_DIR to your GLUE folder")
+        raise SystemExit(f"error: {path} not found; pass --data-dir or set DYNLORA_GLUE_DIR to your GLUE folder")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [(sentence, int(label)) for sentence, label in rows[1:]]
@@ -45,13 +45,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--glue-dir", default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"))
+    parser.add_argument("--data-dir", default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"))
     parser.add_argument("--out", default="outputs/quickstart")
     args = parser.parse_args()
 
     random.seed(0)
     torch.manual_seed(0)
-    glue = Path(args.glue_dir) / "SST-2"
+    glue = Path(args.data_dir) / "SST-2"
     train, dev = read_sst2(glue / "train.tsv"), read_sst2(glue / "dev.tsv")
     random.shuffle(train)
 

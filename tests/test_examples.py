@@ -1,4 +1,4 @@
-"""The README's main command runs examples/quickstart.py: run it for real (few steps) on the shared SST-2 data."""
+"""examples/ run for real (few steps) on the shared SST-2 data; the README's commands stay in sync with CI."""
 
 import os
 import subprocess
@@ -14,7 +14,7 @@ GLUE = Path(os.environ.get("DYNLORA_GLUE_DIR", ROOT.parent / "shared" / "data" /
 @pytest.mark.skipif(not (GLUE / "SST-2" / "dev.tsv").is_file(), reason=f"no GLUE data at {GLUE}")
 def test_quickstart_runs_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "3", "--glue-dir", str(GLUE),
+    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "3", "--data-dir", str(GLUE),
            "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -24,7 +24,7 @@ def test_quickstart_runs_offline(tmp_path):
 
 
 def test_quickstart_missing_data_is_one_clear_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--glue-dir", str(tmp_path / "nowhere")]
+    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--data-dir", str(tmp_path / "nowhere")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert done.stderr.strip().startswith("error:") and "Traceback" not in done.stderr
@@ -36,3 +36,16 @@ def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     for line in ("pip install torch==2.13.0 -e .", 'pip install -e ".[test]"', "ruff check .", "python -m pytest -q"):
         assert line in readme and line in ci, line
+    assert "HF_HUB_OFFLINE=1 dynlora train" in readme
+
+
+@pytest.mark.skipif(not (GLUE / "SST-2" / "dev.tsv").is_file(), reason=f"no GLUE data at {GLUE}")
+def test_trainer_callback_example_runs(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "examples" / "trainer_callback.py"), "--steps", "4", "--data-dir", str(GLUE),
+           "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dev accuracy" in done.stdout and "re-allocations: " in done.stdout
+    assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()
+    assert (tmp_path / "adapter" / "dynlora_config.json").is_file()
