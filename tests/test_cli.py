@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,3 +87,35 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     start = json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
     assert (tmp_path / "ddp" / "adapter" / "dynlora_config.json").is_file()
+
+
+def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
+    root = tmp_path / "cmp"
+    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0,1", "--model", tiny_model_dir,
+            "--data-dir", GLUE, "--max-steps", 4, "--batch-size", 8, "--max-train-samples", 48,
+            "--max-eval-samples", 24, "--max-length", 48, "--rank", 4, "--output-dir", root,
+            "--no-progress")  # fmt: skip
+    done = dynlora(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| dynamic |" in done.stdout and "(n=2)" in done.stdout
+    results = (root / "results.jsonl").read_text().splitlines()
+    assert len(results) == 4
+
+    # An interruption before the last run finished: its line is missing. The same command runs only that one.
+    (root / "results.jsonl").write_text("\n".join(results[:3]) + "\n")
+    shutil.rmtree(root / "rte" / "lora" / "seed1")
+    done = dynlora(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[4/4] rte lora seed 1" in done.stdout and "[1/4]" not in done.stdout
+    assert len((root / "results.jsonl").read_text().splitlines()) == 4
+
+    done = dynlora("report", root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (root / "comparison.png").is_file() and (root / "final_ranks.png").is_file()
+    assert "| lora |" in (root / "report.md").read_text()
+    done = dynlora("report", root / "rte" / "dynamic" / "seed0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for png in ("learning_curves.png", "rank_allocation.png", "importance.png"):
+        assert (root / "rte" / "dynamic" / "seed0" / png).is_file()
+    done = dynlora("report", tmp_path)
+    assert done.returncode == 2 and "neither a run directory" in done.stderr

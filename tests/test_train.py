@@ -35,6 +35,7 @@ def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tm
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     loaded = DynamicLoRAModel.from_pretrained(base, tmp_path / "adapter")
     assert loaded.rank_pattern() == result["ranks"]
+    assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the test extra
 
 
 @pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora"])

@@ -1,4 +1,4 @@
-"""The ``dynlora`` command: train, eval, export, merge.
+"""The ``dynlora`` command: train, compare, report, eval, export, merge.
 
 User errors (bad data, flags, checkpoints, adapters) print one ``error:`` line and exit 2; ``--debug`` shows the
 traceback. An interrupted training run exits 130 after saving, with the command that resumes it.
@@ -72,10 +72,12 @@ def _defaults() -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, adapter
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     cfg, adapter = _defaults()
     # SUPPRESS: a flag not given leaves no attribute, so a --config file's value is not overwritten by a default.
     for flag, name, kind, text in TRAIN_FLAGS:
+        if name in exclude:
+            continue
         shown = "" if name in ("max_steps", "output_dir", "model", "data_dir") else f" (default: {cfg.get(name)})"
         p.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text + shown)
     group = p.add_argument_group("adapter")
@@ -84,7 +86,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=f"adapter.{name}", type=kind, default=argparse.SUPPRESS,
                            metavar=name.upper(), help=f"{text} (default: {default})")  # fmt: skip
     p.add_argument("--regression", action="store_true", default=argparse.SUPPRESS, help="labels are numbers")
-    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue --output-dir's run")
+    if "resume" not in exclude:
+        p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS, help="continue --output-dir's run")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")  # fmt: skip
     p.add_argument("--config", help="YAML or JSON file of the same settings (flags given here override it)")
@@ -117,21 +120,20 @@ def _parse_target_modules(value: Any) -> Any:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
-def build_train_config(args: argparse.Namespace) -> Any:
-    """Defaults < --config file < flags given on the command line."""
-    from .train import TrainConfig
-
-    settings: dict[str, Any] = {}
-    adapter: dict[str, Any] = {}
-    if args.config:
-        data = _read_config_file(args.config)
-        adapter.update(data.pop("adapter", {}) or {})
-        settings.update(data)
+def _flag_settings(args: argparse.Namespace, file_settings: dict[str, Any]) -> tuple[dict, dict]:
+    """(settings, adapter settings): a config file's, then the flags given on the command line over them."""
+    settings = dict(file_settings)
+    adapter: dict[str, Any] = dict(settings.pop("adapter", {}) or {})
     for key, value in vars(args).items():
         if key.startswith("adapter."):
             adapter[key.split(".", 1)[1]] = value
-        elif key not in ("command", "config", "debug", "func"):
+        elif key not in ("command", "config", "debug", "func", "tasks", "methods", "seeds"):
             settings[key] = value
+    return settings, adapter
+
+
+def _normalise_adapter(adapter: dict[str, Any]) -> dict[str, Any]:
+    adapter = dict(adapter)
     if "target_modules" in adapter:
         adapter["target_modules"] = _parse_target_modules(adapter["target_modules"])
     if str(adapter.get("input_adaptive", "")).lower() == "none":
@@ -139,15 +141,29 @@ def build_train_config(args: argparse.Namespace) -> Any:
     for key in ("warmup", "interval", "final"):  # values >= 1 are step counts
         if key in adapter and float(adapter[key]) >= 1:
             adapter[key] = int(adapter[key])
+    return adapter
+
+
+def _check_known(settings: dict[str, Any]) -> None:
+    from .train import TrainConfig
+
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see dynlora train --help")
+
+
+def build_train_config(args: argparse.Namespace) -> Any:
+    """Defaults < --config file < flags given on the command line."""
+    from .train import TrainConfig
+
+    settings, adapter = _flag_settings(args, _read_config_file(args.config) if args.config else {})
+    adapter = _normalise_adapter(adapter)
     if "max_steps" not in settings and "epochs" not in settings:
         settings["max_steps"] = QUICK_STEPS
     if "output_dir" not in settings:
         name = Path(settings.get("train_file") or settings.get("task", "sst2")).stem
         settings["output_dir"] = f"runs/{name}-{settings.get('method', 'dynamic')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)} in --config; see dynlora train --help")
+    _check_known(settings)
     return TrainConfig(**settings, adapter=adapter)
 
 
@@ -259,6 +275,64 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str | list | None, kind: type = str) -> list:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [kind(str(v).strip()) for v in items if str(v).strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import ComparePlan, run_comparison, summary_table
+    from .data import task_spec
+    from .train import TrainConfig, Trainer
+
+    plan_file = _read_config_file(args.config) if args.config else {}
+    plan_keys = {"tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method"}
+    unknown = sorted(set(plan_file) - plan_keys)
+    if unknown:
+        allowed = ", ".join(sorted(plan_keys))
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {args.config}; allowed: {allowed}")
+    base, adapter = _flag_settings(args, plan_file.get("base", {}) or {})
+    output_dir = base.pop("output_dir", None) or plan_file.get("output_dir") or "runs/compare"
+    if adapter:
+        base["adapter"] = adapter
+    plan = ComparePlan(
+        tasks=[task_spec(t).name for t in _csv(args.tasks or plan_file.get("tasks") or "sst2")],
+        methods=_csv(args.methods or plan_file.get("methods") or "dynamic,lora,peft-lora,peft-adalora"),
+        seeds=_csv(args.seeds if args.seeds is not None else plan_file.get("seeds", "0,1,2"), int),
+        output_dir=output_dir, base=base, per_task=plan_file.get("per_task") or {},
+        per_method=plan_file.get("per_method") or {},
+    )  # fmt: skip
+    for task in plan.tasks:  # fail before hours of runs, not in the middle
+        for method in plan.methods:
+            settings = plan.settings(task, method, plan.seeds[0])
+            _check_known({k: v for k, v in settings.items() if k != "adapter"})
+            TrainConfig(**{**settings, "adapter": _normalise_adapter(settings.get("adapter", {}))})
+    _quiet_transformers()
+
+    def train_one(settings: dict[str, Any]) -> dict[str, Any]:
+        if "max_steps" not in settings and "epochs" not in settings:
+            settings["max_steps"] = QUICK_STEPS
+        adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
+        return Trainer(TrainConfig(**settings, adapter=adapter_settings)).run()
+
+    results = run_comparison(plan, train_one)
+    table = summary_table(results, plan.tasks, plan.methods)
+    (Path(plan.output_dir) / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.directory)
+    images = ", ".join(sorted(p.name for p in path.parent.glob("*.png")))
+    print(f"wrote {path} with {images}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     model, tok = _load_adapted(args.adapter, args.model)
     merged = model.merge_and_unload()
@@ -279,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("compare", help="run methods x tasks x seeds side by side (resumable); print mean ± std",
+                       description="Run every (task, method, seed), appending each finished run to "
+                       "OUTPUT_DIR/results.jsonl; start it again to resume an interrupted comparison. Training "
+                       "flags given here apply to every run; a --config plan file may also set per_task and "
+                       "per_method overrides.")  # fmt: skip
+    p.add_argument("--tasks", help="comma-separated GLUE tasks (default: sst2)")
+    p.add_argument("--methods", help="comma-separated methods (default: dynamic,lora,peft-lora,peft-adalora)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2)")
+    _add_train_flags(p, exclude=("task", "method", "seed", "resume"))
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data")
     p.add_argument("--adapter", required=True, help="adapter directory (dynlora or PEFT format)")
     p.add_argument("--task", required=True, help="GLUE task")
@@ -287,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens (default: 128)")
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="PNG plots and a markdown summary of a run or a comparison directory")
+    p.add_argument("directory", help="a run's --output-dir (log.jsonl) or a comparison's (results.jsonl)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write a dynlora adapter as a standard PEFT LoRA adapter")
     p.add_argument("--adapter", required=True, help="dynlora adapter directory")

@@ -221,6 +221,14 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] | None = None
         self._epoch_cache: tuple[int, list[int]] | None = None
+        self.tensorboard = None
+        if self.rank == 0:
+            try:  # TensorBoard when installed; the JSONL log is always written
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                pass
 
     # --- data stream ---------------------------------------------------------------------------------------------
 
@@ -303,9 +311,20 @@ class Trainer:
     # --- logging -------------------------------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.rank == 0:
-            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.rank != 0:
+            return
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            step = record["step"]
+            for key in ("loss", "lr"):
+                if key in record:
+                    self.tensorboard.add_scalar(f"train/{key}", record[key], step)
+            for split, metrics in record.get("metrics", {}).items():
+                for name, value in metrics.items():
+                    self.tensorboard.add_scalar(f"{split}/{name}", value, step)
+            for name, rank in (record.get("ranks") or {}).items():
+                self.tensorboard.add_scalar(f"rank/{name}", rank, step)
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records past the checkpoint we resume from: the resumed run writes them again."""
@@ -362,6 +381,8 @@ class Trainer:
                     interrupted = True
                     break
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         if interrupted:
             self.save()
             raise Interrupted(self.step, self.out)

@@ -1,0 +1,105 @@
+"""Side-by-side runs of several methods on several tasks and seeds, resumable, summarised as mean ± std.
+
+Each finished run appends one line to ``results.jsonl``; a run that was interrupted resumes from its checkpoint;
+a run already in the file is skipped. So an interrupted comparison, started again with the same command, picks up
+where it stopped. Settings: the shared ones (``base``), then ``per_task[task]``, then ``per_method[method]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import latest_checkpoint
+from .metrics import MAIN_METRICS
+
+RESULTS = "results.jsonl"
+
+
+@dataclass
+class ComparePlan:
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int]
+    output_dir: str = "runs/compare"
+    base: dict[str, Any] = field(default_factory=dict)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def settings(self, task: str, method: str, seed: int) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for layer in (self.base, self.per_task.get(task, {}), self.per_method.get(method, {})):
+            for key, value in layer.items():
+                if key == "adapter":
+                    merged["adapter"] = {**merged.get("adapter", {}), **value}
+                else:
+                    merged[key] = value
+        run_dir = Path(self.output_dir) / task / method / f"seed{seed}"
+        return {**merged, "task": task, "method": method, "seed": seed, "output_dir": str(run_dir)}
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """One line per finished run, flushed to disk before the next run starts."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[str, Any]],
+                   log: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
+    """Run every (task, method, seed) not yet in results.jsonl; returns all results."""
+    out = Path(plan.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    done = {(r["task"], r["method"], r["seed"]) for r in read_results(path)}
+    grid = [(t, m, s) for t in plan.tasks for m in plan.methods for s in plan.seeds]
+    for i, (task, method, seed) in enumerate(grid, start=1):
+        if (task, method, seed) in done:
+            continue
+        settings = plan.settings(task, method, seed)
+        resume = latest_checkpoint(Path(settings["output_dir"]) / "checkpoints") is not None
+        log(f"[{i}/{len(grid)}] {task} {method} seed {seed}" + (" (resuming)" if resume else ""))
+        result = train_fn({**settings, "resume": resume})
+        append_result(path, {"task": task, "method": method, "seed": seed, **{k: v for k, v in result.items()
+                             if k not in ("task", "method", "seed")}})  # fmt: skip
+    return read_results(path)
+
+
+def main_scores(record: dict[str, Any]) -> float:
+    """The run's score for the table: its task's main metric, averaged over its evaluation splits (MNLI m/mm)."""
+    metrics = record["metrics"]
+    return float(statistics.mean(split["main"] for split in metrics.values()))
+
+
+def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
+    """Markdown: methods × tasks, mean ± std (×100) of the task's main metric over seeds, and the average."""
+    header = "| method | params | " + " | ".join(f"{t} ({'/'.join(MAIN_METRICS[t])})" for t in tasks) + " | avg |"
+    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+    for method in methods:
+        cells, means, params = [], [], set()
+        for task in tasks:
+            scores = [100 * main_scores(r) for r in results if r["task"] == task and r["method"] == method]
+            params |= {r.get("trainable_parameters") for r in results if r["method"] == method}
+            if not scores:
+                cells.append("—")
+                continue
+            mean = statistics.mean(scores)
+            std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            cells.append(f"{mean:.2f} ± {std:.2f} (n={len(scores)})")
+            means.append(mean)
+        avg = f"{statistics.mean(means):.2f}" if len(means) == len(tasks) else "—"
+        shown = ", ".join(f"{p:,}" for p in sorted(p for p in params if p is not None)) or "—"
+        lines.append(f"| {method} | {shown} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""``dynlora report DIR``: PNG plots and a markdown summary of a training run or of a comparison.
+
+A run directory (``log.jsonl``): learning curves, the rank allocation as a layer × step heat-map, importance
+curves. A comparison directory (``results.jsonl``): the mean ± std table, grouped bars per task, and the final rank
+allocation of the dynamic runs (layer × task, averaged over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .compare import RESULTS, main_scores, read_results, summary_table  # noqa: E402
+
+
+def _short(name: str) -> str:
+    """bert.encoder.layer.3.attention.self.value -> L3.value"""
+    parts = name.split(".")
+    digits = [p for p in parts if p.isdigit()]
+    return f"L{digits[0]}.{parts[-1]}" if digits else name
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title: str, label: str, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5)))
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90 if len(cols) > 8 else 0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value == value:  # not nan
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def report_run(run: Path) -> Path:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    images = []
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], statistics.mean(m["main"] for m in r["metrics"].values())) for r in records
+             if r.get("event") == "eval"]  # fmt: skip
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*losses, strict=True), label="training loss", color="tab:blue")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if evals:
+            twin = ax.twinx()
+            twin.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="dev main metric")
+            twin.set_ylabel("dev main metric")
+        ax.set_title("learning curves")
+        images.append(("Learning curves", _save(fig, run / "learning_curves.png")))
+    allocations = [r for r in records if r.get("event") == "allocation"]
+    if allocations:
+        layers = list(allocations[-1]["ranks"])
+        steps = [str(a["step"]) for a in allocations]
+        matrix = [[a["ranks"][n] for a in allocations] for n in layers]
+        heatmap = _heatmap(matrix, [_short(n) for n in layers], steps, "rank per layer", "rank",
+                           run / "rank_allocation.png")  # fmt: skip
+        images.append(("Rank allocation (layer × re-allocation step)", heatmap))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 20 distinct colours: one per layer up to 20
+        for name in layers:
+            ax.plot([a["step"] for a in allocations], [max(a["scores"][name], 1e-30) for a in allocations],
+                    label=_short(name), linewidth=1)  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("importance score")
+        ax.set_title("layer importance at each re-allocation")
+        ax.legend(fontsize=6, ncol=2)
+        images.append(("Importance", _save(fig, run / "importance.png")))
+    lines = [f"# Run report: {run}", ""]
+    results = run / "results.json"
+    if results.is_file():
+        result = json.loads(results.read_text())
+        lines += [f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
+                  f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"]  # fmt: skip
+        for split, metrics in result["metrics"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "main")
+            lines.append(f"- final {split}: {shown}")
+        if result.get("best"):
+            lines.append(f"- best evaluation: step {result['best']['step']}, main score {result['best']['score']:.4f}")
+    else:
+        lines.append("- no results.json yet: the run has not finished")
+    lines.append("")
+    lines += [f"## {title}\n\n![{title}]({name})\n" for title, name in images]
+    out = run / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def report_comparison(root: Path) -> Path:
+    results = read_results(root / RESULTS)
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    lines = [f"# Comparison report: {root}", "", summary_table(results, tasks, methods), ""]
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 3.8))
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        means, stds = [], []
+        for task in tasks:
+            scores = [100 * main_scores(r) for r in results if r["task"] == task and r["method"] == method]
+            means.append(statistics.mean(scores) if scores else 0.0)
+            stds.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
+        ax.bar([i + j * width for i in range(len(tasks))], means, width, yerr=stds, capsize=2, label=method)
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("main metric × 100 (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    ax.set_title("methods side by side")
+    lines.append(f"## Scores\n\n![scores]({_save(fig, root / 'comparison.png')})\n")
+
+    dynamic = [r for r in results if r["method"] == "dynamic" and r.get("ranks")]
+    if dynamic:
+        layers = list(dynamic[0]["ranks"])
+        dyn_tasks = list(dict.fromkeys(r["task"] for r in dynamic))
+        matrix = [[statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for t in dyn_tasks]
+                  for n in layers]  # fmt: skip
+        title = "final ranks of the dynamic runs (mean over seeds)"
+        name = _heatmap(matrix, [_short(n) for n in layers], dyn_tasks, title, "rank", root / "final_ranks.png")
+        lines.append(f"## Final rank allocation of the dynamic runs\n\n![final ranks]({name})\n")
+    out = root / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def write_report(directory: str | Path) -> Path:
+    """Write plots and ``report.md`` into ``directory`` (a run or a comparison); returns the markdown path."""
+    root = Path(directory)
+    if (root / RESULTS).is_file():
+        return report_comparison(root)
+    if (root / "log.jsonl").is_file():
+        return report_run(root)
+    raise FileNotFoundError(f"{root} is neither a run directory (log.jsonl) nor a comparison ({RESULTS})")
