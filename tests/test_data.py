@@ -166,3 +166,13 @@ def test_dynamic_padding_and_deterministic_order():
     assert pairs[0]["token_type_ids"][-2:] == [1, 1] and isinstance(pairs[0]["labels"], float)
     assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
     assert len(list(batches(features, list(range(6)), 4, 0, start=1))) == 1  # resume from batch 1
+
+
+def test_no_data_anywhere_is_a_clear_error(tmp_path, monkeypatch):
+    """No --data-dir, no $DYNLORA_GLUE_DIR, no ../shared/data/glue: the hub fallback, which fails offline (or is
+    not installed), ends in one line that says where data was looked for."""
+    monkeypatch.delenv("DYNLORA_GLUE_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"no GLUE data found \(looked at --data-dir, \$DYNLORA_GLUE_DIR, "):
+        load_glue("rte")
