@@ -9,8 +9,6 @@ The GLUE folder comes from --data-dir, else $DYNLORA_GLUE_DIR, else ../shared/da
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import random
 from pathlib import Path
 
@@ -19,14 +17,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
-
-
-def read_sst2(path: Path) -> list[tuple[str, int]]:
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass --data-dir or set DYNLORA_GLUE_DIR to your GLUE folder")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [(sentence, int(label)) for sentence, label in rows[1:]]
+from dynlora.data import DataError, load_glue
 
 
 @torch.no_grad()
@@ -45,14 +36,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--data-dir", default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"))
+    parser.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
     parser.add_argument("--out", default="outputs/quickstart")
     args = parser.parse_args()
 
     random.seed(0)
     torch.manual_seed(0)
-    glue = Path(args.data_dir) / "SST-2"
-    train, dev = read_sst2(glue / "train.tsv"), read_sst2(glue / "dev.tsv")
+    try:
+        splits = load_glue("sst2", args.data_dir)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    train = [(e.text, e.label) for e in splits["train"]]
+    dev = [(e.text, e.label) for e in splits["validation"]]
     random.shuffle(train)
 
     path = default_model_path()

@@ -32,7 +32,7 @@ class Features(torch.utils.data.Dataset):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--data-dir", default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"))
+    parser.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
     parser.add_argument("--out", default="outputs/trainer")
     args = parser.parse_args()
 

@@ -5,18 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from test_data import GLUE, needs_glue
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = Path(os.environ.get("DYNLORA_GLUE_DIR", ROOT.parent / "shared" / "data" / "glue"))
 
 
-@pytest.mark.skipif(not (GLUE / "SST-2" / "dev.tsv").is_file(), reason=f"no GLUE data at {GLUE}")
-def test_quickstart_runs_offline(tmp_path):
+def run_example(script: str, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "examples" / script), *map(str, args)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "3", "--data-dir", str(GLUE),
-           "--out", str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@needs_glue
+def test_quickstart_runs_offline(tmp_path):
+    done = run_example("quickstart.py", "--steps", 3, "--data-dir", GLUE, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dev accuracy after 3 steps" in done.stdout
     assert (tmp_path / "adapter" / "dynlora_config.json").is_file()
@@ -24,8 +26,7 @@ def test_quickstart_runs_offline(tmp_path):
 
 
 def test_quickstart_missing_data_is_one_clear_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--data-dir", str(tmp_path / "nowhere")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = run_example("quickstart.py", "--data-dir", tmp_path / "nowhere")
     assert done.returncode != 0
     assert done.stderr.strip().startswith("error:") and "Traceback" not in done.stderr
     assert "DYNLORA_GLUE_DIR" in done.stderr
@@ -39,12 +40,9 @@ def test_ci_runs_the_readme_commands():
     assert "HF_HUB_OFFLINE=1 dynlora train" in readme
 
 
-@pytest.mark.skipif(not (GLUE / "SST-2" / "dev.tsv").is_file(), reason=f"no GLUE data at {GLUE}")
+@needs_glue
 def test_trainer_callback_example_runs(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "examples" / "trainer_callback.py"), "--steps", "4", "--data-dir", str(GLUE),
-           "--out", str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = run_example("trainer_callback.py", "--steps", 4, "--data-dir", GLUE, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dev accuracy" in done.stdout and "re-allocations: " in done.stdout
     assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()

@@ -240,27 +240,23 @@ def _load_adapted(adapter: str, model: str | None, num_labels: int | None = None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from .data import batches, load_glue, task_spec, tokenize
-    from .metrics import glue_metrics
+    from .data import load_glue, task_spec, tokenize
+    from .train import evaluate_features
 
     spec = task_spec(args.task)
     model, tok = _load_adapted(args.adapter, args.model, spec.num_labels)
-    model.eval()
-    results = {}
-    for split, examples in load_glue(spec.name, args.data_dir).items():
-        if split == "train":
-            continue
-        features = tokenize(examples, tok, args.max_length)
-        preds, gold = [], []
-        with torch.no_grad():
-            for batch in batches(features, range(len(features)), args.batch_size, tok.pad_token_id):
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                preds += (logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).tolist()
-                gold += labels.tolist()
-        results[split] = glue_metrics(spec.name, preds, gold)
+    results = {
+        split: evaluate_features(
+            model,
+            tokenize(examples, tok, args.max_length),
+            spec.name,
+            spec.is_regression,
+            args.batch_size,
+            tok.pad_token_id,
+        )  # fmt: skip
+        for split, examples in load_glue(spec.name, args.data_dir).items()
+        if split != "train"
+    }
     print(f"{spec.name} with {args.adapter}:")
     print(format_metrics(results))
     return 0

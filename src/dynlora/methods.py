@@ -9,9 +9,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +39,6 @@ class AdapterSettings:
     final: float | int = 0.8
     input_adaptive: str | None = "mergeable"
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

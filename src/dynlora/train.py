@@ -133,6 +133,20 @@ def load_base(model: str | None, num_labels: int, regression: bool):
     return base, tokenizer
 
 
+@torch.no_grad()
+def evaluate_features(model, features: list[dict], metric_task: str, regression: bool, batch_size: int,
+                      pad_token_id: int) -> dict[str, float]:  # fmt: skip
+    """GLUE metrics of ``model`` (left in eval mode) on tokenised ``features``."""
+    model.eval()
+    preds, gold = [], []
+    for batch in batches(features, range(len(features)), batch_size, pad_token_id):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
+        gold += labels.tolist()
+    return glue_metrics(metric_task, preds, gold)
+
+
 # --- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -244,18 +258,18 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
-        self.model.eval()
-        results = {}
-        for split, features in self.eval_features.items():
-            preds, gold = [], []
-            for batch in batches(features, range(len(features)), 2 * self.cfg.batch_size, self.tokenizer.pad_token_id):
-                labels = batch.pop("labels")
-                logits = self.model(**batch).logits
-                preds += (logits.squeeze(-1) if self.regression else logits.argmax(-1)).tolist()
-                gold += labels.tolist()
-            results[split] = glue_metrics(self.metric_task, preds, gold)
+        results = {
+            split: evaluate_features(
+                self.model,
+                features,
+                self.metric_task,
+                self.regression,
+                2 * self.cfg.batch_size,
+                self.tokenizer.pad_token_id,
+            )  # fmt: skip
+            for split, features in self.eval_features.items()
+        }
         self.model.train()
         return results
 
