@@ -95,3 +95,39 @@ def test_checkpoint_errors(tiny_model_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="damaged: weights.safetensors"):
         train(config(tiny_model_dir, tmp_path, max_steps=3, resume=True))
+
+
+def poison(monkeypatch, bad):
+    """NaN regression targets on the micro-batches in ``bad``: a real non-finite loss, not a mocked one."""
+    original = Trainer.micro_batch
+
+    def micro_batch(self, k):
+        batch = original(self, k)
+        if bad(k):
+            batch["labels"] = torch.full_like(batch["labels"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_kept_from_the_allocator(tiny_model_dir, tmp_path, monkeypatch):
+    poison(monkeypatch, lambda k: k in (2, 5))
+    trainer = Trainer(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8))
+    result = trainer.run()
+    assert result["steps"] == 8 and result["skipped_nonfinite_steps"] == 2 and trainer.micro == 10
+    assert trainer.model.allocator.scorer.skipped_nonfinite == 0  # the scorer never saw the NaN steps
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    events = [json.loads(line).get("event") for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert events.count("skipped_nonfinite") == 2
+
+
+def test_too_many_nonfinite_steps_stop_and_keep_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from dynlora.train import Diverged
+
+    poison(monkeypatch, lambda k: k >= 3)
+    with pytest.raises(Diverged, match="not finite for 5 steps in a row"):
+        train(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8, save_every=2))
+    assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step-00000002"
+    monkeypatch.undo()
+    resumed = train(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8, save_every=2, resume=True))
+    assert resumed["steps"] == 8

@@ -45,6 +45,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-every", "eval_every", int, "evaluate every N steps (0: only at the end)"),
     ("--save-every", "save_every", int, "checkpoint every N steps (0: only at the end or on interrupt)"),
     ("--log-every", "log_every", int, "write a loss record to log.jsonl every N steps"),
+    ("--max-nonfinite-steps", "max_nonfinite_steps", int, "stop after this many non-finite steps in a row"),
     ("--output-dir", "output_dir", str, "run directory (default: runs/<task>-<method>-<time>)"),
 ]
 ADAPTER_FLAGS: list[tuple[str, str, Any, str]] = [

@@ -67,6 +67,13 @@ class InputNorm(nn.Module):
         return (ms.median() / ms).sqrt()
 
 
+def discard_statistics(norms: list[InputNorm]) -> None:
+    """Forget the pending statistics of a step that was skipped (e.g. a non-finite loss)."""
+    for norm in norms:
+        norm.pending_sum.zero_()
+        norm.pending_count = 0
+
+
 @torch.no_grad()
 def commit_statistics(norms: list[InputNorm]) -> None:
     """Commit every layer's pending statistics; under torch.distributed, averaged over processes in one

@@ -53,6 +53,7 @@ class Adapted:
     state_dict: Callable[[], dict]
     load_state_dict: Callable[[dict], None]
     ranks: Callable[[], dict[str, int]]
+    skip_step: Callable[[], None] = lambda: None
 
     def trainable_parameters(self) -> int:
         if isinstance(self.model, DynamicLoRAModel):
@@ -79,7 +80,7 @@ def _dynlora(base: nn.Module, s: AdapterSettings, dynamic: bool) -> Adapted:
 
     return Adapted(
         "dynamic" if dynamic else "lora", model, model.bind_optimizer, model.update_and_allocate,
-        model.save_pretrained, state_dict, load_state_dict, model.rank_pattern,
+        model.save_pretrained, state_dict, load_state_dict, model.rank_pattern, model.skip_step,
     )  # fmt: skip
 
 

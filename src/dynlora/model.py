@@ -15,7 +15,7 @@ from torch import nn
 
 from .allocator import RankAllocator
 from .config import DynamicLoRAConfig
-from .gate import commit_statistics
+from .gate import commit_statistics, discard_statistics
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear
 from .targets import default_modules_to_save, default_target_modules, find_targets, name_matches, pattern_matches
@@ -170,6 +170,11 @@ class DynamicLoRAModel(nn.Module):
         ranks when the schedule says so. Returns whether ranks were re-allocated."""
         commit_statistics(self._input_norms)
         return False if self.allocator is None else self.allocator.step(step)
+
+    def skip_step(self) -> None:
+        """Call instead of :meth:`update_and_allocate` for a step whose update was skipped (e.g. a non-finite
+        loss): its input statistics are dropped and no score or allocation sees it."""
+        discard_statistics(self._input_norms)
 
     def importance(self) -> dict[str, float]:
         """Module name -> current importance score of this process (empty for a static LoRA). Local: safe to call

@@ -62,6 +62,7 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 10
+    max_nonfinite_steps: int = 5
     output_dir: str = "runs/latest"
     resume: bool = False
     progress: bool = True
@@ -85,7 +86,8 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this run (not logging or progress settings)."""
-        skip = {"resume", "progress", "eval_every", "save_every", "log_every", "output_dir", "max_eval_samples"}
+        skip = {"resume", "progress", "eval_every", "save_every", "log_every", "output_dir", "max_eval_samples",
+                "max_nonfinite_steps"}  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
@@ -121,9 +123,12 @@ def load_base(model: str | None, num_labels: int, regression: bool):
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        # A checkpoint whose head has another number of labels (e.g. a classifier reused for STS-B) gets a new
+        # head for this task, as fine-tuning needs anyway; the encoder weights still load.
         base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type="regression" if regression else "single_label_classification"
-        )
+            path, num_labels=num_labels, ignore_mismatched_sizes=True,
+            problem_type="regression" if regression else "single_label_classification",
+        )  # fmt: skip
     except OSError as e:
         raise ValueError(f"cannot load a model from {model or path!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS, as is usual for classification
@@ -232,7 +237,9 @@ class Trainer:
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
-        self.step = 0
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)
+        self.skipped = 0
         self.best: dict[str, Any] | None = None
         self._epoch_cache: tuple[int, list[int]] | None = None
         self.tensorboard = None
@@ -284,6 +291,8 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": list(random.getstate()[1]),
                 "best": json.dumps(self.best),
+                "micro": self.micro,
+                "skipped": self.skipped,
             }
             save_checkpoint(self.out / "checkpoints", self.step, _checkpoint_tensors(self.adapted), state,
                             self.cfg.identity())  # fmt: skip
@@ -302,7 +311,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate((3, tuple(state["python_rng"]), None))
         self.best = json.loads(state["best"])
-        self.step = step
+        self.step, self.micro, self.skipped = step, int(state["micro"]), int(state["skipped"])
         self._truncate_log(step)
 
     def save_best(self, metrics: dict[str, dict[str, float]]) -> None:
@@ -371,8 +380,21 @@ class Trainer:
         history_seen = len(getattr(getattr(self.model, "allocator", None), "history", []) or [])
         started, interrupted = time.time(), False
         with _StopFlag() as stop:
+            in_a_row = 0
             while self.step < self.total_steps:
                 loss = self._train_step()
+                if loss is None:
+                    self.skipped += 1
+                    in_a_row += 1
+                    self.log({"step": self.step, "event": "skipped_nonfinite", "micro_batch": self.micro})
+                    if in_a_row >= cfg.max_nonfinite_steps:
+                        bar.close()
+                        raise Diverged(
+                            f"loss or gradients were not finite for {in_a_row} steps in a row (at step {self.step});"
+                            " lower --lr or check the data. The last checkpoint was kept."
+                        )
+                    continue
+                in_a_row = 0
                 self.step += 1
                 bar.update(1)
                 ranks = self.adapted.ranks()
@@ -405,6 +427,7 @@ class Trainer:
         self.save_best(metrics)
         self.save()
         result = {"task": cfg.task, "method": cfg.method, "seed": cfg.seed, "steps": self.step,
+                  "skipped_nonfinite_steps": self.skipped,
                   "trainable_parameters": self.adapted.trainable_parameters(), "metrics": metrics,
                   "best": self.best, "ranks": self.adapted.ranks()}  # fmt: skip
         if self.rank == 0:
@@ -412,21 +435,31 @@ class Trainer:
             self.adapted.save_adapter(self.out / "adapter")
         return result
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> float | None:
+        """One optimizer step; None when it was skipped for a non-finite loss or gradient."""
         cfg = self.cfg
         total = 0.0
-        for i in range(cfg.grad_accum):
-            batch = self.micro_batch(self.step * cfg.grad_accum + i)
+        for _ in range(cfg.grad_accum):
+            batch = self.micro_batch(self.micro)
+            self.micro += 1
             loss = self.forward_model(**batch).loss / cfg.grad_accum
             loss.backward()
             total += loss.item()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if not (math.isfinite(total) and torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.adapted.skip_step()
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.adapted.after_optimizer_step(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row."""
 
 
 class Interrupted(Exception):
