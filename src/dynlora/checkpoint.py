@@ -48,14 +48,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
     root = Path(root)
     name = f"step-{step:08d}"
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-    torch.save(state, tmp / STATE)
-    files = {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "identity": identity, "sha256": files}, indent=2))
-    for f in (WEIGHTS, STATE, MANIFEST):
-        _fsync(tmp / f)
+    for stale in root.glob(".step-*.tmp"):  # left by a writer that was killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        torch.save(state, tmp / STATE)
+        files = {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "identity": identity, "sha256": files}, indent=2))
+        for f in (WEIGHTS, STATE, MANIFEST):
+            _fsync(tmp / f)
+    except OSError as e:  # disk full, quota, permissions: the previous checkpoint stays the latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {name} in {root} ({e.strerror or e}); the previous checkpoint is kept"
+        ) from e
     final = root / name
     if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
         shutil.rmtree(final)

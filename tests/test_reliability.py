@@ -1,0 +1,59 @@
+"""Faults: SIGKILL at any moment (also mid-write) and a full disk leave the previous checkpoint loadable."""
+
+import errno
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dynlora import checkpoint
+from dynlora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+IDENTITY = {"run": "reliability"}
+
+WRITER = """
+import sys, torch
+from dynlora.checkpoint import save_checkpoint
+root, step = sys.argv[1], 0
+weights = {"w": torch.randn(512, 512)}  # ~1 MB: a write takes long enough to be killed in the middle
+while True:
+    step += 1
+    weights["w"].fill_(step)
+    save_checkpoint(root, step, weights, {"step": step}, {"run": "reliability"})
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.011, 0.027, 0.05, 0.083])
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, delay):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    try:
+        deadline = time.time() + 60
+        while latest_checkpoint(tmp_path) is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    tensors, state, step = load_checkpoint(tmp_path, IDENTITY)  # verified against its checksums
+    assert step >= 1 and state["step"] == step and torch.all(tensors["w"] == step)
+    # The next save cleans up whatever the killed writer left half-written.
+    save_checkpoint(tmp_path, step + 1, tensors, {"step": step + 1}, IDENTITY)
+    assert not list(tmp_path.glob(".step-*.tmp"))
+    assert load_checkpoint(tmp_path, IDENTITY)[2] == step + 1
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1}, IDENTITY)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is kept"):
+        save_checkpoint(tmp_path, 2, {"w": torch.full((3,), 2.0)}, {"step": 2}, IDENTITY)
+    assert not list(tmp_path.glob(".step-*.tmp"))
+    tensors, state, step = load_checkpoint(tmp_path, IDENTITY)
+    assert step == 1 and torch.all(tensors["w"] == 1)
