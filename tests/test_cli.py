@@ -69,6 +69,8 @@ def test_config_file_and_flag_precedence(tiny_model_dir, tmp_path):
         (("train", "--method", "magic"), "unknown method 'magic'"),
         (("train", "--resume", "--output-dir", "/tmp/dynlora-no-such-run"), "no checkpoint to resume from"),
         (("eval", "--adapter", "/tmp", "--task", "rte"), "not a Dynamic LoRA adapter directory"),
+        (("train", "--model", "/tmp"), "/tmp is not a Hugging Face model directory: it has no config.json"),
+        (("train", "--rank", "0"), "rank must be >= 1"),
     ],
 )
 def test_user_errors_are_one_line(args, message):

@@ -1,6 +1,8 @@
 """Faults: SIGKILL at any moment (also mid-write) and a full disk leave the previous checkpoint loadable."""
 
 import errno
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import time
 
 import pytest
 import torch
+from test_data import GLUE, needs_glue
 
 from dynlora import checkpoint
 from dynlora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -57,3 +60,31 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
     assert not list(tmp_path.glob(".step-*.tmp"))
     tensors, state, step = load_checkpoint(tmp_path, IDENTITY)
     assert step == 1 and torch.all(tensors["w"] == 1)
+
+
+@needs_glue
+def test_sigkill_of_a_training_run_then_resume_gives_the_same_metrics(tiny_model_dir, tmp_path):
+    args = [sys.executable, "-m", "dynlora.cli", "train", "--task", "rte", "--model", tiny_model_dir, "--data-dir",
+            str(GLUE), "--max-steps", "16", "--batch-size", "8", "--max-train-samples", "128", "--max-length", "48",
+            "--rank", "4", "--save-every", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight = subprocess.run([*args, "--output-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed = tmp_path / "b"
+    proc = subprocess.Popen([*args, "--output-dir", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = latest_checkpoint(killed / "checkpoints")
+        if latest is not None and int(latest.name.split("-")[1]) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()  # it really died mid-run
+    resumed = subprocess.run([*args, "--output-dir", str(killed), "--resume"], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("a", "b"))
+    assert a["metrics"] == b["metrics"] and a["ranks"] == b["ranks"]
