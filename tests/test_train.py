@@ -85,8 +85,10 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
 
 def test_checkpoint_errors(tiny_model_dir, tmp_path):
     train(config(tiny_model_dir, tmp_path, max_steps=3))
+    events = sorted((tmp_path / "tensorboard").iterdir())
     with pytest.raises(ValueError, match="already holds a run"):
         train(config(tiny_model_dir, tmp_path, max_steps=3))
+    assert sorted((tmp_path / "tensorboard").iterdir()) == events  # a refused run writes nothing into the run
     with pytest.raises(CheckpointError, match="another run: lr"):
         train(config(tiny_model_dir, tmp_path, max_steps=3, lr=1e-4, resume=True))
     with pytest.raises(CheckpointError, match="no checkpoint"):

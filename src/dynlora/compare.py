@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import latest_checkpoint
-from .metrics import MAIN_METRICS
+from .metrics import MAIN_METRICS, run_score
 
 RESULTS = "results.jsonl"
 
@@ -77,12 +77,6 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
     return read_results(path)
 
 
-def main_scores(record: dict[str, Any]) -> float:
-    """The run's score for the table: its task's main metric, averaged over its evaluation splits (MNLI m/mm)."""
-    metrics = record["metrics"]
-    return float(statistics.mean(split["main"] for split in metrics.values()))
-
-
 def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
     """Markdown: methods × tasks, mean ± std (×100) of the task's main metric over seeds, and the average."""
     header = "| method | params | " + " | ".join(f"{t} ({'/'.join(MAIN_METRICS[t])})" for t in tasks) + " | avg |"
@@ -90,7 +84,7 @@ def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list
     for method in methods:
         cells, means, params = [], [], set()
         for task in tasks:
-            scores = [100 * main_scores(r) for r in results if r["task"] == task and r["method"] == method]
+            scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
             params |= {r.get("trainable_parameters") for r in results if r["method"] == method}
             if not scores:
                 cells.append("—")

@@ -48,3 +48,8 @@ def glue_metrics(task: str, predictions: Sequence[float], labels: Sequence[float
 def main_score(task: str, metrics: dict[str, float]) -> float:
     """The task's single number for averages: e.g. MCC for CoLA, mean of F1 and accuracy for MRPC."""
     return float(np.mean([metrics[m] for m in MAIN_METRICS[task]]))
+
+
+def run_score(metrics: dict[str, dict[str, float]]) -> float:
+    """One number for an evaluation over several splits (MNLI matched/mismatched): the mean of their main scores."""
+    return float(np.mean([split["main"] for split in metrics.values()]))

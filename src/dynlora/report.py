@@ -16,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .compare import RESULTS, main_scores, read_results, summary_table  # noqa: E402
+from .compare import RESULTS, read_results, summary_table  # noqa: E402
+from .metrics import run_score  # noqa: E402
 
 
 def _short(name: str) -> str:
@@ -51,8 +52,7 @@ def report_run(run: Path) -> Path:
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     images = []
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], statistics.mean(m["main"] for m in r["metrics"].values())) for r in records
-             if r.get("event") == "eval"]  # fmt: skip
+    evals = [(r["step"], run_score(r["metrics"])) for r in records if r.get("event") == "eval"]
     if losses:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(*zip(*losses, strict=True), label="training loss", color="tab:blue")
@@ -114,7 +114,7 @@ def report_comparison(root: Path) -> Path:
     for j, method in enumerate(methods):
         means, stds = [], []
         for task in tasks:
-            scores = [100 * main_scores(r) for r in results if r["task"] == task and r["method"] == method]
+            scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
             means.append(statistics.mean(scores) if scores else 0.0)
             stds.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
         ax.bar([i + j * width for i in range(len(tasks))], means, width, yerr=stds, capsize=2, label=method)

@@ -29,7 +29,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError, batches, collate, epoch_order, load_custom, load_glue, task_spec, tokenize
 from .io import write_json
 from .methods import METHODS, Adapted, AdapterSettings, adapt
-from .metrics import glue_metrics
+from .metrics import glue_metrics, run_score
 from .models import resolve_model_path
 
 
@@ -242,14 +242,7 @@ class Trainer:
         self.skipped = 0
         self.best: dict[str, Any] | None = None
         self._epoch_cache: tuple[int, list[int]] | None = None
-        self.tensorboard = None
-        if self.rank == 0:
-            try:  # TensorBoard when installed; the JSONL log is always written
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:
-                pass
+        self.tensorboard = None  # opened by run(), once the output directory is known to be ours
 
     # --- data stream ---------------------------------------------------------------------------------------------
 
@@ -315,7 +308,7 @@ class Trainer:
         self._truncate_log(step)
 
     def save_best(self, metrics: dict[str, dict[str, float]]) -> None:
-        score = float(sum(m["main"] for m in metrics.values()) / len(metrics))
+        score = run_score(metrics)
         if self.best is not None and score <= self.best["score"]:
             return
         self.best = {"score": score, "step": self.step, "metrics": metrics}
@@ -370,6 +363,12 @@ class Trainer:
             raise ValueError(f"{self.out} already holds a run's checkpoints; pass --resume, or a new --output-dir")
         if self.rank == 0:
             write_json(self.out / "config.json", cfg.to_dict())
+            try:  # TensorBoard when installed; the JSONL log is always written
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                pass
         if self.step == 0:
             params = self.adapted.trainable_parameters()
             self.log({"step": 0, "event": "start", "method": cfg.method, "total_steps": self.total_steps,
