@@ -121,3 +121,19 @@ def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
         assert (root / "rte" / "dynamic" / "seed0" / png).is_file()
     done = dynlora("report", tmp_path)
     assert done.returncode == 2 and "neither a run directory" in done.stderr
+
+
+def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
+    from dynlora.cli import build_parser, build_train_config
+
+    def config(*argv):
+        return build_train_config(build_parser().parse_args(["train", *argv, "--output-dir", str(tmp_path)]))
+
+    cfg = config("--schedule-warmup", "50", "--schedule-final", "1.0", "--schedule-interval", "0.1")
+    assert cfg.adapter.warmup == 50 and isinstance(cfg.adapter.warmup, int)  # above 1: a step count
+    assert cfg.adapter.final == 1.0 and isinstance(cfg.adapter.final, float)  # 1.0: the whole run, not step 1
+    assert cfg.adapter.interval == 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("adapter:\n  rnak: 4\n")
+    done = dynlora("train", "--config", bad)
+    assert done.returncode == 2 and "unknown adapter setting(s) rnak" in done.stderr and "Traceback" not in done.stderr

@@ -57,9 +57,9 @@ ADAPTER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--min-rank", "min_rank", int, "smallest rank a layer may shrink to (dynamic)"),
     ("--importance", "importance", str, "sensitivity | gradient | update_norm (dynamic)"),
     ("--temperature", "temperature", float, "allocation sharpness: shares ~ score^(1/T) (dynamic)"),
-    ("--schedule-warmup", "warmup", float, "first re-allocation, fraction of steps (or steps if >= 1)"),
-    ("--schedule-interval", "interval", float, "re-allocation interval, fraction of steps (or steps if >= 1)"),
-    ("--schedule-final", "final", float, "last re-allocation, fraction of steps (or steps if >= 1)"),
+    ("--schedule-warmup", "warmup", float, "first re-allocation: fraction of the run, or a step count if > 1"),
+    ("--schedule-interval", "interval", float, "re-allocation interval: fraction of the run, or steps if > 1"),
+    ("--schedule-final", "final", float, "last re-allocation: fraction of the run, or a step count if > 1"),
     ("--input-adaptive", "input_adaptive", str, "mergeable | per_example | none (dynamic)"),
 ]
 
@@ -134,13 +134,18 @@ def _flag_settings(args: argparse.Namespace, file_settings: dict[str, Any]) -> t
 
 
 def _normalise_adapter(adapter: dict[str, Any]) -> dict[str, Any]:
+    from .methods import AdapterSettings
+
+    unknown = sorted(set(adapter) - {f.name for f in dataclasses.fields(AdapterSettings)})
+    if unknown:
+        raise ValueError(f"unknown adapter setting(s) {', '.join(unknown)}; see dynlora train --help")
     adapter = dict(adapter)
     if "target_modules" in adapter:
         adapter["target_modules"] = _parse_target_modules(adapter["target_modules"])
     if str(adapter.get("input_adaptive", "")).lower() == "none":
         adapter["input_adaptive"] = None
-    for key in ("warmup", "interval", "final"):  # values >= 1 are step counts
-        if key in adapter and float(adapter[key]) >= 1:
+    for key in ("warmup", "interval", "final"):  # values above 1 are step counts; 1.0 is the whole run
+        if key in adapter and isinstance(adapter[key], float) and adapter[key] > 1:
             adapter[key] = int(adapter[key])
     return adapter
 
