@@ -361,6 +361,9 @@ class Trainer:
             self.restore()
         elif latest_checkpoint(self.out / "checkpoints") is not None:
             raise ValueError(f"{self.out} already holds a run's checkpoints; pass --resume, or a new --output-dir")
+        elif self.rank == 0 and (self.out / "log.jsonl").exists():
+            # A run killed before its first checkpoint: nothing to resume; keep its log aside, start a clean one.
+            os.replace(self.out / "log.jsonl", self.out / "log.previous.jsonl")
         if self.rank == 0:
             write_json(self.out / "config.json", cfg.to_dict())
             try:  # TensorBoard when installed; the JSONL log is always written
