@@ -25,6 +25,18 @@ from .gate import MODES, InputNorm, TokenGate
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear, or of a GPT-2 Conv1D, whose weight is stored as (in, out)."""
+    w = module.weight
+    return (int(w.shape[0]), int(w.shape[1])) if isinstance(module, Conv1D) else (int(w.shape[1]), int(w.shape[0]))
+
+
+def components(tensor: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    """View of rank components [start, stop) of a rank-indexed tensor (parameter or optimizer state), rank axis
+    first."""
+    return tensor.movedim(axis, 0)[start:stop]
+
+
 class DynamicLoRALinear(nn.Module):
     """Wraps an ``nn.Linear`` (or GPT-2's transposed ``Conv1D``) with a LoRA update of changeable active rank.
 
@@ -55,8 +67,7 @@ class DynamicLoRALinear(nn.Module):
         # Conv1D stores its weight as (in, out) and computes x @ W: the delta must be transposed to merge.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         weight = base_layer.weight
-        in_features, out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = layer_dims(base_layer)
         max_rank = rank if max_rank is None else max_rank
         limit = min(self.in_features, self.out_features)
         if not 1 <= rank <= max_rank <= limit:
@@ -135,12 +146,12 @@ class DynamicLoRALinear(nn.Module):
             w.copy_((t_inv.T @ w.float()).to(w.dtype))
         return t, t_inv
 
-    def rank_parameters(self) -> list[tuple[nn.Parameter, int, str]]:
-        """Parameters indexed by rank component: (parameter, rank axis, side). Under a re-basis with A' = T A,
-        "in"-side tensors (A) map by T⁻ᵀ along the axis, "out"-side ones (B, the token gate) by T."""
-        params = [(self.lora_A, 0, "in"), (self.lora_B, 1, "out")]
+    def rank_parameters(self) -> list[tuple[str, nn.Parameter, int, str]]:
+        """Parameters indexed by rank component: (name, parameter, rank axis, side). Under a re-basis with
+        A' = T A, "in"-side tensors (A) map by T⁻ᵀ along the axis, "out"-side ones (B, the token gate) by T."""
+        params = [("lora_A", self.lora_A, 0, "in"), ("lora_B", self.lora_B, 1, "out")]
         if self.token_gate is not None:
-            params.append((self.token_gate.weight, 0, "out"))
+            params.append(("token_gate.weight", self.token_gate.weight, 0, "out"))
         return params
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from .allocator import RankAllocator
 from .config import DynamicLoRAConfig
 from .gate import commit_statistics, discard_statistics
 from .io import atomic_write, write_json
-from .layer import DynamicLoRALinear
+from .layer import DynamicLoRALinear, components, layer_dims
 from .targets import default_modules_to_save, default_target_modules, find_targets, name_matches, pattern_matches
 
 CONFIG_NAME = "dynlora_config.json"
@@ -38,18 +38,13 @@ def _first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return next((v for k, v in patterns.items() if pattern_matches(k, name)), default)
 
 
-def _layer_dims(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
-    return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, nn.Linear) else (int(w.shape[0]), int(w.shape[1]))
-
-
 def _resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[str]) -> dict[str, LayerSpec]:
     targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
     specs = {}
     for name in find_targets(model, targets, exclude):
         rank = int(_first_match(config.rank_pattern, name, config.rank))
         alpha = float(_first_match(config.alpha_pattern, name, config.alpha))
-        in_f, out_f = _layer_dims(model.get_submodule(name))
+        in_f, out_f = layer_dims(model.get_submodule(name))
         limit = min(in_f, out_f)
         asked = max(rank, config.max_rank or 0)  # what the user set explicitly must fit
         if asked > limit:
@@ -215,9 +210,8 @@ class DynamicLoRAModel(nn.Module):
             if layer.merged:
                 raise RuntimeError(f"layer {name} is merged: call unmerge_adapter() before saving")
             r = layer.rank
-            for param, axis, _ in layer.rank_parameters():
-                key = f"{name}.{_param_name(layer, param)}"
-                state[key] = param.detach().movedim(axis, 0)[:r].movedim(0, axis).cpu().contiguous()
+            for pname, param, axis, _ in layer.rank_parameters():
+                state[f"{name}.{pname}"] = components(param.detach(), axis, 0, r).movedim(0, axis).cpu().contiguous()
             if layer.input_norm is not None:  # running statistics: the mergeable gate's whole state
                 for key, value in layer.input_norm.state_dict().items():
                     state[f"{name}.input_norm.{key}"] = value.detach().cpu().clone()
@@ -296,8 +290,8 @@ class DynamicLoRAModel(nn.Module):
         with torch.no_grad():
             for name, layer in self.lora_layers().items():
                 r = layer.rank
-                for param, axis, _ in layer.rank_parameters():
-                    param.movedim(axis, 0)[:r].copy_(state[f"{name}.{_param_name(layer, param)}"].movedim(axis, 0))
+                for pname, param, axis, _ in layer.rank_parameters():
+                    components(param, axis, 0, r).copy_(state[f"{name}.{pname}"].movedim(axis, 0))
                 if layer.input_norm is not None:
                     layer.input_norm.load_state_dict(_sub(state, f"{name}.input_norm."))
                 if layer.token_gate is not None:
@@ -312,10 +306,6 @@ class DynamicLoRAModel(nn.Module):
 
         self._check_not_unloaded()
         export_peft(self, save_directory)
-
-
-def _param_name(layer: DynamicLoRALinear, param: nn.Parameter) -> str:
-    return next(n for n, p in layer.named_parameters() if p is param)
 
 
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import DynamicLoRALinear
+from .layer import DynamicLoRALinear, components
 
 LINEAR_KEYS = ("exp_avg", "momentum_buffer")
 SQUARED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
@@ -32,20 +32,15 @@ def _buffers(optimizer: torch.optim.Optimizer | None, param: torch.Tensor):
     return [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
 
 
-def _components(buf: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
-    """View of components [start, stop) with the rank axis first."""
-    return buf.movedim(axis, 0)[start:stop]
-
-
 @torch.no_grad()
 def rebase_state(optimizer, layer: DynamicLoRALinear, t: torch.Tensor, t_inv: torch.Tensor) -> None:
     """Move the state of the active components into the basis of ``layer.rebase()`` (which returned t, t_inv)."""
     r = layer.rank
-    for param, axis, side in layer.rank_parameters():
+    for _, param, axis, side in layer.rank_parameters():
         # Gradients of "in"-side tensors (A) map by T⁻ᵀ, of "out"-side ones (B, gate) by T, along the rank axis.
         mix = t_inv.T if side == "in" else t
         for key, buf in _buffers(optimizer, param):
-            view = _components(buf, axis, 0, r)
+            view = components(buf, axis, 0, r)
             if key in LINEAR_KEYS:
                 view.copy_(torch.tensordot(mix.to(buf.dtype), view, dims=1))
             elif key in SQUARED_KEYS:
@@ -57,18 +52,18 @@ def rebase_state(optimizer, layer: DynamicLoRALinear, t: torch.Tensor, t_inv: to
 @torch.no_grad()
 def clear_state(optimizer, layer: DynamicLoRALinear, start: int, stop: int) -> None:
     """Zero the state of components [start, stop) (dropped by a shrink)."""
-    for param, axis, _ in layer.rank_parameters():
+    for _, param, axis, _ in layer.rank_parameters():
         for _, buf in _buffers(optimizer, param):
-            _components(buf, axis, start, stop).zero_()
+            components(buf, axis, start, stop).zero_()
 
 
 @torch.no_grad()
 def init_grown_state(optimizer, layer: DynamicLoRALinear, old: int, new: int) -> None:
     """State for components [old, new) that a growth just added (see the module doc)."""
-    for param, axis, _ in layer.rank_parameters():
+    for _, param, axis, _ in layer.rank_parameters():
         for key, buf in _buffers(optimizer, param):
-            grown = _components(buf, axis, old, new)
+            grown = components(buf, axis, old, new)
             if key in SQUARED_KEYS and old > 0:
-                grown.fill_(_components(buf, axis, 0, old).mean())
+                grown.fill_(components(buf, axis, 0, old).mean())
             else:
                 grown.zero_()
