@@ -173,12 +173,10 @@ def build_train_config(args: argparse.Namespace) -> Any:
     return TrainConfig(**settings, adapter=adapter)
 
 
-def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
-    lines = []
-    for split, values in metrics.items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "main")
-        lines.append(f"  {split}: {shown}")
-    return "\n".join(lines)
+def format_splits(metrics: dict[str, dict[str, float]]) -> str:
+    from .metrics import format_metrics
+
+    return "\n".join(f"  {split}: {format_metrics(values)}" for split, values in metrics.items())
 
 
 # --- commands ----------------------------------------------------------------------------------------------------
@@ -207,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"-> {cfg.output_dir}")  # fmt: skip
     result = trainer.run()
     print(f"dev metrics after {result['steps']} steps:")
-    print(format_metrics(result["metrics"]))
+    print(format_splits(result["metrics"]))
     if result["ranks"]:
         values = list(result["ranks"].values())
         print(f"final ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers")
@@ -264,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if split != "train"
     }
     print(f"{spec.name} with {args.adapter}:")
-    print(format_metrics(results))
+    print(format_splits(results))
     return 0
 
 

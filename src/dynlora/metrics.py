@@ -53,3 +53,8 @@ def main_score(task: str, metrics: dict[str, float]) -> float:
 def run_score(metrics: dict[str, dict[str, float]]) -> float:
     """One number for an evaluation over several splits (MNLI matched/mismatched): the mean of their main scores."""
     return float(np.mean([split["main"] for split in metrics.values()]))
+
+
+def format_metrics(values: dict[str, float]) -> str:
+    """``accuracy 0.7993, f1 0.8123``: one split's metrics for people (the averaging-only ``main`` left out)."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "main")

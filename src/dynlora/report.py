@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .compare import RESULTS, read_results, summary_table  # noqa: E402
-from .metrics import run_score  # noqa: E402
+from .metrics import format_metrics, run_score  # noqa: E402
 
 
 def _short(name: str) -> str:
@@ -90,8 +90,7 @@ def report_run(run: Path) -> Path:
         lines += [f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
                   f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"]  # fmt: skip
         for split, metrics in result["metrics"].items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "main")
-            lines.append(f"- final {split}: {shown}")
+            lines.append(f"- final {split}: {format_metrics(metrics)}")
         if result.get("best"):
             lines.append(f"- best evaluation: step {result['best']['step']}, main score {result['best']['score']:.4f}")
     else:

@@ -267,7 +267,7 @@ class Trainer:
                 self.regression,
                 2 * self.cfg.batch_size,
                 self.tokenizer.pad_token_id,
-            )  # fmt: skip
+            )
             for split, features in self.eval_features.items()
         }
         self.model.train()
