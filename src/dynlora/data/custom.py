@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 
-from .glue import DataError, Example
+from .glue import DataError, Example, regression_target
 
 
 def _records(path: Path) -> list[dict]:
@@ -69,12 +68,7 @@ def load_custom(
             raise DataError(f"{where}: a value of {', '.join(wanted)} is missing")
         raw = record[label_col]
         if regression:
-            try:
-                label: int | float = float(raw)
-            except (TypeError, ValueError):
-                label = math.nan
-            if not math.isfinite(label):
-                raise DataError(f"{where}: regression target {raw!r} is not a finite number")
+            label: int | float = regression_target(raw, where)
         else:
             if str(raw) not in labels:
                 raise DataError(f"{where}: label {raw!r} is not one of the train labels {', '.join(labels)}")

@@ -115,15 +115,20 @@ def _column(spec: TaskSpec, header: list[str] | None, col: str | int, path: Path
     return header.index(col)
 
 
+def regression_target(raw: object, where: str) -> float:
+    """A regression label as a finite float, or a DataError naming where it was read."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"{where}: regression target {raw!r} is not a finite number")
+    return value
+
+
 def _label(spec: TaskSpec, raw: str, where: str) -> int | float:
     if spec.labels is None:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise DataError(f"{where}: regression target {raw!r} is not a finite number")
-        return value
+        return regression_target(raw, where)
     if raw not in spec.labels:
         raise DataError(f"{where}: label {raw!r} is not one of {spec.name}'s labels {', '.join(spec.labels)}")
     return spec.labels.index(raw)
