@@ -285,6 +285,7 @@ def _csv(value: str | list | None, kind: type = str) -> list:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import ComparePlan, run_comparison, summary_table
     from .data import task_spec
+    from .methods import METHODS
     from .train import TrainConfig, Trainer
 
     plan_file = _read_config_file(args.config) if args.config else {}
@@ -307,6 +308,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for task in plan.tasks:  # fail before hours of runs, not in the middle
         for method in plan.methods:
             settings = plan.settings(task, method, plan.seeds[0])
+            if settings["method"] not in METHODS:
+                raise ValueError(
+                    f"unknown method {method!r}; choose from {', '.join(METHODS)}, or name a variant "
+                    f"in the plan file: per_method: {{{method}: {{method: dynamic, ...}}}}"
+                )
             _check_known({k: v for k, v in settings.items() if k != "adapter"})
             TrainConfig(**{**settings, "adapter": _normalise_adapter(settings.get("adapter", {}))})
     _quiet_transformers()

@@ -3,6 +3,10 @@
 Each finished run appends one line to ``results.jsonl``; a run that was interrupted resumes from its checkpoint;
 a run already in the file is skipped. So an interrupted comparison, started again with the same command, picks up
 where it stopped. Settings: the shared ones (``base``), then ``per_task[task]``, then ``per_method[method]``.
+
+A name in ``methods`` may be a variant of a method: ``per_method: {dynamic-nogate: {method: dynamic, adapter:
+{input_adaptive: null}}}`` runs Dynamic LoRA without the gate under the name ``dynamic-nogate`` (its own run
+directory, its own row in the table).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class ComparePlan:
                 else:
                     merged[key] = value
         run_dir = Path(self.output_dir) / task / method / f"seed{seed}"
-        return {**merged, "task": task, "method": method, "seed": seed, "output_dir": str(run_dir)}
+        actual = merged.pop("method", method)  # a variant names the method it runs
+        return {**merged, "task": task, "method": actual, "seed": seed, "output_dir": str(run_dir)}
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -72,8 +77,8 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
         resume = latest_checkpoint(Path(settings["output_dir"]) / "checkpoints") is not None
         log(f"[{i}/{len(grid)}] {task} {method} seed {seed}" + (" (resuming)" if resume else ""))
         result = train_fn({**settings, "resume": resume})
-        append_result(path, {"task": task, "method": method, "seed": seed, **{k: v for k, v in result.items()
-                             if k not in ("task", "method", "seed")}})  # fmt: skip
+        kept = {k: v for k, v in result.items() if k not in ("task", "method", "seed")}
+        append_result(path, {"task": task, "method": method, "runs": settings["method"], "seed": seed, **kept})
     return read_results(path)
 
 

@@ -1,0 +1,45 @@
+"""The comparison plan: settings layering, method variants, resumable results (no training: a recording train_fn)."""
+
+from dynlora.compare import ComparePlan, read_results, run_comparison, summary_table
+
+
+def plan(tmp_path) -> ComparePlan:
+    return ComparePlan(
+        tasks=["cola", "rte"], methods=["dynamic", "dynamic-nogate"], seeds=[0, 1], output_dir=str(tmp_path),
+        base={"lr": 1e-3, "adapter": {"rank": 8}},
+        per_task={"rte": {"epochs": 2, "adapter": {"rank": 4}}},
+        per_method={"dynamic-nogate": {"method": "dynamic", "adapter": {"input_adaptive": None}}},
+    )  # fmt: skip
+
+
+def test_settings_layer_and_variants_run_their_method(tmp_path):
+    p = plan(tmp_path)
+    s = p.settings("rte", "dynamic-nogate", 1)
+    assert s["method"] == "dynamic" and s["epochs"] == 2 and s["lr"] == 1e-3
+    assert s["adapter"] == {"rank": 4, "input_adaptive": None}  # adapter dicts merge key by key
+    assert s["output_dir"].endswith("rte/dynamic-nogate/seed1")
+    assert p.settings("cola", "dynamic", 0)["adapter"] == {"rank": 8}
+
+
+def test_results_keep_the_variant_name_and_resume(tmp_path):
+    calls = []
+
+    def train(settings):
+        calls.append((settings["task"], settings["method"], settings["seed"], settings["resume"]))
+        return {"metrics": {"validation": {"main": 0.1 * len(calls)}}, "trainable_parameters": 10}
+
+    results = run_comparison(plan(tmp_path), train, log=lambda _m: None)
+    assert len(results) == 8 and len(calls) == 8
+    assert {r["method"] for r in results} == {"dynamic", "dynamic-nogate"}
+    assert all(r["runs"] == "dynamic" for r in results)
+    assert all(c[1] == "dynamic" for c in calls)
+
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    calls.clear()
+    run_comparison(plan(tmp_path), train, log=lambda _m: None)
+    assert len(calls) == 3  # only the runs missing from results.jsonl
+    assert len(read_results(tmp_path / "results.jsonl")) == 8
+
+    table = summary_table(read_results(tmp_path / "results.jsonl"), ["cola", "rte"], ["dynamic", "dynamic-nogate"])
+    assert "| dynamic-nogate | 10 |" in table and "(n=2)" in table
