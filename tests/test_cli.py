@@ -97,9 +97,9 @@ def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
             "--data-dir", GLUE, "--max-steps", 4, "--batch-size", 8, "--max-train-samples", 48,
             "--max-eval-samples", 24, "--max-length", 48, "--rank", 4, "--output-dir", root,
             "--no-progress")  # fmt: skip
-    done = dynlora(*args)
+    done = dynlora(*args, "--jobs", 2)  # worker processes; the resumed run below goes one at a time
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| dynamic |" in done.stdout and "(n=2)" in done.stdout
+    assert "| dynamic |" in done.stdout and "(n=2)" in done.stdout and "done: rte" in done.stdout
     results = (root / "results.jsonl").read_text().splitlines()
     assert len(results) == 4
 

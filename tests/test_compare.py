@@ -43,3 +43,36 @@ def test_results_keep_the_variant_name_and_resume(tmp_path):
 
     table = summary_table(read_results(tmp_path / "results.jsonl"), ["cola", "rte"], ["dynamic", "dynamic-nogate"])
     assert "| dynamic-nogate | 10 |" in table and "(n=2)" in table
+
+
+def _fake_train(settings):  # module level: sent to worker processes
+    import os
+
+    return {"metrics": {"validation": {"main": settings["seed"] / 10}}, "pid": os.getpid()}
+
+
+def test_jobs_run_in_worker_processes_and_record_every_run(tmp_path):
+    import os
+
+    messages = []
+    results = run_comparison(plan(tmp_path), _fake_train, log=messages.append, jobs=2)
+    assert len(results) == 8 and len(messages) == 8 and all("done:" in m for m in messages)
+    assert os.getpid() not in {r["pid"] for r in results}
+    assert sorted((r["task"], r["method"], r["seed"]) for r in results) == sorted(
+        (t, m, s) for t in ("cola", "rte") for m in ("dynamic", "dynamic-nogate") for s in (0, 1)
+    )
+
+
+def _failing_train(settings):
+    if settings["seed"] == 1:
+        raise ValueError("bad run")
+    return {"metrics": {"validation": {"main": 0.5}}}
+
+
+def test_a_failing_job_stops_the_comparison_and_keeps_finished_runs(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="bad run"):
+        run_comparison(plan(tmp_path), _failing_train, log=lambda _m: None, jobs=2)
+    kept = read_results(tmp_path / "results.jsonl")
+    assert all(r["seed"] == 0 for r in kept)  # whatever finished before the failure is recorded, nothing else

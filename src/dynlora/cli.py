@@ -128,7 +128,7 @@ def _flag_settings(args: argparse.Namespace, file_settings: dict[str, Any]) -> t
     for key, value in vars(args).items():
         if key.startswith("adapter."):
             adapter[key.split(".", 1)[1]] = value
-        elif key not in ("command", "config", "debug", "func", "tasks", "methods", "seeds"):
+        elif key not in ("command", "config", "debug", "func", "tasks", "methods", "seeds", "jobs"):
             settings[key] = value
     return settings, adapter
 
@@ -282,11 +282,22 @@ def _csv(value: str | list | None, kind: type = str) -> list:
     return [kind(str(v).strip()) for v in items if str(v).strip()]
 
 
+def _train_one(settings: dict[str, Any]) -> dict[str, Any]:
+    """One run of a comparison (module level: --jobs sends it to worker processes)."""
+    from .train import TrainConfig, Trainer
+
+    _quiet_transformers()
+    if "max_steps" not in settings and "epochs" not in settings:
+        settings["max_steps"] = QUICK_STEPS
+    adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
+    return Trainer(TrainConfig(**settings, adapter=adapter_settings)).run()
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import ComparePlan, run_comparison, summary_table
     from .data import task_spec
     from .methods import METHODS
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig
 
     plan_file = _read_config_file(args.config) if args.config else {}
     plan_keys = {"tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method"}
@@ -315,15 +326,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 )
             _check_known({k: v for k, v in settings.items() if k != "adapter"})
             TrainConfig(**{**settings, "adapter": _normalise_adapter(settings.get("adapter", {}))})
-    _quiet_transformers()
-
-    def train_one(settings: dict[str, Any]) -> dict[str, Any]:
-        if "max_steps" not in settings and "epochs" not in settings:
-            settings["max_steps"] = QUICK_STEPS
-        adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
-        return Trainer(TrainConfig(**settings, adapter=adapter_settings)).run()
-
-    results = run_comparison(plan, train_one)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    results = run_comparison(plan, _train_one, jobs=args.jobs)
     table = summary_table(results, plan.tasks, plan.methods)
     (Path(plan.output_dir) / "summary.md").write_text(table + "\n")
     print(table)
@@ -367,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated GLUE tasks (default: sst2)")
     p.add_argument("--methods", help="comma-separated methods (default: dynamic,lora,peft-lora,peft-adalora)")
     p.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each on an equal share of the CPU threads (default: 1)")  # fmt: skip
     _add_train_flags(p, exclude=("task", "method", "seed", "resume"))
     p.set_defaults(func=cmd_compare)
 

@@ -471,6 +471,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: --output-dir {out} --resume")
         self.step, self.out = step, out
 
+    def __reduce__(self):  # crosses process boundaries intact (dynlora compare --jobs)
+        return Interrupted, (self.step, self.out)
+
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate and save one run (see the module doc); returns the final results."""
