@@ -76,6 +76,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):  # 0 would leave nothing to train on or score
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left out for all), got "
+                                 f"{getattr(self, name)}")  # fmt: skip
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
             raise ValueError("give --max-steps > 0 or --epochs > 0")
         if not self.lr > 0:
