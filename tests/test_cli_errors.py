@@ -238,3 +238,29 @@ def test_exporting_a_per_example_gate_to_peft(capsys, tmp_path, tiny_model_dir):
     assert not (tmp_path / "peft").exists()
     line = run_cli(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
     assert "cannot be folded" in line and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lr: abc\n", "setting lr must be a number, got 'abc'"),
+        ("batch_size: 3.5\n", "setting batch_size must be an integer, got 3.5"),
+        ("lr: [1]\n", "setting lr must be a number"),
+        ("adapter:\n  temperature: warm\n", "setting temperature must be a number"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type(capsys, tmp_path, text, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    assert message in run_cli(capsys, "train", "--config", cfg, "--output-dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    from dynlora.cli import build_parser, build_train_config
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('lr: 1e-3\nbatch_size: "16"\nadapter:\n  warmup: "50"\n  temperature: 2e0\n')
+    config = build_train_config(build_parser().parse_args(["train", "--config", str(cfg)]))
+    assert config.lr == 1e-3 and config.batch_size == 16 and isinstance(config.batch_size, int)
+    assert config.adapter.warmup == 50 and isinstance(config.adapter.warmup, int) and config.adapter.temperature == 2

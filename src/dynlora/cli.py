@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _normalise_adapter(adapter: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(adapter) - {f.name for f in dataclasses.fields(AdapterSettings)})
     if unknown:
         raise ValueError(f"unknown adapter setting(s) {', '.join(unknown)}; see dynlora train --help")
-    adapter = dict(adapter)
+    adapter = _typed(adapter, AdapterSettings)
     if "target_modules" in adapter:
         adapter["target_modules"] = _parse_target_modules(adapter["target_modules"])
     if str(adapter.get("input_adaptive", "")).lower() == "none":
@@ -150,12 +151,34 @@ def _normalise_adapter(adapter: dict[str, Any]) -> dict[str, Any]:
     return adapter
 
 
-def _check_known(settings: dict[str, Any]) -> None:
+def _typed(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Numbers from a config file as the dataclass declares them: YAML reads ``lr: 1e-3`` as a string."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        kinds = {t for t in typing.get_args(hints.get(key)) or (hints.get(key),) if t in (int, float)}
+        if not kinds or value is None:
+            continue
+        try:
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (kinds == {int} and not number.is_integer()):
+            kind = "an integer" if kinds == {int} else "a number"
+            raise ValueError(f"setting {key} must be {kind}, got {value!r}")
+        # float | int fields (schedule points): an integral value stays a step count, as the flags parse it
+        out[key] = int(number) if kinds == {int} or (int in kinds and isinstance(value, int)) else number
+    return out
+
+
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """Training settings with unknown names refused and numbers typed (one error line each)."""
     from .train import TrainConfig
 
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see dynlora train --help")
+    return _typed(settings, TrainConfig)
 
 
 def build_train_config(args: argparse.Namespace) -> Any:
@@ -169,8 +192,7 @@ def build_train_config(args: argparse.Namespace) -> Any:
     if "output_dir" not in settings:
         name = Path(settings.get("train_file") or settings.get("task", "sst2")).stem
         settings["output_dir"] = f"runs/{name}-{settings.get('method', 'dynamic')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_known(settings)
-    return TrainConfig(**settings, adapter=adapter)
+    return TrainConfig(**_checked(settings), adapter=adapter)
 
 
 def format_splits(metrics: dict[str, dict[str, float]]) -> str:
@@ -290,7 +312,7 @@ def _train_one(settings: dict[str, Any]) -> dict[str, Any]:
     if "max_steps" not in settings and "epochs" not in settings:
         settings["max_steps"] = QUICK_STEPS
     adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
-    return Trainer(TrainConfig(**settings, adapter=adapter_settings)).run()
+    return Trainer(TrainConfig(**_checked(settings), adapter=adapter_settings)).run()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -324,8 +346,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     f"unknown method {method!r}; choose from {', '.join(METHODS)}, or name a variant "
                     f"in the plan file: per_method: {{{method}: {{method: dynamic, ...}}}}"
                 )
-            _check_known({k: v for k, v in settings.items() if k != "adapter"})
-            TrainConfig(**{**settings, "adapter": _normalise_adapter(settings.get("adapter", {}))})
+            adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
+            TrainConfig(**_checked(settings), adapter=adapter_settings)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     results = run_comparison(plan, _train_one, jobs=args.jobs)
