@@ -137,3 +137,32 @@ def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
     bad.write_text("adapter:\n  rnak: 4\n")
     done = dynlora("train", "--config", bad)
     assert done.returncode == 2 and "unknown adapter setting(s) rnak" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    root = tmp_path / "cmp"
+    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0", "--model", tiny_model_dir,
+            "--data-dir", GLUE, "--max-steps", 400, "--batch-size", 4, "--max-train-samples", 64,
+            "--max-eval-samples", 8, "--max-length", 32, "--rank", 2, "--output-dir", root, "--jobs", 2)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    logs = [root / "rte" / m / "seed0" / "log.jsonl" for m in ("dynamic", "lora")]
+    deadline = time.time() + 300
+    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):  # both are training
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Resume with the same command" in err and "Traceback" not in err
+    for log in logs:  # each running training saved a checkpoint before stopping
+        assert (log.parent / "checkpoints" / "LATEST").is_file()
+    assert not (root / "results.jsonl").is_file() or not (root / "results.jsonl").read_text().strip()
+
+    done = dynlora(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("(resuming)") == 2
+    assert len((root / "results.jsonl").read_text().splitlines()) == 2

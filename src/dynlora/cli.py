@@ -319,7 +319,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import ComparePlan, run_comparison, summary_table
     from .data import task_spec
     from .methods import METHODS
-    from .train import TrainConfig
+    from .train import Interrupted, TrainConfig
 
     plan_file = _read_config_file(args.config) if args.config else {}
     plan_keys = {"tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method"}
@@ -350,7 +350,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             TrainConfig(**_checked(settings), adapter=adapter_settings)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    results = run_comparison(plan, _train_one, jobs=args.jobs)
+    try:
+        results = run_comparison(plan, _train_one, jobs=args.jobs)
+    except (KeyboardInterrupt, Interrupted):  # the running training(s) saved checkpoints; say how to go on
+        print(f"\ninterrupted; finished runs are in {plan.output_dir}/results.jsonl and the running ones saved "
+              "checkpoints. Resume with the same command.", file=sys.stderr)  # fmt: skip
+        return 130
     table = summary_table(results, plan.tasks, plan.methods)
     (Path(plan.output_dir) / "summary.md").write_text(table + "\n")
     print(table)

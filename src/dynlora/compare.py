@@ -11,9 +11,11 @@ directory, its own row in the table).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -105,6 +107,16 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_limit_threads, initargs=(threads,))  # fmt: skip
+
+    def on_sigterm(signum: int, _frame: object) -> None:
+        # Ctrl-C reaches the workers from the terminal; a SIGTERM sent to this process alone is passed on, so
+        # every running training saves its checkpoint before the comparison stops.
+        for worker in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         running = {}
         for message, key, settings in todo:
@@ -114,9 +126,11 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
             record(key, settings, future.result())  # a failed run stops the comparison, after the others stop
             log(message.replace("] ", "] done: ", 1))
     except BaseException:
-        # Cancel what has not started; running trainings get the same Ctrl-C, save and exit (resumable).
+        # Cancel what has not started; running trainings got the signal too: they save and exit (resumable).
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     pool.shutdown()
     return read_results(path)
 
