@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_data import GLUE, needs_glue
@@ -166,3 +167,53 @@ def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("(resuming)") == 2
     assert len((root / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkill_of_a_parallel_comparison_leaves_resumable_runs(tiny_model_dir, tmp_path):
+    """The parent dies without a word: its workers notice, save a checkpoint and exit (no orphans training on)."""
+    import signal
+    import time
+
+    root = tmp_path / "cmp"
+    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0", "--model", tiny_model_dir,
+            "--data-dir", GLUE, "--max-steps", 400, "--batch-size", 4, "--max-train-samples", 64,
+            "--max-eval-samples", 8, "--max-length", 32, "--rank", 2, "--output-dir", root, "--jobs", 2)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    logs = [root / "rte" / m / "seed0" / "log.jsonl" for m in ("dynamic", "lora")]
+    deadline = time.time() + 300
+    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.5)
+
+    def children() -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    workers = children()
+    assert workers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 120
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    while any(alive(pid) for pid in workers):
+        assert time.time() < deadline, "workers kept running after their parent was killed"
+        time.sleep(0.5)
+    for log in logs:
+        assert (log.parent / "checkpoints" / "LATEST").is_file()
+    done = dynlora(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("(resuming)") == 2

@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import signal
 import statistics
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -66,10 +68,36 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _limit_threads(threads: int) -> None:
+_ORPHANED, _BUSY = threading.Event(), threading.Event()
+
+
+def _init_worker(threads: int) -> None:
+    """A --jobs worker: its share of the threads, and a watch on the parent. If the parent dies without passing a
+    signal on (SIGKILL), the worker sends itself SIGTERM so a running training saves a checkpoint, then exits."""
     import torch
 
     torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        _ORPHANED.set()
+        if not _BUSY.is_set():
+            os._exit(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves, stops, and _in_worker exits
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _in_worker(train_fn: Callable[[dict[str, Any]], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    _BUSY.set()
+    try:
+        return train_fn(settings)
+    finally:
+        _BUSY.clear()
+        if _ORPHANED.is_set():
+            os._exit(1)  # nobody is left to take the result; the checkpoint is saved
 
 
 def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[str, Any]],
@@ -106,7 +134,7 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_limit_threads, initargs=(threads,))  # fmt: skip
+                               initializer=_init_worker, initargs=(threads,))  # fmt: skip
 
     def on_sigterm(signum: int, _frame: object) -> None:
         # Ctrl-C reaches the workers from the terminal; a SIGTERM sent to this process alone is passed on, so
@@ -120,7 +148,7 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
     try:
         running = {}
         for message, key, settings in todo:
-            running[pool.submit(train_fn, {**settings, "progress": False})] = (message, key, settings)
+            running[pool.submit(_in_worker, train_fn, {**settings, "progress": False})] = (message, key, settings)
         for future in as_completed(running):
             message, key, settings = running[future]
             record(key, settings, future.result())  # a failed run stops the comparison, after the others stop
