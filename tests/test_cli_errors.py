@@ -264,3 +264,28 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     config = build_train_config(build_parser().parse_args(["train", "--config", str(cfg)]))
     assert config.lr == 1e-3 and config.batch_size == 16 and isinstance(config.batch_size, int)
     assert config.adapter.warmup == 50 and isinstance(config.adapter.warmup, int) and config.adapter.temperature == 2
+
+
+def test_export_and_merge_never_overwrite_or_half_write(capsys, tmp_path, finished_run, monkeypatch):
+    out, _ = finished_run
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    for command in (("export", "--peft"), ("merge", "--out")):
+        line = run_cli(capsys, command[0], "--adapter", out / "adapter", command[1], taken)
+        assert "already exists and is not empty" in line
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"] and (taken / "mine.txt").read_text() == "keep me"
+
+    from transformers import PreTrainedTokenizerBase
+
+    def fail_midway(self, directory, *args, **kwargs):
+        (Path(directory) / "tokenizer.json").write_text("{")  # a first file lands, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", fail_midway)
+    line = run_cli(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    assert "No space left on device" in line
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged.*"))  # nothing half-written
+    monkeypatch.undo()
+    assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and not list(tmp_path.glob(".merged.*"))

@@ -17,6 +17,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .data import DataError
+from .io import new_directory
 
 QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
 
@@ -292,7 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, _ = _load_adapted(args.adapter, args.model)
     if not hasattr(model, "export_peft"):
         raise ValueError(f"{args.adapter} is already a PEFT adapter; nothing to export")
-    model.export_peft(args.peft)
+    with new_directory(args.peft) as tmp:
+        model.export_peft(tmp)
     print(f"wrote a PEFT LoRA adapter to {args.peft} (load it with peft.PeftModel.from_pretrained(base, dir))")
     return 0
 
@@ -374,8 +376,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     model, tok = _load_adapted(args.adapter, args.model)
     merged = model.merge_and_unload()
-    merged.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    with new_directory(args.out) as tmp:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"wrote the merged model to {args.out} (a plain transformers model: from_pretrained({args.out!r}))")
     return 0
 
@@ -431,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError)
+# OSError: a full disk or a denied permission is the environment, not a bug: one line (--debug shows more)
+USER_ERRORS = (DataError, CheckpointError, OSError, ValueError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
