@@ -21,7 +21,11 @@ from dynlora.compare import read_results
 
 HERE = Path(__file__).resolve().parent
 # What was run, per method (the doubling rule above, applied to what the runs printed).
-GRID = {"dynamic": ["1e-3", "2e-3"], "lora": ["1e-3", "2e-3", "4e-3"], "peft-adalora": ["1e-3", "2e-3", "4e-3", "8e-3"]}
+GRID = {
+    "dynamic": ["1e-3", "2e-3"],
+    "lora": ["1e-3", "2e-3", "4e-3"],
+    "peft-adalora": ["1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2"],
+}
 
 
 def main() -> None:
