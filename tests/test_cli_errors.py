@@ -76,7 +76,7 @@ def test_missing_data_and_unknown_task(capsys, tmp_path):
 
 
 def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
-    """Custom rows whose label column is empty everywhere leave nothing to train on."""
+    """A custom file with only its header, or a subset of size 0, leaves nothing to train on."""
     train = tmp_path / "train.csv"
     train.write_text("text,label\n")
     line = run_cli(capsys, "train", "--train-file", train, "--dev-file", train, "--model", tiny_model_dir,
