@@ -105,7 +105,8 @@ def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
     assert len(results) == 4
 
     # An interruption before the last run finished: its line is missing. The same command runs only that one.
-    (root / "results.jsonl").write_text("\n".join(results[:3]) + "\n")
+    kept = [line for line in results if (json.loads(line)["method"], json.loads(line)["seed"]) != ("lora", 1)]
+    (root / "results.jsonl").write_text("\n".join(kept) + "\n")  # --jobs: lines are in order of finishing
     shutil.rmtree(root / "rte" / "lora" / "seed1")
     done = dynlora(*args)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -145,12 +146,12 @@ def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path)
     import time
 
     root = tmp_path / "cmp"
-    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0", "--model", tiny_model_dir,
+    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0,1", "--model", tiny_model_dir,
             "--data-dir", GLUE, "--max-steps", 400, "--batch-size", 4, "--max-train-samples", 64,
             "--max-eval-samples", 8, "--max-length", 32, "--rank", 2, "--output-dir", root, "--jobs", 2)  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    logs = [root / "rte" / m / "seed0" / "log.jsonl" for m in ("dynamic", "lora")]
+    logs = [root / "rte" / "dynamic" / f"seed{s}" / "log.jsonl" for s in (0, 1)]  # the first two runs
     deadline = time.time() + 300
     while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):  # both are training
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -162,11 +163,12 @@ def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path)
     for log in logs:  # each running training saved a checkpoint before stopping
         assert (log.parent / "checkpoints" / "LATEST").is_file()
     assert not (root / "results.jsonl").is_file() or not (root / "results.jsonl").read_text().strip()
+    assert not (root / "rte" / "lora").exists()  # the runs queued behind them did not start
 
     done = dynlora(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("(resuming)") == 2
-    assert len((root / "results.jsonl").read_text().splitlines()) == 2
+    assert len((root / "results.jsonl").read_text().splitlines()) == 4
 
 
 def test_sigkill_of_a_parallel_comparison_leaves_resumable_runs(tiny_model_dir, tmp_path):

@@ -68,15 +68,22 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-_ORPHANED, _BUSY = threading.Event(), threading.Event()
+_ORPHANED, _BUSY, _STOP = threading.Event(), threading.Event(), threading.Event()
+
+
+class Stopped(Exception):
+    """A --jobs worker refused a queued run because the comparison is stopping."""
 
 
 def _init_worker(threads: int) -> None:
-    """A --jobs worker: its share of the threads, and a watch on the parent. If the parent dies without passing a
-    signal on (SIGKILL), the worker sends itself SIGTERM so a running training saves a checkpoint, then exits."""
+    """A --jobs worker: its share of the threads; a signal makes it take no further run (a training in progress
+    handles the signal itself: it saves and stops); and a watch on the parent: if the parent dies without passing
+    a signal on (SIGKILL), the worker sends itself SIGTERM so a running training saves a checkpoint, then exits."""
     import torch
 
     torch.set_num_threads(threads)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _signum, _frame: _STOP.set())
     parent = os.getppid()
 
     def watch() -> None:
@@ -91,9 +98,15 @@ def _init_worker(threads: int) -> None:
 
 
 def _in_worker(train_fn: Callable[[dict[str, Any]], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    # The executor queues a run or two ahead; once the comparison is stopping, those must not start.
+    if _STOP.is_set():
+        raise Stopped
     _BUSY.set()
     try:
         return train_fn(settings)
+    except BaseException:
+        _STOP.set()  # interrupted or failed: the parent stops the comparison
+        raise
     finally:
         _BUSY.clear()
         if _ORPHANED.is_set():
@@ -149,10 +162,18 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
         running = {}
         for message, key, settings in todo:
             running[pool.submit(_in_worker, train_fn, {**settings, "progress": False})] = (message, key, settings)
+        stopped = False
         for future in as_completed(running):
             message, key, settings = running[future]
-            record(key, settings, future.result())  # a failed run stops the comparison, after the others stop
+            try:
+                result = future.result()  # a failed run stops the comparison, after the others stop
+            except Stopped:
+                stopped = True  # a worker was signalled; the cause (if a failure) is raised by its own future
+                continue
+            record(key, settings, result)
             log(message.replace("] ", "] done: ", 1))
+        if stopped:
+            raise KeyboardInterrupt
     except BaseException:
         # Cancel what has not started; running trainings got the signal too: they save and exit (resumable).
         pool.shutdown(wait=True, cancel_futures=True)
