@@ -5,9 +5,8 @@
 Runs ``dynlora compare --config benchmarks/glue_plan.yaml`` (resumable: start the same command again after an
 interruption and only what is missing runs), appends each invocation's wall time to OUTPUT_DIR/wall_time.jsonl,
 then writes what has finished — complete or not — to the GLUE section of benchmarks/RESULTS.md: the quality table
-(mean ± std over seeds), trainable parameters, training seconds per step of every method relative to static LoRA,
-the final rank allocation picture, versions, date and the total wall time. ``--no-run`` only writes the section.
-Raw per-run results: benchmarks/results/glue.jsonl.
+(mean ± std over seeds), trainable parameters, the final rank allocation picture, versions, date and the total
+wall time. ``--no-run`` only writes the section. Raw per-run results: benchmarks/results/glue.jsonl.
 """
 
 from __future__ import annotations
@@ -27,36 +26,24 @@ import yaml
 from step_time import write_section
 
 from dynlora.compare import read_results, summary_table
+from dynlora.metrics import run_score
 from dynlora.report import write_report
 
 HERE = Path(__file__).resolve().parent
 PLAN = HERE / "glue_plan.yaml"
 
 
-def seconds_per_step(run_dir: Path) -> float | None:
-    """Training seconds per step of one run from its log; None if it was resumed (its clock restarted)."""
-    points = [(r["step"], r["elapsed"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-              if "elapsed" in r]  # fmt: skip
-    if not points or any(b[1] < a[1] for a, b in zip(points, points[1:], strict=False)):
-        return None
-    return points[-1][1] / points[-1][0]
-
-
-def step_time_table(out: Path, results: list[dict], tasks: list[str], methods: list[str]) -> str:
-    """Per task: median seconds/step of each method's runs divided by static LoRA's (same machine load)."""
-    rows = ["| method | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+def average_without(results: list[dict], tasks: list[str], methods: list[str], left_out: str) -> str:
+    """Each method's average over the tasks other than ``left_out`` (the lr-tuning task), where all finished."""
+    others = [t for t in tasks if t != left_out]
+    cells = []
     for method in methods:
-        cells = []
-        for task in tasks:
-            per = {}
-            for m in (method, "lora"):
-                times = [seconds_per_step(out / task / m / f"seed{r['seed']}") for r in results
-                         if r["task"] == task and r["method"] == m]  # fmt: skip
-                times = [t for t in times if t is not None]
-                per[m] = statistics.median(times) if times else None
-            cells.append(f"{per[method] / per['lora']:.3f}×" if per[method] and per["lora"] else "—")
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        means = [statistics.mean(100 * run_score(r["metrics"]) for r in results if r["task"] == t
+                                 and r["method"] == method) for t in others  # fmt: skip
+                 if any(r["task"] == t and r["method"] == method for r in results)]  # fmt: skip
+        if others and len(means) == len(others):
+            cells.append(f"{method} {statistics.mean(means):.2f}")
+    return ", ".join(cells) if cells else "— (no method has finished every other task yet)"
 
 
 def main() -> None:
@@ -107,14 +94,14 @@ python {platform.python_version()}, torch {torch.__version__}, transformers {tra
 peft {peft.__version__}. Wall time so far: {hours:.2f} h over {len(walls)} invocation(s) of the command.
 
 Main metric × 100 of the final model on the dev set, mean ± std over seeds (n = seeds finished). The average
-is over the tasks in this table only, and only for methods that finished all of them.
+is over the tasks in this table only, and only for methods that finished all of them. params: trainable
+parameters — 74,498 with a 2-class head, 74,113 with STS-B's single output; PEFT AdaLoRA's count is its starting
+rank-12 size (it ends at the same budget). Step time and memory are in their own sections (measured alone: runs
+here share the machine with each other, so their timings are not comparable).
 
 {summary_table(results, tasks, methods)}
 
-Training seconds per step relative to static `lora` (median over each task's un-resumed runs; the runs share
-the machine {args.jobs} at a time, so these are rough — the step-time section is the careful measurement):
-
-{step_time_table(out, results, tasks, methods)}
+Average without CoLA, the task the learning rates were tuned on: {average_without(results, tasks, methods, "cola")}.
 
 ![scores](results/glue_comparison.png)
 
