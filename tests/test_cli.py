@@ -141,9 +141,18 @@ def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
     assert done.returncode == 2 and "unknown adapter setting(s) rnak" in done.stderr and "Traceback" not in done.stderr
 
 
+def wait_until_training(proc: subprocess.Popen, logs: list[Path], timeout: float = 300) -> None:
+    """Until every run of ``logs`` has logged training steps (start record + two loss records)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+
+
 def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path):
     import signal
-    import time
 
     root = tmp_path / "cmp"
     args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0,1", "--model", tiny_model_dir,
@@ -152,10 +161,7 @@ def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     logs = [root / "rte" / "dynamic" / f"seed{s}" / "log.jsonl" for s in (0, 1)]  # the first two runs
-    deadline = time.time() + 300
-    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):  # both are training
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.5)
+    wait_until_training(proc, logs)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
@@ -183,10 +189,7 @@ def test_sigkill_of_a_parallel_comparison_leaves_resumable_runs(tiny_model_dir, 
     proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     logs = [root / "rte" / m / "seed0" / "log.jsonl" for m in ("dynamic", "lora")]
-    deadline = time.time() + 300
-    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.5)
+    wait_until_training(proc, logs)
 
     def children() -> list[int]:
         pids = []

@@ -184,15 +184,22 @@ def _checked(settings: dict[str, Any]) -> dict[str, Any]:
 
 def build_train_config(args: argparse.Namespace) -> Any:
     """Defaults < --config file < flags given on the command line."""
-    from .train import TrainConfig
-
     settings, adapter = _flag_settings(args, _read_config_file(args.config) if args.config else {})
-    adapter = _normalise_adapter(adapter)
-    if "max_steps" not in settings and "epochs" not in settings:
-        settings["max_steps"] = QUICK_STEPS
     if "output_dir" not in settings:
         name = Path(settings.get("train_file") or settings.get("task", "sst2")).stem
         settings["output_dir"] = f"runs/{name}-{settings.get('method', 'dynamic')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _train_config({**settings, "adapter": adapter})
+
+
+def _train_config(settings: dict[str, Any]) -> Any:
+    """A TrainConfig from plain settings (a nested ``adapter`` dict included): names checked, numbers typed,
+    and the quick default length when neither --epochs nor --max-steps is given."""
+    from .train import TrainConfig
+
+    settings = dict(settings)
+    adapter = _normalise_adapter(settings.pop("adapter", None) or {})
+    if "max_steps" not in settings and "epochs" not in settings:
+        settings["max_steps"] = QUICK_STEPS
     return TrainConfig(**_checked(settings), adapter=adapter)
 
 
@@ -308,20 +315,17 @@ def _csv(value: str | list | None, kind: type = str) -> list:
 
 def _train_one(settings: dict[str, Any]) -> dict[str, Any]:
     """One run of a comparison (module level: --jobs sends it to worker processes)."""
-    from .train import TrainConfig, Trainer
+    from .train import Trainer
 
     _quiet_transformers()
-    if "max_steps" not in settings and "epochs" not in settings:
-        settings["max_steps"] = QUICK_STEPS
-    adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
-    return Trainer(TrainConfig(**_checked(settings), adapter=adapter_settings)).run()
+    return Trainer(_train_config(settings)).run()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import ComparePlan, run_comparison, summary_table
     from .data import task_spec
     from .methods import METHODS
-    from .train import Interrupted, TrainConfig
+    from .train import Interrupted
 
     plan_file = _read_config_file(args.config) if args.config else {}
     plan_keys = {"tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method"}
@@ -348,8 +352,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     f"unknown method {method!r}; choose from {', '.join(METHODS)}, or name a variant "
                     f"in the plan file: per_method: {{{method}: {{method: dynamic, ...}}}}"
                 )
-            adapter_settings = _normalise_adapter(settings.pop("adapter", {}))
-            TrainConfig(**_checked(settings), adapter=adapter_settings)
+            _train_config(settings)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     try:
