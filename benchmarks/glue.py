@@ -25,8 +25,7 @@ from pathlib import Path
 import yaml
 from step_time import write_section
 
-from dynlora.compare import read_results, summary_table
-from dynlora.metrics import run_score
+from dynlora.compare import read_results, seed_stats, summary_table
 from dynlora.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -38,9 +37,8 @@ def average_without(results: list[dict], tasks: list[str], methods: list[str], l
     others = [t for t in tasks if t != left_out]
     cells = []
     for method in methods:
-        means = [statistics.mean(100 * run_score(r["metrics"]) for r in results if r["task"] == t
-                                 and r["method"] == method) for t in others  # fmt: skip
-                 if any(r["task"] == t and r["method"] == method for r in results)]  # fmt: skip
+        stats = [seed_stats(results, t, method) for t in others]
+        means = [st[0] for st in stats if st is not None]
         if others and len(means) == len(others):
             cells.append(f"{method} {statistics.mean(means):.2f}")
     return ", ".join(cells) if cells else "— (no method has finished every other task yet)"

@@ -184,23 +184,24 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
     return read_results(path)
 
 
+def seed_stats(results: list[dict[str, Any]], task: str, method: str) -> tuple[float, float, int] | None:
+    """(mean, std, n) over seeds of the main metric × 100 of ``method`` on ``task``; None before any run ended."""
+    scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
+    if not scores:
+        return None
+    return statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0, len(scores)
+
+
 def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
     """Markdown: methods × tasks, mean ± std (×100) of the task's main metric over seeds, and the average."""
     header = "| method | params | " + " | ".join(f"{t} ({'/'.join(MAIN_METRICS[t])})" for t in tasks) + " | avg |"
     lines = [header, "|" + "---|" * (len(tasks) + 3)]
     for method in methods:
-        cells, means, params = [], [], set()
-        for task in tasks:
-            scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
-            params |= {r.get("trainable_parameters") for r in results if r["method"] == method}
-            if not scores:
-                cells.append("—")
-                continue
-            mean = statistics.mean(scores)
-            std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            cells.append(f"{mean:.2f} ± {std:.2f} (n={len(scores)})")
-            means.append(mean)
+        stats = [seed_stats(results, task, method) for task in tasks]
+        cells = ["—" if st is None else f"{st[0]:.2f} ± {st[1]:.2f} (n={st[2]})" for st in stats]
+        means = [st[0] for st in stats if st is not None]
         avg = f"{statistics.mean(means):.2f}" if len(means) == len(tasks) else "—"
-        shown = ", ".join(f"{p:,}" for p in sorted(p for p in params if p is not None)) or "—"
+        params = {r.get("trainable_parameters") for r in results if r["method"] == method} - {None}
+        shown = ", ".join(f"{p:,}" for p in sorted(params)) or "—"
         lines.append(f"| {method} | {shown} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)

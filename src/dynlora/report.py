@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .compare import RESULTS, read_results, summary_table  # noqa: E402
+from .compare import RESULTS, read_results, seed_stats, summary_table  # noqa: E402
 from .metrics import format_metrics, run_score  # noqa: E402
 
 
@@ -111,11 +111,8 @@ def report_comparison(root: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 3.8))
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
-        means, stds = [], []
-        for task in tasks:
-            scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
-            means.append(statistics.mean(scores) if scores else 0.0)
-            stds.append(statistics.stdev(scores) if len(scores) > 1 else 0.0)
+        stats = [seed_stats(results, task, method) or (0.0, 0.0, 0) for task in tasks]
+        means, stds = [st[0] for st in stats], [st[1] for st in stats]
         ax.bar([i + j * width for i in range(len(tasks))], means, width, yerr=stds, capsize=2, label=method)
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(tasks))], tasks)
     ax.set_ylabel("main metric × 100 (mean ± std over seeds)")
