@@ -1,0 +1,38 @@
+"""The GLUE benchmark's margin arithmetic (the line RESULTS.md judges the quality targets by), on made-up runs."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from glue import margins  # noqa: E402
+
+
+def runs(task: str, method: str, scores: list[float]) -> list[dict]:
+    return [{"task": task, "method": method, "metrics": {"validation": {"main": s}}} for s in scores]
+
+
+SCORES = {  # task -> method -> per-seed main metric
+    "cola": {"dynamic": [0.2, 0.2], "lora": [0.1, 0.1], "lora-lr1e-3": [0.15, 0.15], "peft-adalora": [0.1, 0.1]},
+    "stsb": {"dynamic": [0.7, 0.7], "lora": [0.05, 0.05], "lora-lr1e-3": [0.7, 0.6], "peft-adalora": [0.6, 0.6]},
+}
+
+
+def results(scores=SCORES) -> list[dict]:
+    return [r for task, per in scores.items() for method, s in per.items() for r in runs(task, method, s)]
+
+
+def test_margin_is_taken_against_the_better_static_lora_lr():
+    text = margins(results(), ["cola", "stsb"], n_seeds=2)
+    # averages: dynamic 45.0, lora 7.5, lora-lr1e-3 40.0, adalora 35.0 (over cola and stsb)
+    assert "better static LoRA (lora-lr1e-3) 40.00 → **+5.00**" in text
+    assert "peft-adalora 35.00 → **+10.00**" in text
+    # without the tuning task: dynamic 70, lora-lr1e-3 65, adalora 60
+    assert "without cola (stsb): dynamic 70.00; better static LoRA (lora-lr1e-3) 65.00 → **+5.00**" in text
+
+
+def test_tasks_with_unfinished_seeds_are_left_out():
+    partial = {t: dict(per) for t, per in SCORES.items()}
+    partial["stsb"]["peft-adalora"] = [0.6]  # one seed of two
+    text = margins(results(partial), ["cola", "stsb"], n_seeds=2)
+    assert "- all (cola):" in text
+    assert "- without cola: —" in text
