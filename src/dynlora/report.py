@@ -44,7 +44,7 @@ def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title:
             if value == value:  # not nan
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(image, ax=ax, label=label)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)  # the figure is as narrow as its columns: a long title must still fit
     return _save(fig, path)
 
 
@@ -111,7 +111,8 @@ def report_comparison(root: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 3.8))
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
-        stats = [seed_stats(results, task, method) or (0.0, 0.0, 0) for task in tasks]
+        # A task the method has not finished gets no bar (NaN), not a bar at 0 that reads as a score.
+        stats = [seed_stats(results, task, method) or (float("nan"), 0.0, 0) for task in tasks]
         means, stds = [st[0] for st in stats], [st[1] for st in stats]
         ax.bar([i + j * width for i in range(len(tasks))], means, width, yerr=stds, capsize=2, label=method)
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(tasks))], tasks)
@@ -126,7 +127,7 @@ def report_comparison(root: Path) -> Path:
         dyn_tasks = list(dict.fromkeys(r["task"] for r in dynamic))
         matrix = [[statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for t in dyn_tasks]
                   for n in layers]  # fmt: skip
-        title = "final ranks of the dynamic runs (mean over seeds)"
+        title = "final ranks, dynamic runs\n(mean over seeds)"
         name = _heatmap(matrix, [_short(n) for n in layers], dyn_tasks, title, "rank", root / "final_ranks.png")
         lines.append(f"## Final rank allocation of the dynamic runs\n\n![final ranks]({name})\n")
     out = root / "report.md"
