@@ -142,3 +142,30 @@ def test_a_fresh_run_keeps_a_dead_runs_log_aside(tiny_model_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert max(steps) == 3 and steps.count(0) == 1
     assert "0.7" in (tmp_path / "log.previous.jsonl").read_text()
+
+
+def test_a_new_regression_head_starts_at_the_label_mean_and_a_loaded_one_is_kept(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from dynlora.train import center_regression_head, load_base
+
+    base, _, fresh = load_base(tiny_model_dir, 1, regression=True)  # the saved 2-class head does not fit: new
+    assert "classifier.bias" in fresh
+    assert center_regression_head(base, fresh, 2.7)
+    assert base.classifier.bias.item() == pytest.approx(2.7)
+
+    base.save_pretrained(tmp_path / "regressor")  # a model whose regression head was trained: left alone
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "regressor")
+    loaded, _, fresh = load_base(str(tmp_path / "regressor"), 1, regression=True)
+    assert not fresh and not center_regression_head(loaded, fresh, 1.0)
+    assert loaded.classifier.bias.item() == pytest.approx(2.7)
+
+    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_labels=1))  # fmt: skip
+    assert not center_regression_head(llama, {"score.weight"}, 2.7)  # its score layer has no bias
+
+
+def test_stsb_training_starts_from_the_label_mean(tiny_model_dir, tmp_path):
+    trainer = Trainer(config(tiny_model_dir, tmp_path / "run", task="stsb"))
+    labels = [f["labels"] for f in trainer.train_features]
+    assert trainer.model.model.classifier.bias.item() == pytest.approx(sum(labels) / len(labels), rel=1e-5)

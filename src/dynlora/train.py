@@ -31,6 +31,7 @@ from .io import write_json
 from .methods import METHODS, Adapted, AdapterSettings, adapt
 from .metrics import glue_metrics, run_score
 from .models import resolve_model_path
+from .targets import HEAD_MODULE_NAMES
 
 
 @dataclass
@@ -122,6 +123,7 @@ def _subset(examples: list, limit: int | None, seed: int) -> list:
 
 
 def load_base(model: str | None, num_labels: int, regression: bool):
+    """(model with a sequence-classification head, tokenizer, names of the parameters newly initialised)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(model)
@@ -129,8 +131,8 @@ def load_base(model: str | None, num_labels: int, regression: bool):
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A checkpoint whose head has another number of labels (e.g. a classifier reused for STS-B) gets a new
         # head for this task, as fine-tuning needs anyway; the encoder weights still load.
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, ignore_mismatched_sizes=True,
+        base, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True, output_loading_info=True,
             problem_type="regression" if regression else "single_label_classification",
         )  # fmt: skip
     except OSError as e:
@@ -139,7 +141,26 @@ def load_base(model: str | None, num_labels: int, regression: bool):
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    return base, tokenizer
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
+    return base, tokenizer, set(info.get("missing_keys", ())) | mismatched
+
+
+@torch.no_grad()
+def center_regression_head(model: torch.nn.Module, fresh: set[str], mean: float) -> bool:
+    """Start a newly initialised one-output regression head at the training labels' mean (its bias), as one
+    initialises a final layer to the scale of the data. ``fresh``: the parameter names the checkpoint did not
+    provide (a head loaded with the model is left alone). False when there is nothing to set (Llama's ``score``
+    has no bias).
+
+    A fresh head predicts ~0 where STS-B's labels average 2.7: the first steps' large, uniform error then reaches
+    the adapters as a push to move every prediction the same way, which can leave the model predicting the mean.
+    """
+    heads = [(name, m) for name, m in model.named_modules() if name.split(".")[0] in HEAD_MODULE_NAMES
+             and isinstance(m, torch.nn.Linear) and m.out_features == 1]  # fmt: skip
+    if not heads or heads[-1][1].bias is None or f"{heads[-1][0]}.bias" not in fresh:
+        return False
+    heads[-1][1].bias.fill_(mean)
+    return True
 
 
 @torch.no_grad()
@@ -216,8 +237,10 @@ class Trainer:
 
         splits, self.labels, self.regression, self.metric_task = load_splits(cfg)
         num_labels = 1 if self.regression else len(self.labels)
-        base, self.tokenizer = load_base(cfg.model, num_labels, self.regression)
+        base, self.tokenizer, fresh = load_base(cfg.model, num_labels, self.regression)
         train = _subset(splits["train"], cfg.max_train_samples, cfg.seed)
+        if self.regression:
+            center_regression_head(base, fresh, sum(e.label for e in train) / len(train))
         self.train_features = tokenize(train, self.tokenizer, cfg.max_length)
         self.eval_features = {
             name: tokenize(_subset(examples, cfg.max_eval_samples, cfg.seed), self.tokenizer, cfg.max_length)
