@@ -4,7 +4,8 @@ The loop is plain PyTorch: AdamW, linear warm-up/decay, gradient accumulation an
 steps and at the end, best-adapter tracking, a JSONL log, and checkpoints that make ``resume=True`` continue
 *exactly* (the data order is a function of (seed, epoch); RNG, optimizer, scheduler and allocator state are saved
 at optimizer-step boundaries). SIGINT/SIGTERM finish the current step, save, and exit with a message saying how to
-resume. Under ``torchrun`` every process trains on its shard of each batch (DDP, gloo on CPU).
+resume. Under ``torchrun`` every process trains on its shard of each batch (DDP, gloo on CPU). A regression
+task's new head starts at the mean of the training labels (see ``center_regression_head``).
 """
 
 from __future__ import annotations
