@@ -26,6 +26,7 @@ import yaml
 from step_time import write_section
 
 from dynlora.compare import read_results, seed_stats, summary_table
+from dynlora.metrics import run_score
 from dynlora.report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +50,37 @@ def margins(results: list[dict], tasks: list[str], n_seeds: int, tuned_on: str =
             f"{avg[lora]:.2f} → **{avg['dynamic'] - avg[lora]:+.2f}**; peft-adalora {avg['peft-adalora']:.2f} → "
             f"**{avg['dynamic'] - avg['peft-adalora']:+.2f}**"
         )
+    return "\n".join(lines)
+
+
+# What each difference of two rows isolates (a − b, paired by seed: a seed fixes data order and head init).
+CONTRASTS = [
+    ("re-allocation alone: dynamic-nogate − lora-lr1e-3 (same lr)", "dynamic-nogate", "lora-lr1e-3"),
+    ("input-feature gate: dynamic − dynamic-nogate", "dynamic", "dynamic-nogate"),
+    ("Dynamic LoRA − static LoRA at 1e-3", "dynamic", "lora-lr1e-3"),
+    ("Dynamic LoRA − static LoRA at 2e-3", "dynamic", "lora"),
+    ("Dynamic LoRA − PEFT LoRA", "dynamic", "peft-lora"),
+    ("Dynamic LoRA − PEFT AdaLoRA", "dynamic", "peft-adalora"),
+    ("dynlora LoRA − PEFT LoRA (same algorithm and lr)", "lora", "peft-lora"),
+]
+
+
+def paired_differences(results: list[dict], task: str, a: str, b: str) -> list[float]:
+    """100 × (score of a − score of b) for each seed both have finished on ``task``."""
+    score = {(r["method"], r["seed"]): 100 * run_score(r["metrics"]) for r in results if r["task"] == task}
+    return [score[(a, s)] - score[(b, s)] for m, s in sorted(score) if m == a and (b, s) in score]
+
+
+def contrast_table(results: list[dict], tasks: list[str]) -> str:
+    """Markdown: each contrast's paired difference per task (mean ± std over seeds, n) and its mean over tasks
+    (given once every task has one)."""
+    lines = ["| contrast | " + " | ".join(tasks) + " | avg |", "|" + "---|" * (len(tasks) + 2)]
+    for label, a, b in CONTRASTS:
+        diffs = [paired_differences(results, t, a, b) for t in tasks]
+        cells = [f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0:.2f} (n={len(d)})"
+                 if d else "—" for d in diffs]  # fmt: skip
+        avg = f"{statistics.mean(statistics.mean(d) for d in diffs):+.2f}" if all(diffs) else "—"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
 
 
@@ -111,6 +143,11 @@ Dynamic LoRA's margins on the average (the targets: ≥ +1.0 over static LoRA, �
 every seed of these methods has finished; static LoRA at the better of its two lrs (protocol):
 
 {margins(results, tasks, len(plan["seeds"]))}
+
+What each difference isolates, paired by seed (a seed fixes the data order and the head's init), main metric
+× 100, mean ± std over seeds:
+
+{contrast_table(results, tasks)}
 
 ![scores](results/glue_comparison.png)
 
