@@ -67,6 +67,22 @@ def test_every_scorer_drives_an_allocation(scorer):
     assert all(torch.isfinite(torch.tensor(list(model.importance().values()))))
 
 
+def test_max_rank_change_moves_every_layer_at_most_that_far_per_reallocation():
+    model, opt = make(engine_config(max_rank_change=1))
+    budget, ranks = model.allocator.budget, [model.rank_pattern()]
+
+    def check(m, step):
+        assert m.allocator.total_cost() <= budget
+        ranks.append(m.rank_pattern())
+
+    train(model, opt, 1, 20, 20, check)
+    moves = [max(abs(after[n] - before[n]) for n in after) for before, after in zip(ranks, ranks[1:], strict=False)]
+    assert max(moves) == 1  # it did move, never by more than one rank at a time
+    unbounded, opt = make()
+    train(unbounded, opt, 1, 4, 20)  # the same first decision without the bound jumps further
+    assert max(abs(r - 4) for r in unbounded.rank_pattern().values()) > 1
+
+
 def test_unknown_scorer_and_impossible_budget_are_clear_errors():
     with pytest.raises(ValueError, match="unknown importance scorer"):
         make(engine_config(importance="magic"))

@@ -158,17 +158,31 @@ class RankAllocator:
             warnings.warn(f"step {step}: non-finite importance scores; ranks left unchanged", stacklevel=2)
             return False
         names = list(self.layers)
+        lows, highs = self.bounds()
         targets = allocate(
             [scores[n] for n in names],
             [self.costs[n] for n in names],
             self.budget,
-            [self.min_ranks[n] for n in names],
-            [self.layers[n].max_rank for n in names],
+            [lows[n] for n in names],
+            [highs[n] for n in names],
             self.config.temperature,
         )
         self.apply(dict(zip(names, targets, strict=True)))
         self.history.append({"step": step, "ranks": self.ranks(), "scores": scores})
         return True
+
+    def bounds(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Each layer's lowest and highest rank at this re-allocation: min_rank and the capacity, narrowed to
+        ± ``max_rank_change`` around the current rank when that is set (the current allocation lies inside, so
+        the budget can still be filled)."""
+        k = self.config.max_rank_change
+        lows, highs = {}, {}
+        for name, layer in self.layers.items():
+            lo, hi = self.min_ranks[name], layer.max_rank
+            if k is not None:
+                lo, hi = max(lo, layer.rank - k), min(hi, layer.rank + k)
+            lows[name], highs[name] = min(lo, hi), hi
+        return lows, highs
 
     def synced_scores(self) -> dict[str, float]:
         """Layer scores averaged over processes under torch.distributed, so every process decides the same.

@@ -59,6 +59,7 @@ ADAPTER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--min-rank", "min_rank", int, "smallest rank a layer may shrink to (dynamic)"),
     ("--importance", "importance", str, "sensitivity | gradient | update_norm (dynamic)"),
     ("--temperature", "temperature", float, "allocation sharpness: shares ~ score^(1/T) (dynamic)"),
+    ("--max-rank-change", "max_rank_change", int, "most a layer's rank moves per re-allocation (dynamic)"),
     ("--schedule-warmup", "warmup", float, "first re-allocation: fraction of the run, or a step count if > 1"),
     ("--schedule-interval", "interval", float, "re-allocation interval: fraction of the run, or steps if > 1"),
     ("--schedule-final", "final", float, "last re-allocation: fraction of the run, or a step count if > 1"),

@@ -36,6 +36,9 @@ class DynamicLoRAConfig:
             same budget as a static LoRA at ``rank``.
         min_rank: smallest rank a layer is shrunk to (0 lets a layer drop out; it can grow back).
         temperature: allocation sharpness τ: a layer's share of the budget ∝ score^(1/τ).
+        max_rank_change: the most a layer's rank moves at one re-allocation (``None``: straight to its share).
+            A bound makes the allocation follow the scores gradually, so one early, noisy decision cannot
+            remove most of a layer's learned directions at once.
         warmup, interval, final: schedule. Scores accumulate from the first step; ranks are re-allocated at
             ``warmup``, ``warmup + interval``, ... up to ``final``, then frozen. A float in (0, 1) is a fraction of
             the total steps, an int a step count.
@@ -59,6 +62,7 @@ class DynamicLoRAConfig:
     budget: int | None = None
     min_rank: int = 1
     temperature: float = 1.0
+    max_rank_change: int | None = None
     warmup: float | int = 0.1
     interval: float | int = 0.05
     final: float | int = 0.8
@@ -84,6 +88,10 @@ class DynamicLoRAConfig:
             raise ValueError(f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_rank_change is not None and (isinstance(self.max_rank_change, bool)
+                                                 or not isinstance(self.max_rank_change, int)
+                                                 or self.max_rank_change < 1):  # fmt: skip
+            raise ValueError(f"max_rank_change must be a whole number >= 1 (or None), got {self.max_rank_change!r}")
         if self.budget is not None and self.budget < 0:
             raise ValueError(f"budget must be >= 0 parameters, got {self.budget}")
         for name in ("beta1", "beta2"):

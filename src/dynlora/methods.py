@@ -34,6 +34,7 @@ class AdapterSettings:
     min_rank: int = 1
     importance: str = "sensitivity"
     temperature: float = 1.0
+    max_rank_change: int | None = None
     warmup: float | int = 0.1
     interval: float | int = 0.05
     final: float | int = 0.8
@@ -65,7 +66,8 @@ def _dynlora(base: nn.Module, s: AdapterSettings, dynamic: bool) -> Adapted:
     config = DynamicLoRAConfig(
         target_modules=s.target_modules, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
         max_rank=s.max_rank if dynamic else None, reallocate=dynamic, importance=s.importance,
-        min_rank=s.min_rank, temperature=s.temperature, warmup=s.warmup, interval=s.interval, final=s.final,
+        min_rank=s.min_rank, temperature=s.temperature, max_rank_change=s.max_rank_change, warmup=s.warmup,
+        interval=s.interval, final=s.final,
         input_adaptive=s.input_adaptive if dynamic else None, seed=s.seed,
     )  # fmt: skip
     model = get_dynlora_model(base, config)
