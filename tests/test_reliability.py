@@ -62,6 +62,16 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
     assert step == 1 and torch.all(tensors["w"] == 1)
 
 
+def test_a_setting_added_after_the_checkpoint_resumes_only_at_its_off_value(tmp_path):
+    # A checkpoint written before `max_rank_change` existed must resume with it unset, and only then.
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1}, {"adapter": {"rank": 8}})
+    assert load_checkpoint(tmp_path, {"adapter": {"rank": 8, "max_rank_change": None}})[2] == 1
+    with pytest.raises(CheckpointError, match="from another run: adapter"):
+        load_checkpoint(tmp_path, {"adapter": {"rank": 8, "max_rank_change": 2}})
+    with pytest.raises(CheckpointError, match="from another run: adapter"):
+        load_checkpoint(tmp_path, {"adapter": {"rank": 4, "max_rank_change": None}})
+
+
 @needs_glue
 def test_sigkill_of_a_training_run_then_resume_gives_the_same_metrics(tiny_model_dir, tmp_path):
     args = [sys.executable, "-m", "dynlora.cli", "train", "--task", "rte", "--model", tiny_model_dir, "--data-dir",

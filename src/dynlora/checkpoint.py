@@ -80,6 +80,14 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
 
 
+def _same(theirs: Any, ours: Any) -> bool:
+    """Equal settings, where a setting added to the library after the checkpoint was written counts as equal when
+    it is None now (None is every optional setting's "off", i.e. the behaviour from before it existed)."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return all(_same(theirs.get(k), ours.get(k)) if k in theirs else ours[k] is None for k in theirs | ours)
+    return theirs == ours
+
+
 def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, int]:
     """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums and against
     the ``identity`` of the run that wants to resume from it."""
@@ -94,7 +102,7 @@ def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[
         if not (path / filename).is_file() or _sha256(path / filename) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {filename} is missing or fails its checksum")
     theirs = manifest["identity"]
-    different = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+    different = sorted(k for k in set(theirs) | set(identity) if not _same(theirs.get(k), identity.get(k)))
     if different:
         key = different[0]
         raise CheckpointError(
