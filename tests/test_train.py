@@ -49,24 +49,29 @@ def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method
         assert result["trainable_parameters"] == dynamic
 
 
-def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
-    straight = train(config(tiny_model_dir, tmp_path / "a"))
-
+def _interrupted_then_resumed(model_dir, out, at_step, **overrides):
     original = Trainer._train_step
 
-    def interrupt_at_step_6(self):
+    def interrupt(self):
         loss = original(self)
-        if self.step == 5:  # the step being finished is step 6
+        if self.step == at_step - 1:  # the step being finished is `at_step`
             os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_6)
-    with pytest.raises(Interrupted, match="--resume"):
-        train(config(tiny_model_dir, tmp_path / "b"))
-    monkeypatch.setattr(Trainer, "_train_step", original)
-    assert (tmp_path / "b" / "checkpoints" / "LATEST").read_text().strip() == "step-00000006"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Trainer, "_train_step", interrupt)
+    try:
+        with pytest.raises(Interrupted, match="--resume"):
+            train(config(model_dir, out, **overrides))
+    finally:
+        mp.undo()
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step-{at_step:08d}"
+    return train(config(model_dir, out, resume=True, **overrides))
 
-    resumed = train(config(tiny_model_dir, tmp_path / "b", resume=True))
+
+def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight = train(config(tiny_model_dir, tmp_path / "a"))
+    resumed = _interrupted_then_resumed(tiny_model_dir, tmp_path / "b", at_step=6)
     assert resumed["metrics"] == straight["metrics"]
     assert resumed["ranks"] == straight["ranks"]
     a = DynamicLoRAModel.from_pretrained
@@ -81,6 +86,14 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     log_steps = [s for s in steps if s % 10 == 0 and s > 0]
     assert len(log_steps) == len(set(log_steps))  # the resumed run did not log steps twice
+
+
+def test_adalora_resumed_after_its_budget_is_fixed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    # 12 steps: AdaLoRA fixes its budget at step 10 and masks with it after; stop at 11, past that point.
+    straight = train(config(tiny_model_dir, tmp_path / "a", method="peft-adalora"))
+    resumed = _interrupted_then_resumed(tiny_model_dir, tmp_path / "b", at_step=11, method="peft-adalora")
+    assert resumed["metrics"] == straight["metrics"]
+    assert resumed["ranks"] == straight["ranks"] and sum(resumed["ranks"].values()) < 6 * 2 * 4
 
 
 def test_checkpoint_errors(tiny_model_dir, tmp_path):

@@ -120,6 +120,12 @@ def _peft(base: nn.Module, s: AdapterSettings, adalora: bool, total_steps: int) 
     def load_state_dict(state: dict) -> None:
         for key, value in state.items():
             setattr(allocator, key, dict(value))
+        # AdaLoRA keeps the mask it last applied only in its config, which a restart loses (and after its final
+        # step it masks with that, so a resumed run crashed). The mask is exactly the zeroed entries of the
+        # restored lora_E, so rebuild it from them, the way PEFT names it.
+        masks = {n: (p != 0).view(-1).tolist() for n, p in model.base_model.model.named_parameters() if "lora_E." in n}
+        if not all(all(m) for m in masks.values()):
+            model.peft_config["default"].rank_pattern = masks
 
     def ranks() -> dict[str, int]:
         if not adalora:
