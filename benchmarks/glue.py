@@ -104,7 +104,11 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
         only = ["--methods", args.methods] if args.methods else []
-        code = subprocess.call([sys.executable, "-m", "dynlora.cli", *command.split()[1:], *only, "--no-progress"])
+        proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *command.split()[1:], *only, "--no-progress"])
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the comparison got the same Ctrl-C: let it checkpoint and stop, then record
+            code = proc.wait()
         with open(out / "wall_time.jsonl", "a") as f:
             record = {"started": started, "seconds": time.time() - started, "exit": code, "methods": args.methods}
             f.write(json.dumps(record) + "\n")
