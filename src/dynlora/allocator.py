@@ -25,6 +25,7 @@ from .config import DynamicLoRAConfig
 from .importance import make_scorer
 from .layer import DynamicLoRALinear
 from .optim_state import clear_state, init_grown_state, rebase_state
+from .probe import top_directions
 
 
 def _steps(value: float | int, total: int) -> int:
@@ -145,8 +146,10 @@ class RankAllocator:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
         self.schedule = Schedule.resolve(self.config, total_steps)
 
-    def step(self, step: int) -> bool:
-        """Update importance scores; re-allocate if ``step`` is on the schedule. Returns whether it re-allocated."""
+    def step(self, step: int, grads: dict[str, torch.Tensor] | None = None) -> bool:
+        """Update importance scores; re-allocate if ``step`` is on the schedule. Returns whether it re-allocated.
+        ``grads``: this step's ∂L/∂W of layers (probe.py); a layer that grows starts its new components along
+        them."""
         if self.schedule is None:
             raise RuntimeError("bind the optimizer first: model.bind_optimizer(optimizer, total_steps)")
         self.scorer.update(self.layers)
@@ -167,7 +170,7 @@ class RankAllocator:
             [highs[n] for n in names],
             self.config.temperature,
         )
-        self.apply(dict(zip(names, targets, strict=True)))
+        self.apply(dict(zip(names, targets, strict=True)), grads or {})
         self.history.append({"step": step, "ranks": self.ranks(), "scores": scores})
         return True
 
@@ -196,8 +199,10 @@ class RankAllocator:
         return scores
 
     @torch.no_grad()
-    def apply(self, targets: dict[str, int]) -> None:
-        """Move every layer to its target rank, keeping the optimizer state and the scores consistent."""
+    def apply(self, targets: dict[str, int], grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Move every layer to its target rank, keeping the optimizer state and the scores consistent. A growing
+        layer with a measured gradient in ``grads`` starts its new components along its top directions not yet
+        covered; otherwise they start random (both with B = 0)."""
         for name, layer in self.layers.items():
             old, new = layer.rank, targets[name]
             if new < old:
@@ -208,6 +213,9 @@ class RankAllocator:
                 self.scorer.rebased(name, old, new)
             elif new > old:
                 layer.set_rank(new, self.generator)
+                if grads and name in grads:
+                    taken = layer.effective_rows()[:old]
+                    layer.point_components(old, top_directions(grads[name], new - old, taken))
                 init_grown_state(self.optimizer, layer, old, new)
                 self.scorer.grown(name, old, new)
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+INITS = ("lora", "gradient")
+
 
 @dataclass
 class DynamicLoRAConfig:
@@ -47,6 +49,10 @@ class DynamicLoRAConfig:
         input_adaptive: input-feature-based adaptation (see gate.py): ``"mergeable"`` (running input statistics,
             folded into the weights at merge, zero inference cost), ``"per_example"`` (a per-token gate; cannot
             be merged or exported) or ``None`` (off, for ablations).
+        init: where components start. ``"gradient"`` (default): along the top directions of the layer's loss
+            gradient ∂L/∂W (probe.py), measured on the first training step for the initial components and on the
+            re-allocation step for grown ones. ``"lora"``: A random (Kaiming-uniform), as LoRA. B is zero either
+            way, so the adapter starts as a no-op.
     """
 
     target_modules: list[str] | str | None = None
@@ -70,6 +76,7 @@ class DynamicLoRAConfig:
     beta2: float = 0.85
     seed: int = 0
     input_adaptive: str | None = "mergeable"
+    init: str = "gradient"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -84,6 +91,8 @@ class DynamicLoRAConfig:
             self.target_modules = list(self.target_modules)
         if self.input_adaptive not in (None, "mergeable", "per_example"):
             raise ValueError(f"input_adaptive must be 'mergeable', 'per_example' or None, got {self.input_adaptive!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
         if not 0 <= self.min_rank <= self.rank:
             raise ValueError(f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         if self.temperature <= 0:

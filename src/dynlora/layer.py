@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .gate import MODES, InputNorm, TokenGate
+from .probe import GradientProbe
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -88,6 +89,8 @@ class DynamicLoRALinear(nn.Module):
         self.input_norm = InputNorm(self.in_features).to(weight.device) if input_adaptive == "mergeable" else None
         self.token_gate = TokenGate(max_rank).to(**factory) if input_adaptive == "per_example" else None
         self.merged = False
+        # Set by the model when components start along the loss gradient (probe.py); None: never measured.
+        self.probe: GradientProbe | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -120,6 +123,27 @@ class DynamicLoRALinear(nn.Module):
                 if self.token_gate is not None:
                     self.token_gate.weight[old:rank].zero_()
         self.rank = rank
+
+    @torch.no_grad()
+    def point_components(self, start: int, directions: torch.Tensor) -> None:
+        """Start components ``start, start + len(directions)`` along ``directions`` (unit rows in the input space):
+        their effective rows of A (input scale included) get these directions at the norm of a default LoRA row,
+        their columns of B zero, so the layer's output does not change."""
+        stop = start + directions.shape[0]
+        if not 0 <= start <= stop <= self.rank:
+            raise ValueError(f"components [{start}, {stop}) are not all active (rank {self.rank})")
+        rows = directions.float() / math.sqrt(3.0)  # a Kaiming-uniform row of A has norm sqrt(1/3)
+        if self.input_norm is not None:
+            rows = rows / self.input_norm.scale()  # so that A_eff = A·diag(g) has them
+        self.lora_A[start:stop].copy_(rows.to(self.lora_A))
+        self.lora_B[:, start:stop].zero_()
+        if self.token_gate is not None:
+            self.token_gate.weight[start:stop].zero_()
+
+    def effective_rows(self) -> torch.Tensor:
+        """Rows of A as the input sees them (input scale included), active part only."""
+        a = self.active_factors()[0]
+        return a * self.input_norm.scale().to(a.dtype) if self.input_norm is not None else a
 
     @torch.no_grad()
     def rebase(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +193,12 @@ class DynamicLoRALinear(nn.Module):
     # --- forward / merge ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._forward(x)
+        if self.probe is not None and self.probe.armed and self.training:
+            self.probe.watch(x, out)
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged or self.rank == 0:
             return result
@@ -195,10 +225,7 @@ class DynamicLoRALinear(nn.Module):
                 "this layer has a per_example input gate, which depends on each input and cannot be folded into a "
                 "weight; merge/export need input_adaptive='mergeable' or None"
             )
-        a, b = self.active_factors()
-        if self.input_norm is not None:
-            a = a * self.input_norm.scale().to(a.dtype)
-        return a, b
+        return self.effective_rows(), self.active_factors()[1]
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``s · B A_eff`` in the base weight's own layout ((in, out) for Conv1D)."""

@@ -1,7 +1,8 @@
 """The adapter methods a training run can use, at an equal trainable adapter budget, behind one small interface.
 
-- ``dynamic``: Dynamic LoRA (re-allocation + input adaptation), budget of LoRA at ``rank``.
-- ``lora``: our static LoRA at ``rank`` (no re-allocation, no input adaptation).
+- ``dynamic``: Dynamic LoRA (re-allocation, input adaptation, components started along the loss gradient),
+  budget of LoRA at ``rank``; ``reallocate: false`` keeps the rest with a static allocation (an ablation).
+- ``lora``: our static LoRA at ``rank`` (no re-allocation, no input adaptation, random A: plain LoRA).
 - ``peft-lora``: PEFT's LoRA at ``rank`` (the baseline users have today).
 - ``peft-adalora``: PEFT's AdaLoRA from ``1.5 × rank`` down to ``rank`` (its final budget equals the others').
 """
@@ -39,6 +40,8 @@ class AdapterSettings:
     interval: float | int = 0.05
     final: float | int = 0.8
     input_adaptive: str | None = "mergeable"
+    init: str = "gradient"
+    reallocate: bool = True
     seed: int = 0
 
 
@@ -65,10 +68,10 @@ class Adapted:
 def _dynlora(base: nn.Module, s: AdapterSettings, dynamic: bool) -> Adapted:
     config = DynamicLoRAConfig(
         target_modules=s.target_modules, rank=s.rank, alpha=s.alpha, dropout=s.dropout,
-        max_rank=s.max_rank if dynamic else None, reallocate=dynamic, importance=s.importance,
+        max_rank=s.max_rank if dynamic else None, reallocate=dynamic and s.reallocate, importance=s.importance,
         min_rank=s.min_rank, temperature=s.temperature, max_rank_change=s.max_rank_change, warmup=s.warmup,
         interval=s.interval, final=s.final,
-        input_adaptive=s.input_adaptive if dynamic else None, seed=s.seed,
+        input_adaptive=s.input_adaptive if dynamic else None, init=s.init if dynamic else "lora", seed=s.seed,
     )  # fmt: skip
     model = get_dynlora_model(base, config)
 

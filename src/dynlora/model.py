@@ -18,6 +18,8 @@ from .config import DynamicLoRAConfig
 from .gate import commit_statistics, discard_statistics
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear, components, layer_dims
+from .optim_state import clear_state
+from .probe import GradientProbe, synced_gradients, top_directions
 from .targets import default_modules_to_save, default_target_modules, find_targets, name_matches, pattern_matches
 
 CONFIG_NAME = "dynlora_config.json"
@@ -111,6 +113,12 @@ class DynamicLoRAModel(nn.Module):
         # A plain attribute, not a submodule: it holds references to the layers, not parameters of its own.
         self.allocator = RankAllocator(self.lora_layers(), config) if config.reallocate else None
         self._input_norms = [m.input_norm for m in self.lora_layers().values() if m.input_norm is not None]
+        if config.init == "gradient":
+            for layer in self.lora_layers().values():
+                layer.probe = GradientProbe(layer.in_features, layer.out_features)
+        self.optimizer: torch.optim.Optimizer | None = None
+        # True once the adapter holds trained weights (loaded): its components must not be re-initialised.
+        self.pretrained = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -155,21 +163,67 @@ class DynamicLoRAModel(nn.Module):
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
         """Bind, once, the optimizer whose state follows rank changes, and the run's length in optimizer steps
-        (fractions in the schedule are resolved against it). A no-op for a static LoRA (``reallocate=False``)."""
+        (fractions in the schedule are resolved against it)."""
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
         if self.allocator is not None:
             self.allocator.bind(optimizer, total_steps)
+        self._arm_probes(1)
 
     def update_and_allocate(self, step: int) -> bool:
         """Call after each ``optimizer.step()``, before ``zero_grad()``, with the number of optimizer steps done
         (1, 2, ...): commits the mergeable input gate's statistics, updates the importance scores and re-allocates
-        ranks when the schedule says so. Returns whether ranks were re-allocated."""
+        ranks when the schedule says so. Returns whether ranks were re-allocated.
+
+        With ``init="gradient"`` the first step's loss gradient of each layer's weight sets where its components
+        start (the adapters' own update of that step is replaced), and a re-allocation step's sets where grown
+        components start."""
         commit_statistics(self._input_norms)
-        return False if self.allocator is None else self.allocator.step(step)
+        grads = self._take_gradients()
+        if grads and step == 1 and not self.pretrained:
+            self._start_along(grads)
+        reallocated = False if self.allocator is None else self.allocator.step(step, grads)
+        self._arm_probes(step + 1)
+        return reallocated
 
     def skip_step(self) -> None:
         """Call instead of :meth:`update_and_allocate` for a step whose update was skipped (e.g. a non-finite
-        loss): its input statistics are dropped and no score or allocation sees it."""
+        loss): its input statistics and measured gradients are dropped and no score or allocation sees it."""
         discard_statistics(self._input_norms)
+        for probe in self._probes():
+            if probe.armed:
+                probe.arm()  # the step is tried again with the next batch: measure it afresh
+
+    def _probes(self) -> list[GradientProbe]:
+        return [m.probe for m in self.lora_layers().values() if m.probe is not None]
+
+    def _arm_probes(self, step: int) -> None:
+        """Measure ∂L/∂W on ``step`` if it needs it: the first, or a re-allocation (grown components)."""
+        schedule = self.allocator.schedule if self.allocator is not None else None
+        wanted = step == 1 or (schedule is not None and schedule.is_reallocation(step))
+        for probe in self._probes():
+            if wanted:
+                probe.arm()
+            else:
+                probe.disarm()
+
+    def _take_gradients(self) -> dict[str, torch.Tensor]:
+        """The measured ∂L/∂W of each layer on this step (synced over processes), and disarm; {} if none."""
+        named = {n: m.probe for n, m in self.lora_layers().items() if m.probe is not None and m.probe.armed}
+        if not named:
+            return {}
+        grads = synced_gradients(list(named.values()))
+        for probe in named.values():
+            probe.disarm()
+        return {n: g for n, g in zip(named, grads, strict=True) if g is not None}
+
+    @torch.no_grad()
+    def _start_along(self, grads: dict[str, torch.Tensor]) -> None:
+        """Point every layer's active components along its gradient's top directions, B = 0, optimizer state
+        cleared (the step that measured it moved only B, from a random A)."""
+        for name, layer in self.lora_layers().items():
+            if name in grads and layer.rank > 0:
+                layer.point_components(0, top_directions(grads[name], layer.rank))
+                clear_state(self.optimizer, layer, 0, layer.rank)
 
     def importance(self) -> dict[str, float]:
         """Module name -> current importance score of this process (empty for a static LoRA). Local: safe to call
@@ -274,6 +328,7 @@ class DynamicLoRAModel(nn.Module):
         wrapped = cls(model, config, _specs=specs, _saved_modules=list(meta["modules_to_save"]))
         wrapped.set_ranks({n: int(v["rank"]) for n, v in meta["layers"].items()})
         wrapped.load_adapter_state_dict(_load_weights(where / WEIGHTS_NAME))
+        wrapped.pretrained = True
         return wrapped
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
