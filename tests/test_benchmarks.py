@@ -40,16 +40,6 @@ def test_tasks_with_unfinished_seeds_are_left_out():
     assert "- without cola: —" in text
 
 
-def test_the_symmetric_margin_takes_dynamic_lora_at_its_better_lr_too():
-    assert "- both at their better lr, all: — (no task where" in margins(results(), ["cola", "stsb"], n_seeds=2)
-    both = {t: {**per, "dynamic-lr2e-3": [0.1, 0.1]} for t, per in SCORES.items()}
-    both["stsb"]["dynamic-lr2e-3"] = [0.9, 0.9]  # averages: dynamic 45.0, dynamic-lr2e-3 50.0
-    text = margins(results(both), ["cola", "stsb"], n_seeds=2)
-    assert "- all (cola, stsb): dynamic 45.00;" in text  # the protocol line is unchanged
-    assert "both at their better lr, all (cola, stsb): better Dynamic LoRA (dynamic-lr2e-3) 50.00; " \
-           "better static LoRA (lora-lr1e-3) 40.00 → **+10.00**" in text  # fmt: skip
-
-
 def test_contrasts_pair_runs_by_seed_and_average_only_complete_rows():
     from glue import contrast_table, paired_differences
 
