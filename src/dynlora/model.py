@@ -113,9 +113,11 @@ class DynamicLoRAModel(nn.Module):
         # A plain attribute, not a submodule: it holds references to the layers, not parameters of its own.
         self.allocator = RankAllocator(self.lora_layers(), config) if config.reallocate else None
         self._input_norms = [m.input_norm for m in self.lora_layers().values() if m.input_norm is not None]
+        # Layers whose ∂L/∂W is measured on the steps that need it (init="gradient"); kept, not searched per step.
+        self._probes: dict[str, GradientProbe] = {}
         if config.init == "gradient":
-            for layer in self.lora_layers().values():
-                layer.probe = GradientProbe(layer.in_features, layer.out_features)
+            for name, layer in self.lora_layers().items():
+                layer.probe = self._probes[name] = GradientProbe(layer.in_features, layer.out_features)
         self.optimizer: torch.optim.Optimizer | None = None
         # True once the adapter holds trained weights (loaded): its components must not be re-initialised.
         self.pretrained = False
@@ -189,18 +191,15 @@ class DynamicLoRAModel(nn.Module):
         """Call instead of :meth:`update_and_allocate` for a step whose update was skipped (e.g. a non-finite
         loss): its input statistics and measured gradients are dropped and no score or allocation sees it."""
         discard_statistics(self._input_norms)
-        for probe in self._probes():
+        for probe in self._probes.values():
             if probe.armed:
                 probe.arm()  # the step is tried again with the next batch: measure it afresh
-
-    def _probes(self) -> list[GradientProbe]:
-        return [m.probe for m in self.lora_layers().values() if m.probe is not None]
 
     def _arm_probes(self, step: int) -> None:
         """Measure ∂L/∂W on ``step`` if it needs it: the first, or a re-allocation (grown components)."""
         schedule = self.allocator.schedule if self.allocator is not None else None
         wanted = step == 1 or (schedule is not None and schedule.is_reallocation(step))
-        for probe in self._probes():
+        for probe in self._probes.values():
             if wanted:
                 probe.arm()
             else:
@@ -208,7 +207,7 @@ class DynamicLoRAModel(nn.Module):
 
     def _take_gradients(self) -> dict[str, torch.Tensor]:
         """The measured ∂L/∂W of each layer on this step (synced over processes), and disarm; {} if none."""
-        named = {n: m.probe for n, m in self.lora_layers().items() if m.probe is not None and m.probe.armed}
+        named = {n: p for n, p in self._probes.items() if p.armed}
         if not named:
             return {}
         grads = synced_gradients(list(named.values()))
