@@ -51,8 +51,9 @@ class DynamicLoRAConfig:
             be merged or exported) or ``None`` (off, for ablations).
         init: where components start. ``"gradient"`` (default): along the top directions of the layer's loss
             gradient ∂L/∂W (probe.py), measured on the first training step for the initial components and on the
-            re-allocation step for grown ones. ``"lora"``: A random (Kaiming-uniform), as LoRA. B is zero either
-            way, so the adapter starts as a no-op.
+            re-allocation step for grown ones; on those steps it holds one float32 ``out × in`` matrix per
+            adapted layer. ``"lora"``: A random (Kaiming-uniform), as LoRA. B is zero either way, so the adapter
+            starts as a no-op.
     """
 
     target_modules: list[str] | str | None = None
