@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import build
+from conftest import VOCAB, build
 from test_engine import data, engine_config, make, train
+from transformers.pytorch_utils import Conv1D
 
-from dynlora import DynamicLoRAModel
+from dynlora import DynamicLoRAConfig, DynamicLoRAModel, get_dynlora_model
 from dynlora.probe import top_directions
 
 
@@ -151,3 +152,29 @@ def test_top_directions_capture_nearly_the_optimal_energy_of_any_spectrum():
         rows = top_directions(grad, 8)
         assert torch.allclose(rows @ rows.T, torch.eye(8), atol=1e-5)
         assert (grad @ rows.T).square().sum() / best > 0.98
+
+
+def test_every_architecture_starts_along_its_own_weight_gradient(arch):
+    """BERT, GPT-2 (Conv1D, weight stored in × out), Llama and Qwen2 (grouped-query v_proj: out ≠ in)."""
+    model = get_dynlora_model(build(arch), DynamicLoRAConfig(rank=2, reallocate=False, input_adaptive=None))
+    model.train()
+    ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(4, dtype=torch.long) if arch == "bert" else ids  # classification or next-token loss
+    layers = model.lora_layers()
+    for layer in layers.values():
+        layer.base_layer.weight.requires_grad_(True)
+    model(input_ids=ids, labels=labels).loss.backward()
+    reference = {}
+    for name, layer in layers.items():
+        w = layer.base_layer.weight
+        reference[name] = (w.grad.T if isinstance(layer.base_layer, Conv1D) else w.grad).clone()
+        w.requires_grad_(False)
+        w.grad = None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.zero_grad(set_to_none=True)
+    model.bind_optimizer(opt, 5)
+    model(input_ids=ids, labels=labels).loss.backward()
+    opt.step()
+    model.update_and_allocate(1)
+    for name, layer in layers.items():
+        assert subspace_overlap(layer.effective_rows().detach(), exact_top(reference[name], layer.rank)) > 0.99

@@ -117,7 +117,8 @@ class DynamicLoRAModel(nn.Module):
         self._probes: dict[str, GradientProbe] = {}
         if config.init == "gradient":
             for name, layer in self.lora_layers().items():
-                layer.probe = self._probes[name] = GradientProbe(layer.in_features, layer.out_features)
+                probe = GradientProbe(layer.in_features, layer.out_features, layer.lora_A.device)
+                layer.probe = self._probes[name] = probe
         self.optimizer: torch.optim.Optimizer | None = None
         # True once the adapter holds trained weights (loaded): its components must not be re-initialised.
         self.pretrained = False

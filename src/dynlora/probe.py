@@ -22,8 +22,10 @@ import torch
 class GradientProbe:
     """Accumulates G = ∂L/∂W of one layer over the forwards/backwards of an armed step."""
 
-    def __init__(self, in_features: int, out_features: int, max_tokens: int = 1024) -> None:
+    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None,
+                 max_tokens: int = 1024) -> None:  # fmt: skip
         self.shape = (out_features, in_features)
+        self.device = device
         self.max_tokens = max_tokens
         self.armed = False
         self.grad: torch.Tensor | None = None
@@ -56,8 +58,9 @@ def synced_gradients(probes: list[GradientProbe]) -> list[torch.Tensor | None]:
     layer that saw no gradient on any process. A collective: every process must call it."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [p.grad for p in probes]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape)).reshape(-1) for p in probes])
-    seen = torch.tensor([float(p.grad is not None) for p in probes])
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, device=p.device)).reshape(-1)
+                      for p in probes])  # fmt: skip
+    seen = torch.tensor([float(p.grad is not None) for p in probes], device=flat.device)
     both = torch.cat([flat, seen])
     torch.distributed.all_reduce(both)
     out, offset = [], 0
