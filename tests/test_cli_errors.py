@@ -96,6 +96,7 @@ def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
         (("--rank", 4, "--min-rank", 5), "min_rank"),
         (("--max-steps", 4, "--schedule-final", 9), "beyond the run"),
         (("--input-adaptive", "magic"), "input_adaptive"),
+        (("--init", "pissa"), "init must be one of 'lora', 'gradient'"),
     ],
 )
 def test_adapter_settings_impossible_for_the_model(capsys, tmp_path, tiny_model_dir, extra, message):
@@ -247,6 +248,7 @@ def test_exporting_a_per_example_gate_to_peft(capsys, tmp_path, tiny_model_dir):
         ("batch_size: 3.5\n", "setting batch_size must be an integer, got 3.5"),
         ("lr: [1]\n", "setting lr must be a number"),
         ("adapter:\n  temperature: warm\n", "setting temperature must be a number"),
+        ("adapter:\n  reallocate: perhaps\n", "setting reallocate must be true or false, got 'perhaps'"),
     ],
 )
 def test_config_file_values_of_the_wrong_type(capsys, tmp_path, text, message):

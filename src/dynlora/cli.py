@@ -155,10 +155,13 @@ def _normalise_adapter(adapter: dict[str, Any]) -> dict[str, Any]:
 
 
 def _typed(values: dict[str, Any], cls: type) -> dict[str, Any]:
-    """Numbers from a config file as the dataclass declares them: YAML reads ``lr: 1e-3`` as a string."""
+    """Numbers (and booleans) from a config file as the dataclass declares them: YAML reads ``lr: 1e-3`` as a
+    string."""
     hints = typing.get_type_hints(cls)
     out = dict(values)
     for key, value in values.items():
+        if hints.get(key) is bool and not isinstance(value, bool):  # a string such as "no" would be truthy
+            raise ValueError(f"setting {key} must be true or false, got {value!r}")
         kinds = {t for t in typing.get_args(hints.get(key)) or (hints.get(key),) if t in (int, float)}
         if not kinds or value is None:
             continue
