@@ -14,6 +14,7 @@ from test_data import GLUE, needs_glue
 
 from dynlora import checkpoint
 from dynlora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from dynlora.methods import settings_before
 
 IDENTITY = {"run": "reliability"}
 
@@ -70,6 +71,29 @@ def test_a_setting_added_after_the_checkpoint_resumes_only_at_its_off_value(tmp_
         load_checkpoint(tmp_path, {"adapter": {"rank": 8, "max_rank_change": 2}})
     with pytest.raises(CheckpointError, match="from another run: adapter"):
         load_checkpoint(tmp_path, {"adapter": {"rank": 4, "max_rank_change": None}})
+
+
+def test_a_setting_added_later_with_a_non_none_default_resumes_at_what_the_library_did_before(tmp_path):
+    # `init` and `reallocate` came after checkpoints were first written; before, Dynamic LoRA started random and
+    # re-allocated, static LoRA started random and did not. The GLUE benchmark's static LoRA run, interrupted
+    # before they existed, was refused on resume (init was 'gradient' in the identity, a default LoRA ignores).
+    from dynlora.train import TrainConfig
+
+    old = {"adapter": {"rank": 8}}
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1}, old)
+    for method, ok in (("lora", True), ("dynamic", False)):  # dynamic's default now starts along the gradient
+        cfg = TrainConfig(method=method)
+        ours = {"adapter": {"rank": 8, **{k: cfg.identity()["adapter"][k] for k in ("init", "reallocate")}}}
+        if ok:
+            assert load_checkpoint(tmp_path, ours, settings_before(method))[2] == 1
+        else:
+            with pytest.raises(CheckpointError, match="from another run: adapter"):
+                load_checkpoint(tmp_path, ours, settings_before(method))
+    random_start = {"adapter": {"rank": 8, "init": "lora", "reallocate": True}}
+    assert load_checkpoint(tmp_path, random_start, settings_before("dynamic"))[2] == 1  # the first design
+    with pytest.raises(CheckpointError, match="from another run: adapter"):  # a static ablation did not exist
+        load_checkpoint(tmp_path, {"adapter": {"rank": 8, "init": "lora", "reallocate": False}},
+                        settings_before("dynamic"))  # fmt: skip
 
 
 @needs_glue

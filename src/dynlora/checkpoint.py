@@ -80,17 +80,21 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _same(theirs: Any, ours: Any) -> bool:
+def _same(theirs: Any, ours: Any, before: dict[str, Any]) -> bool:
     """Equal settings, where a setting added to the library after the checkpoint was written counts as equal when
-    it is None now (None is every optional setting's "off", i.e. the behaviour from before it existed)."""
+    it is now at the value that does what the library did before it existed: ``before[name]``, else None (every
+    optional setting's "off")."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        return all(_same(theirs.get(k), ours.get(k)) if k in theirs else ours[k] is None for k in theirs | ours)
+        return all(_same(theirs.get(k), ours.get(k), before) if k in theirs else ours[k] == before.get(k)
+                   for k in theirs | ours)  # fmt: skip
     return theirs == ours
 
 
-def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, int]:
+def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any],
+                    before: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict, int]:  # fmt: skip
     """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums and against
-    the ``identity`` of the run that wants to resume from it."""
+    the ``identity`` of the run that wants to resume from it; ``before``: what settings newer than the checkpoint
+    did before they existed (see :func:`_same`)."""
     path = latest_checkpoint(root)
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {root} (no {LATEST} file); drop --resume to start")
@@ -102,7 +106,8 @@ def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[
         if not (path / filename).is_file() or _sha256(path / filename) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {filename} is missing or fails its checksum")
     theirs = manifest["identity"]
-    different = sorted(k for k in set(theirs) | set(identity) if not _same(theirs.get(k), identity.get(k)))
+    before = before or {}
+    different = sorted(k for k in set(theirs) | set(identity) if not _same(theirs.get(k), identity.get(k), before))
     if different:
         key = different[0]
         raise CheckpointError(

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import DataError, batches, collate, epoch_order, load_custom, load_glue, task_spec, tokenize
 from .io import write_json
-from .methods import METHODS, Adapted, AdapterSettings, adapt
+from .methods import METHODS, Adapted, AdapterSettings, adapt, adapter_identity, settings_before
 from .metrics import glue_metrics, run_score
 from .models import resolve_model_path
 from .targets import HEAD_MODULE_NAMES
@@ -94,7 +94,8 @@ class TrainConfig:
         """What a checkpoint must agree on to be resumed by this run (not logging or progress settings)."""
         skip = {"resume", "progress", "eval_every", "save_every", "log_every", "output_dir", "max_eval_samples",
                 "max_nonfinite_steps"}  # fmt: skip
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        identity = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return {**identity, "adapter": adapter_identity(self.method, identity["adapter"])}
 
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -321,7 +322,8 @@ class Trainer:
             torch.distributed.barrier()
 
     def restore(self) -> None:
-        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.cfg.identity())
+        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.cfg.identity(),
+                                               settings_before(self.cfg.method))  # fmt: skip
         missing = set(_checkpoint_tensors(self.adapted)) - set(tensors)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
