@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,9 +153,16 @@ def _peft(base: nn.Module, s: AdapterSettings, adalora: bool, total_steps: int) 
             if n.endswith("lora_E.default")
         }
 
+    def save(directory: Path | str) -> None:
+        with warnings.catch_warnings():
+            # AdaLoRA may prune a layer to rank 0, which it saves as 0-sized tensors; PEFT then warns that ZeRO-3 /
+            # FSDP shards were not gathered, which cannot be the case here.
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+            model.save_pretrained(str(directory))
+
     return Adapted(
-        "peft-adalora" if adalora else "peft-lora", model, lambda _opt, _steps: None, after_step,
-        lambda d: model.save_pretrained(str(d)), state_dict, load_state_dict, ranks,
+        "peft-adalora" if adalora else "peft-lora", model, lambda _opt, _steps: None, after_step, save,
+        state_dict, load_state_dict, ranks,
     )  # fmt: skip
 
 
