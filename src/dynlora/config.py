@@ -20,7 +20,8 @@ class DynamicLoRAConfig:
             (see :data:`dynlora.targets.DEFAULT_TARGET_MODULES`).
         rank: initial rank of every adapted layer (the LoRA ``r``).
         alpha: LoRA alpha; each layer's update is scaled by ``alpha / rank`` (its initial rank).
-        max_rank: capacity a layer can grow to when ranks are re-allocated (default: ``rank``).
+        max_rank: capacity a layer can grow to when ranks are re-allocated (default: twice ``rank`` when
+            re-allocating, else ``rank``).
         dropout: dropout probability on the adapter's input path.
         modules_to_save: extra modules (by name, same matching rule as ``target_modules``) kept fully trainable
             and saved with the adapter, such as a classification head. ``None`` picks the task head of
