@@ -66,16 +66,17 @@ class Adapted:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def adapter_identity(method: str, adapter: dict) -> dict:
-    """Adapter settings as ``method`` runs them, for checkpoint identity: ``init`` and ``reallocate`` act in
-    Dynamic LoRA only, so any other method records what it does (random A, static ranks), not the default."""
-    return adapter if method == "dynamic" else {**adapter, "init": "lora", "reallocate": False}
-
-
 def settings_before(method: str) -> dict:
     """What adapter settings added since checkpoints were first written did before they existed, under ``method``:
     an older checkpoint resumes only when they are at these values now."""
     return {"init": "lora", "reallocate": method == "dynamic"}
+
+
+def adapter_identity(method: str, adapter: dict) -> dict:
+    """Adapter settings as ``method`` runs them, for checkpoint identity: ``init`` and ``reallocate`` act in
+    Dynamic LoRA only, so any other method records what it does — what it did before they existed (random A,
+    static ranks) — not the default."""
+    return adapter if method == "dynamic" else {**adapter, **settings_before(method)}
 
 
 def _dynlora(base: nn.Module, s: AdapterSettings, dynamic: bool) -> Adapted:
