@@ -56,8 +56,9 @@ def frozen_limit() -> torch.nn.Module:
 
 
 def dynlora_lora() -> torch.nn.Module:
-    return get_dynlora_model(load_base(), DynamicLoRAConfig(rank=8, alpha=16, reallocate=False, input_adaptive=None,
-                                                            init="lora"))
+    return get_dynlora_model(
+        load_base(), DynamicLoRAConfig(rank=8, alpha=16, reallocate=False, input_adaptive=None, init="lora")
+    )
 
 
 def dynamic(gate: str | None) -> Callable[[], torch.nn.Module]:

@@ -32,6 +32,26 @@ def test_mergeable_scale_starts_at_one_and_evens_out_feature_sizes():
     assert rms.max() / rms.min() < 1.5
 
 
+def test_input_norm_strength_is_an_exponent_of_the_scale(tmp_path):
+    x = torch.randn(50, 6)
+    x[:, 2] *= 100.0
+    layers = [DynamicLoRALinear(nn.Linear(6, 4), 2, 2, input_adaptive="mergeable", input_norm_strength=s)
+              for s in (1.0, 0.5)]  # fmt: skip
+    for layer in layers:
+        layer.train()
+        layer(x)
+        commit_statistics([layer.input_norm])
+    full, half = (layer.input_norm.scale() for layer in layers)
+    assert torch.allclose(half, full.sqrt())
+    assert 0.05 < half[2] < 0.2  # the outlier is brought only part of the way down
+    # The setting reaches every layer and survives save/load.
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_norm_strength=0.5))
+    assert {m.input_norm.strength for m in model.lora_layers().values()} == {0.5}
+    model.save_pretrained(tmp_path)
+    reloaded = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
+    assert {m.input_norm.strength for m in reloaded.lora_layers().values()} == {0.5}
+
+
 def test_forwards_within_a_step_see_the_same_scale():
     """What gradient checkpointing's recomputation needs: a training forward does not change the next one."""
     model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
@@ -125,3 +145,6 @@ def test_gate_off_and_bad_mode():
     assert all(m.input_norm is None and m.token_gate is None for m in model.lora_layers().values())
     with pytest.raises(ValueError, match="input_adaptive"):
         DynamicLoRAConfig(input_adaptive="sometimes")
+    for bad in (0.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="input_norm_strength must be in"):
+            DynamicLoRAConfig(input_norm_strength=bad)

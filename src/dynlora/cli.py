@@ -64,6 +64,7 @@ ADAPTER_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--schedule-interval", "interval", float, "re-allocation interval: fraction of the run, or steps if > 1"),
     ("--schedule-final", "final", float, "last re-allocation: fraction of the run, or a step count if > 1"),
     ("--input-adaptive", "input_adaptive", str, "mergeable | per_example | none (dynamic)"),
+    ("--input-norm-strength", "input_norm_strength", float, "mergeable: input scale (rms_ref/rms)^s, s in (0, 1]"),
     ("--init", "init", str, "gradient (A along the loss gradient's top directions) | lora (A random) (dynamic)"),
 ]
 

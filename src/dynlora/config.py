@@ -50,6 +50,8 @@ class DynamicLoRAConfig:
         input_adaptive: input-feature-based adaptation (see gate.py): ``"mergeable"`` (running input statistics,
             folded into the weights at merge, zero inference cost), ``"per_example"`` (a per-token gate; cannot
             be merged or exported) or ``None`` (off, for ablations).
+        input_norm_strength: how far ``"mergeable"`` evens out the input features' sizes: the scale is
+            (rms_ref / rms_j)^strength, in (0, 1]; 1 makes every feature's typical size equal.
         init: where components start. ``"gradient"`` (default): along the top directions of the layer's loss
             gradient ∂L/∂W (probe.py), measured on the first training step for the initial components and on the
             re-allocation step for grown ones; on those steps it holds one float32 ``out × in`` matrix per
@@ -78,6 +80,7 @@ class DynamicLoRAConfig:
     beta2: float = 0.85
     seed: int = 0
     input_adaptive: str | None = "mergeable"
+    input_norm_strength: float = 1.0
     init: str = "gradient"
 
     def __post_init__(self) -> None:
@@ -93,6 +96,9 @@ class DynamicLoRAConfig:
             self.target_modules = list(self.target_modules)
         if self.input_adaptive not in (None, "mergeable", "per_example"):
             raise ValueError(f"input_adaptive must be 'mergeable', 'per_example' or None, got {self.input_adaptive!r}")
+        strength = self.input_norm_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"input_norm_strength must be in (0, 1], got {self.input_norm_strength!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
         if not 0 <= self.min_rank <= self.rank:

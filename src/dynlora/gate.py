@@ -5,7 +5,8 @@ Two modes (``DynamicLoRAConfig.input_adaptive``), both starting as the identity 
 ``"mergeable"`` — :class:`InputNorm`. The adapter's input features are rescaled by running statistics of the
 layer's input, g_j = rms_ref / rms_j with rms_j² an EMA of E[x_j²] over training tokens and rms_ref their median,
 i.e. the adapter sees features of equal typical size while a typical feature keeps its own (a mean reference would
-be dominated by the outliers and blow every other feature up). Training forwards only *accumulate* batch
+be dominated by the outliers and blow every other feature up). ``strength`` s in (0, 1] takes g^s instead: s = 1
+equalises the features, s = 0.5 only halves their spread on a log scale. Training forwards only *accumulate* batch
 statistics; they are committed once per optimizer step (``update_and_allocate``; under torch.distributed with one
 all-reduce for all layers), so every forward of a step, including the recomputation of gradient checkpointing,
 sees the same scale, and every process the same statistics. Transformer activations have a few outlier
@@ -29,11 +30,15 @@ MODES = ("mergeable", "per_example")
 
 
 class InputNorm(nn.Module):
-    """Running per-feature RMS of a layer's input; :meth:`scale` is the per-feature factor for A's columns."""
+    """Running per-feature RMS of a layer's input; :meth:`scale` is the per-feature factor for A's columns,
+    (rms_ref / rms_j)^strength."""
 
-    def __init__(self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6) -> None:
+    def __init__(self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6,
+                 strength: float = 1.0) -> None:  # fmt: skip
         super().__init__()
-        self.momentum, self.max_tokens, self.eps = momentum, max_tokens, eps
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"input norm strength must be in (0, 1], got {strength}")
+        self.momentum, self.max_tokens, self.eps, self.strength = momentum, max_tokens, eps, strength
         self.register_buffer("mean_sq", torch.ones(in_features))
         self.register_buffer("initialized", torch.tensor(False))
         # Statistics of this step's forwards, not yet committed (not part of the saved state).
@@ -64,7 +69,7 @@ class InputNorm(nn.Module):
         if not bool(self.initialized):
             return torch.ones_like(self.mean_sq)
         ms = self.mean_sq + self.eps
-        return (ms.median() / ms).sqrt()
+        return (ms.median() / ms).pow(self.strength / 2)
 
 
 def discard_statistics(norms: list[InputNorm]) -> None:

@@ -48,6 +48,7 @@ class DynamicLoRALinear(nn.Module):
         max_rank: capacity, the largest rank the layer can grow to (default: ``rank``).
         dropout: dropout probability on the adapter's input path.
         input_adaptive: ``None``, ``"mergeable"`` or ``"per_example"`` input-feature adaptation (see gate.py).
+        input_norm_strength: exponent of the ``"mergeable"`` input scale, in (0, 1] (see gate.py).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class DynamicLoRALinear(nn.Module):
         max_rank: int | None = None,
         dropout: float = 0.0,
         input_adaptive: str | None = None,
+        input_norm_strength: float = 1.0,
     ) -> None:
         super().__init__()
         if input_adaptive is not None and input_adaptive not in MODES:
@@ -86,7 +88,8 @@ class DynamicLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
         self.input_adaptive = input_adaptive
-        self.input_norm = InputNorm(self.in_features).to(weight.device) if input_adaptive == "mergeable" else None
+        self.input_norm = (InputNorm(self.in_features, strength=input_norm_strength).to(weight.device)
+                           if input_adaptive == "mergeable" else None)  # fmt: skip
         self.token_gate = TokenGate(max_rank).to(**factory) if input_adaptive == "per_example" else None
         self.merged = False
         # Set by the model when components start along the loss gradient (probe.py); None: never measured.

@@ -41,6 +41,7 @@ class AdapterSettings:
     interval: float | int = 0.05
     final: float | int = 0.8
     input_adaptive: str | None = "mergeable"
+    input_norm_strength: float = 1.0
     init: str = "gradient"
     reallocate: bool = True
     seed: int = 0
@@ -69,7 +70,7 @@ class Adapted:
 def settings_before(method: str) -> dict:
     """What adapter settings added since checkpoints were first written did before they existed, under ``method``:
     an older checkpoint resumes only when they are at these values now."""
-    return {"init": "lora", "reallocate": method == "dynamic"}
+    return {"init": "lora", "reallocate": method == "dynamic", "input_norm_strength": 1.0}
 
 
 def adapter_identity(method: str, adapter: dict) -> dict:
@@ -85,7 +86,8 @@ def _dynlora(base: nn.Module, s: AdapterSettings, dynamic: bool) -> Adapted:
         max_rank=s.max_rank if dynamic else None, reallocate=dynamic and s.reallocate, importance=s.importance,
         min_rank=s.min_rank, temperature=s.temperature, max_rank_change=s.max_rank_change, warmup=s.warmup,
         interval=s.interval, final=s.final,
-        input_adaptive=s.input_adaptive if dynamic else None, init=s.init if dynamic else "lora", seed=s.seed,
+        input_adaptive=s.input_adaptive if dynamic else None, input_norm_strength=s.input_norm_strength,
+        init=s.init if dynamic else "lora", seed=s.seed,
     )  # fmt: skip
     model = get_dynlora_model(base, config)
 

@@ -103,9 +103,8 @@ class DynamicLoRAModel(nn.Module):
         for name, spec in specs.items():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            layer = DynamicLoRALinear(
-                getattr(parent, child), spec.rank, spec.alpha, spec.max_rank, config.dropout, config.input_adaptive
-            )
+            layer = DynamicLoRALinear(getattr(parent, child), spec.rank, spec.alpha, spec.max_rank, config.dropout,
+                                      config.input_adaptive, config.input_norm_strength)  # fmt: skip
             setattr(parent, child, layer)
         for name in self.saved_module_names:
             model.get_submodule(name).requires_grad_(True)
