@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -130,6 +131,7 @@ def main() -> None:
         out / "wall_time.jsonl").is_file() else []  # fmt: skip
     hours = sum(w["seconds"] for w in walls) / 3600
     invocations = sum(w.get("invocations", 1) for w in walls)  # a carried-over record may stand for several
+    so_far = " so far" if len(results) < expected else ""
     import peft
     import torch
     import transformers
@@ -137,9 +139,9 @@ def main() -> None:
     body = f"""## GLUE dev quality (MiniLM-L6, {len(results)} of {expected} runs finished)
 
 `python benchmarks/glue.py --jobs {args.jobs}` (= `{command}`) — protocol in [README.md](README.md), plan in
-[glue_plan.yaml](glue_plan.yaml). Updated {date.today().isoformat()}; {platform.machine()}, 2 cores, CPU only;
-python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},
-peft {peft.__version__}. Wall time so far: {hours:.2f} h over {invocations} invocation(s) of the command.
+[glue_plan.yaml](glue_plan.yaml). Updated {date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cores,
+CPU only; python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__},
+peft {peft.__version__}. Wall time{so_far}: {hours:.2f} h over {invocations} invocation(s) of the command.
 
 Main metric × 100 of the final model on the dev set, mean ± std over seeds (n = seeds finished). The average
 is over the tasks in this table only, and only for methods that finished all of them. params: trainable
