@@ -74,9 +74,9 @@ def settings_before(method: str) -> dict:
 
 
 def adapter_identity(method: str, adapter: dict) -> dict:
-    """Adapter settings as ``method`` runs them, for checkpoint identity: ``init`` and ``reallocate`` act in
-    Dynamic LoRA only, so any other method records what it does — what it did before they existed (random A,
-    static ranks) — not the default."""
+    """Adapter settings as ``method`` runs them, for checkpoint identity: the settings :func:`settings_before`
+    names act in Dynamic LoRA only, so any other method records what it does — what it did before they existed
+    (random A, static ranks, no input scaling) — not the default."""
     return adapter if method == "dynamic" else {**adapter, **settings_before(method)}
 
 
