@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 from step_time import write_section
 
-from dynlora.compare import read_results, seed_stats, summary_table
-from dynlora.metrics import run_score
-from dynlora.report import write_report
+from dynlora.training.compare import read_results, seed_stats, summary_table
+from dynlora.training.metrics import run_score
+from dynlora.training.report import write_report
 
 HERE = Path(__file__).resolve().parent
 PLAN = HERE / "glue_plan.yaml"
@@ -83,8 +83,10 @@ def contrast_table(results: list[dict], tasks: list[str]) -> str:
     lines = ["| contrast | " + " | ".join(tasks) + " | avg |", "|" + "---|" * (len(tasks) + 2)]
     for label, a, b in CONTRASTS:
         diffs = [paired_differences(results, t, a, b) for t in tasks]
-        cells = [f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0:.2f} (n={len(d)})"
-                 if d else "—" for d in diffs]  # fmt: skip
+        cells = [
+            f"{statistics.mean(d):+.2f} ± {statistics.stdev(d) if len(d) > 1 else 0:.2f} (n={len(d)})" if d else "—"
+            for d in diffs
+        ]
         avg = f"{statistics.mean(statistics.mean(d) for d in diffs):+.2f}" if all(diffs) else "—"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
@@ -127,8 +129,11 @@ def main() -> None:
     tasks = [t for t in plan["tasks"] if any(r["task"] == t for r in results)]
     methods = plan["methods"]
     expected = sum(len(RECORD_ONLY.get(m, plan["tasks"])) for m in methods) * len(plan["seeds"])
-    walls = [json.loads(line) for line in (out / "wall_time.jsonl").read_text().splitlines()] if (
-        out / "wall_time.jsonl").is_file() else []  # fmt: skip
+    walls = (
+        [json.loads(line) for line in (out / "wall_time.jsonl").read_text().splitlines()]
+        if (out / "wall_time.jsonl").is_file()
+        else []
+    )
     hours = sum(w["seconds"] for w in walls) / 3600
     invocations = sum(w.get("invocations", 1) for w in walls)  # a carried-over record may stand for several
     so_far = " so far" if len(results) < expected else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from step_time import write_section
 
-from dynlora.compare import read_results
+from dynlora.training.compare import read_results
 
 HERE = Path(__file__).resolve().parent
 # What was run, per method (the doubling rule above, applied to what the runs printed).
@@ -37,22 +37,43 @@ def main() -> None:
     lrs = sorted({lr for grid in GRID.values() for lr in grid}, key=float)
     for lr in lrs if not args.no_run else []:
         methods = ",".join(m for m, grid in GRID.items() if lr in grid)
-        subprocess.check_call([sys.executable, "-m", "dynlora.cli", "compare", "--tasks", "cola", "--methods",
-                               methods, "--seeds", "0", "--epochs", "3", "--lr", lr, "--no-progress",
-                               "--output-dir", str(root / f"cola-lr{lr}")])  # fmt: skip
+        subprocess.check_call(
+            [
+                sys.executable,
+                "-m",
+                "dynlora.cli",
+                "compare",
+                "--tasks",
+                "cola",
+                "--methods",
+                methods,
+                "--seeds",
+                "0",
+                "--epochs",
+                "3",
+                "--lr",
+                lr,
+                "--no-progress",
+                "--output-dir",
+                str(root / f"cola-lr{lr}"),
+            ]
+        )
     score = {}
     for lr in lrs:
         for r in read_results(root / f"cola-lr{lr}" / "results.jsonl"):
             score[r["method"], lr] = 100 * r["metrics"]["validation"]["mcc"]
     rows = []
     for method, grid in GRID.items():
-        cells = [f"{score[method, lr]:.1f}" if (method, lr) in score else ("—" if lr not in grid else "running")
-                 for lr in lrs]  # fmt: skip
+        cells = [
+            f"{score[method, lr]:.1f}" if (method, lr) in score else ("—" if lr not in grid else "running")
+            for lr in lrs
+        ]
         done = {lr: score[method, lr] for lr in grid if (method, lr) in score}
         best = max(done, key=done.get) if done else "—"
         rows.append(f"| {method} | " + " | ".join(cells) + f" | {best} |")
-    table = "\n".join([f"| method | {' | '.join(f'lr {lr}' for lr in lrs)} | chosen |", "|" + "---|" * (len(lrs) + 2),
-                       *rows])  # fmt: skip
+    table = "\n".join(
+        [f"| method | {' | '.join(f'lr {lr}' for lr in lrs)} | chosen |", "|" + "---|" * (len(lrs) + 2), *rows]
+    )
     body = f"""## Learning rate, tuned once per method (CoLA dev MCC × 100, seed 0, 3 epochs)
 
 `python benchmarks/lr_sweep.py` — q/v rank 8, batch 32, max length 128; the rule is in the script's docstring.

@@ -59,8 +59,18 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in TRAIN_CONFIGS}
     for _ in range(args.repeats):  # round by round, so a drift of the machine hits every configuration alike
         for name in TRAIN_CONFIGS:
-            child = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--batch",
-                     str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+            child = [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ]
             done = subprocess.run(child, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 sys.exit(f"error: measuring {name!r} failed:\n{done.stderr[-2000:]}")
@@ -72,8 +82,14 @@ def main() -> None:
     if args.no_write:
         return
     command = "python benchmarks/peak_memory.py " + " ".join(sys.argv[1:])
-    record = {"command": command.strip(), "date": date.today().isoformat(), "batch": [args.batch, args.seq],
-              "steps": args.steps, "peak_rss_mib": peak, "runs_mib": samples}  # fmt: skip
+    record = {
+        "command": command.strip(),
+        "date": date.today().isoformat(),
+        "batch": [args.batch, args.seq],
+        "steps": args.steps,
+        "peak_rss_mib": peak,
+        "runs_mib": samples,
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "peak_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = "\n".join(f"| {n} | {m:.0f} | {m - limit:+.0f} | {m / limit:.3f}× |" for n, m in peak.items())

@@ -78,8 +78,17 @@ def peft_lora() -> torch.nn.Module:
 def peft_adalora() -> torch.nn.Module:
     from peft import AdaLoraConfig, get_peft_model
 
-    cfg = AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=["query", "value"], total_step=1000,
-                        tinit=0, tfinal=0, deltaT=10, modules_to_save=["classifier"])  # fmt: skip
+    cfg = AdaLoraConfig(
+        init_r=12,
+        target_r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        total_step=1000,
+        tinit=0,
+        tfinal=0,
+        deltaT=10,
+        modules_to_save=["classifier"],
+    )
     return get_peft_model(load_base(), cfg)
 
 
@@ -133,7 +142,7 @@ def engine_costs(batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float
         updates.append(time.perf_counter() - t0)
         targets = {n: (6 if (j + i) % 2 else 10) for j, n in enumerate(layers)}  # half shrink, half grow
         t0 = time.perf_counter()
-        model.allocator.apply(targets)
+        model.engine.resize(targets)
         reallocs.append(time.perf_counter() - t0)
     # A re-allocation step whole: with the default init="gradient" its forward/backward also measures ∂L/∂W of
     # every layer (probe.py), and grown components are pointed along it. Timed as the step-median difference of a

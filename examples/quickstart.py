@@ -9,6 +9,7 @@ The GLUE folder comes from --data-dir, else $DYNLORA_GLUE_DIR, else ../shared/da
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
-from dynlora.data import DataError, load_glue
+from dynlora.training.data import DataError, load_glue
 
 
 @torch.no_grad()
@@ -36,7 +37,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"),
+        help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)",
+    )
     parser.add_argument("--out", default="outputs/quickstart")
     args = parser.parse_args()
 
@@ -76,13 +81,13 @@ def main() -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}")
     print(f"dev accuracy after {args.steps} steps: {accuracy(model, tok, dev):.3f}")
 
-    history = model.allocator.history
+    history = model.allocation_events()
     print(f"ranks re-allocated {len(history)} times; final ranks by layer (query, value):")
     ranks = model.rank_pattern()
     for layer in range(6):
         prefix = f"bert.encoder.layer.{layer}.attention.self."
         print(f"  layer {layer}: query {ranks[prefix + 'query']:>2}, value {ranks[prefix + 'value']:>2}")
-    print(f"adapter parameters used: {model.allocator.total_cost():,} of a budget of {model.allocator.budget:,}")
+    print(f"adapter parameters used: {model.engine.total_cost():,} of a budget of {model.engine.budget:,}")
 
     out = Path(args.out)
     model.save_pretrained(out / "adapter")

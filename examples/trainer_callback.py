@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from dynlora import DynamicLoRACallback, DynamicLoRAConfig, default_model_path, get_dynlora_model
-from dynlora.data import DataError, collate, load_glue, tokenize
+from dynlora.training.data import DataError, collate, load_glue, tokenize
 
 
 class Features(torch.utils.data.Dataset):
@@ -32,7 +32,11 @@ class Features(torch.utils.data.Dataset):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("DYNLORA_GLUE_DIR", "../shared/data/glue"),
+        help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)",
+    )
     parser.add_argument("--out", default="outputs/trainer")
     args = parser.parse_args()
 
@@ -61,7 +65,7 @@ def main() -> None:
             use_cpu=True,
             disable_tqdm=True,
             seed=0,
-        ),  # fmt: skip
+        ),
         train_dataset=train,
         data_collator=lambda features: collate(features, tok.pad_token_id),
         callbacks=[DynamicLoRACallback()],  # 2. add the callback: nothing else to call
@@ -71,7 +75,7 @@ def main() -> None:
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions  # (logits, ...) per model
     accuracy = (logits.argmax(-1) == out.label_ids).mean()
     print(f"dev loss {out.metrics['dev_loss']:.4f}, dev accuracy {accuracy:.4f}")
-    print(f"re-allocations: {len(model.allocator.history)}; ranks now {sorted(model.rank_pattern().values())}")
+    print(f"re-allocations: {len(model.allocation_events())}; ranks now {sorted(model.rank_pattern().values())}")
     model.save_pretrained(os.path.join(args.out, "adapter"))
 
 

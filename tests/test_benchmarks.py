@@ -43,10 +43,16 @@ def test_tasks_with_unfinished_seeds_are_left_out():
 def test_contrasts_pair_runs_by_seed_and_average_only_complete_rows():
     from glue import contrast_table, paired_differences
 
-    rows = [{"task": t, "method": m, "seed": seed, "metrics": {"validation": {"main": s}}}
-            for t, m, seed, s in [("cola", "dynamic", 0, 0.30), ("cola", "dynamic", 1, 0.20),
-                                  ("cola", "dynamic-nogate", 1, 0.25), ("cola", "dynamic-nogate", 0, 0.10),
-                                  ("stsb", "dynamic", 0, 0.80)]]  # fmt: skip
+    rows = [
+        {"task": t, "method": m, "seed": seed, "metrics": {"validation": {"main": s}}}
+        for t, m, seed, s in [
+            ("cola", "dynamic", 0, 0.30),
+            ("cola", "dynamic", 1, 0.20),
+            ("cola", "dynamic-nogate", 1, 0.25),
+            ("cola", "dynamic-nogate", 0, 0.10),
+            ("stsb", "dynamic", 0, 0.80),
+        ]
+    ]
     assert paired_differences(rows, "cola", "dynamic", "dynamic-nogate") == pytest.approx([20.0, -5.0])
     assert paired_differences(rows, "stsb", "dynamic", "dynamic-nogate") == []
     gate = next(line for line in contrast_table(rows, ["cola", "stsb"]).splitlines() if "input-feature gate" in line)

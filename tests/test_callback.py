@@ -26,9 +26,19 @@ class Rows(torch.utils.data.Dataset):
 
 def trainer(model, out, max_steps=20, **kw):
     args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=10,
-        report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **kw,
-    )  # fmt: skip
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        save_steps=10,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kw,
+    )
     return Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[DynamicLoRACallback()])
 
 
@@ -36,11 +46,11 @@ def test_trainer_user_gets_reallocation_and_checkpointed_allocator(tmp_path):
     model = get_dynlora_model(build("bert"), engine_config())
     initial = model.rank_pattern()
     trainer(model, tmp_path).train()
-    assert isinstance(model.allocator.optimizer, torch.optim.Optimizer)  # bound to the Trainer's optimizer
-    assert [h["step"] for h in model.allocator.history] == [4, 7, 10, 13, 16]
+    assert isinstance(model.engine.optimizer, torch.optim.Optimizer)  # bound to the Trainer's optimizer
+    assert [h["step"] for h in model.allocation_events()] == [4, 7, 10, 13, 16]
     assert model.rank_pattern() != initial
     assert (tmp_path / "checkpoint-10" / ALLOCATOR_STATE_NAME).is_file()
-    assert model.allocator.total_cost() <= model.allocator.budget
+    assert model.engine.total_cost() <= model.engine.budget
 
 
 def test_resume_from_trainer_checkpoint_restores_the_allocation(tmp_path):
@@ -51,7 +61,7 @@ def test_resume_from_trainer_checkpoint_restores_the_allocation(tmp_path):
     trainer(first, tmp_path / "b").train()  # writes checkpoint-10 on the way
     resumed = get_dynlora_model(build("bert"), engine_config())
     trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
-    assert resumed.allocator.history == straight.allocator.history  # includes steps 4, 7, 10 from the checkpoint
+    assert resumed.allocation_events() == straight.allocation_events()  # includes steps 4, 7, 10 from the checkpoint
     assert resumed.rank_pattern() == straight.rank_pattern()
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -77,7 +87,7 @@ def test_warns_when_the_schedule_never_ran(tmp_path):
         cb.on_train_end(None, State(), None, model=model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.allocator.history.append({"step": 4})
+        model.engine.events.append({"step": 4})
         cb.on_train_end(None, State(), None, model=model)
 
 

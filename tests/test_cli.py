@@ -20,9 +20,29 @@ def dynlora(*args, timeout=600, module=("-m", "dynlora.cli")):
 
 
 def quick(model, out, *extra):
-    return ("train", "--task", "rte", "--model", model, "--data-dir", GLUE, "--max-steps", 6, "--batch-size", 8,
-            "--max-train-samples", 64, "--max-length", 64, "--rank", 4, "--output-dir", out, "--no-progress",
-            *extra)  # fmt: skip
+    return (
+        "train",
+        "--task",
+        "rte",
+        "--model",
+        model,
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        6,
+        "--batch-size",
+        8,
+        "--max-train-samples",
+        64,
+        "--max-length",
+        64,
+        "--rank",
+        4,
+        "--output-dir",
+        out,
+        "--no-progress",
+        *extra,
+    )
 
 
 def test_train_eval_export_merge(tiny_model_dir, tmp_path):
@@ -32,15 +52,37 @@ def test_train_eval_export_merge(tiny_model_dir, tmp_path):
     assert "dev metrics after 6 steps" in done.stdout and "final ranks" in done.stdout
     accuracy = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
 
-    done = dynlora("eval", "--adapter", run / "adapter", "--task", "rte", "--model", tiny_model_dir,
-                   "--data-dir", GLUE, "--max-length", 64)  # fmt: skip
+    done = dynlora(
+        "eval",
+        "--adapter",
+        run / "adapter",
+        "--task",
+        "rte",
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        GLUE,
+        "--max-length",
+        64,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"accuracy {accuracy:.4f}" in done.stdout  # the saved adapter reproduces the run's own evaluation
 
     done = dynlora("export", "--adapter", run / "adapter", "--peft", tmp_path / "peft", "--model", tiny_model_dir)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = dynlora("eval", "--adapter", tmp_path / "peft", "--task", "rte", "--model", tiny_model_dir,
-                   "--data-dir", GLUE, "--max-length", 64)  # fmt: skip
+    done = dynlora(
+        "eval",
+        "--adapter",
+        tmp_path / "peft",
+        "--task",
+        "rte",
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        GLUE,
+        "--max-length",
+        64,
+    )
     assert done.returncode == 0 and f"accuracy {accuracy:.4f}" in done.stdout, done.stderr[-3000:]
 
     done = dynlora("merge", "--adapter", run / "adapter", "--out", tmp_path / "merged", "--model", tiny_model_dir)
@@ -51,11 +93,43 @@ def test_train_eval_export_merge(tiny_model_dir, tmp_path):
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny random GPT-2 classifier whose tokenizer has no pad token (as GPT-2's), saved as a model directory."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from dynlora import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.eos_token, tok.pad_token = "[SEP]", None
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=None)
+    GPT2ForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_eval_export_and_merge_of_a_gpt2_adapter_pad_as_training_did(tiny_gpt2_dir, tmp_path):
+    run = tmp_path / "run"
+    done = dynlora(*quick(tiny_gpt2_dir, run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracy = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
+    done = dynlora("eval", "--adapter", run / "adapter", "--task", "rte", "--data-dir", GLUE, "--max-length", 64)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"accuracy {accuracy:.4f}" in done.stdout  # batches padded with EOS, read at the last real token
+    done = dynlora("merge", "--adapter", run / "adapter", "--out", tmp_path / "merged")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_config_file_and_flag_precedence(tiny_model_dir, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"task: rte\nmodel: {tiny_model_dir}\ndata_dir: {GLUE}\nmax_steps: 3\nbatch_size: 8\n"
-                   "max_train_samples: 32\nmax_eval_samples: 16\n"
-                   "adapter:\n  rank: 2\n  input_adaptive: none\n")  # fmt: skip
+    cfg.write_text(
+        f"task: rte\nmodel: {tiny_model_dir}\ndata_dir: {GLUE}\nmax_steps: 3\nbatch_size: 8\n"
+        "max_train_samples: 32\nmax_eval_samples: 16\n"
+        "adapter:\n  rank: 2\n  input_adaptive: none\n"
+    )
     done = dynlora("train", "--config", cfg, "--max-steps", 4, "--output-dir", tmp_path / "r", "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -67,7 +141,7 @@ def test_config_file_and_flag_precedence(tiny_model_dir, tmp_path):
     [
         (("train", "--task", "glue9"), "unknown GLUE task 'glue9'"),
         (("train", "--data-dir", "/nonexistent/glue"), "no SST-2/ folder in /nonexistent/glue"),
-        (("train", "--method", "magic"), "unknown method 'magic'"),
+        (("train", "--method", "magic"), "setting method must be one of dynamic, lora, peft-lora, peft-adalora"),
         (("train", "--resume", "--output-dir", "/tmp/dynlora-no-such-run"), "no checkpoint to resume from"),
         (("eval", "--adapter", "/tmp", "--task", "rte"), "not a Dynamic LoRA adapter directory"),
         (("train", "--model", "/tmp"), "/tmp is not a Hugging Face model directory: it has no config.json"),
@@ -82,8 +156,14 @@ def test_user_errors_are_one_line(args, message):
 
 
 def test_torchrun_two_processes(tiny_model_dir, tmp_path):
-    done = dynlora("--nproc_per_node", 2, "-m", "dynlora.cli", *quick(tiny_model_dir, tmp_path / "ddp"),
-                   module=("-m", "torch.distributed.run"))  # fmt: skip
+    done = dynlora(
+        "--nproc_per_node",
+        2,
+        "-m",
+        "dynlora.cli",
+        *quick(tiny_model_dir, tmp_path / "ddp"),
+        module=("-m", "torch.distributed.run"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert result["steps"] == 6
@@ -94,10 +174,34 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
 
 def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
     root = tmp_path / "cmp"
-    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0,1", "--model", tiny_model_dir,
-            "--data-dir", GLUE, "--max-steps", 4, "--batch-size", 8, "--max-train-samples", 48,
-            "--max-eval-samples", 24, "--max-length", 48, "--rank", 4, "--output-dir", root,
-            "--no-progress")  # fmt: skip
+    args = (
+        "compare",
+        "--tasks",
+        "rte",
+        "--methods",
+        "dynamic,lora",
+        "--seeds",
+        "0,1",
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        4,
+        "--batch-size",
+        8,
+        "--max-train-samples",
+        48,
+        "--max-eval-samples",
+        24,
+        "--max-length",
+        48,
+        "--rank",
+        4,
+        "--output-dir",
+        root,
+        "--no-progress",
+    )
     done = dynlora(*args, "--jobs", 2)  # worker processes; the resumed run below goes one at a time
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| dynamic |" in done.stdout and "(n=2)" in done.stdout and "done: rte" in done.stdout
@@ -126,10 +230,10 @@ def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
 
 
 def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
-    from dynlora.cli import build_parser, build_train_config
+    from dynlora.cli import build_parser, train_settings
 
     def config(*argv):
-        return build_train_config(build_parser().parse_args(["train", *argv, "--output-dir", str(tmp_path)]))
+        return train_settings(build_parser().parse_args(["train", *argv, "--output-dir", str(tmp_path)]))
 
     cfg = config("--schedule-warmup", "50", "--schedule-final", "1.0", "--schedule-interval", "0.1")
     assert cfg.adapter.warmup == 50 and isinstance(cfg.adapter.warmup, int)  # above 1: a step count
@@ -138,7 +242,7 @@ def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("adapter:\n  rnak: 4\n")
     done = dynlora("train", "--config", bad)
-    assert done.returncode == 2 and "unknown adapter setting(s) rnak" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "unknown setting(s) adapter.rnak" in done.stderr and "Traceback" not in done.stderr
 
 
 def wait_until_training(proc: subprocess.Popen, logs: list[Path], timeout: float = 300) -> None:
@@ -155,11 +259,42 @@ def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path)
     import signal
 
     root = tmp_path / "cmp"
-    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0,1", "--model", tiny_model_dir,
-            "--data-dir", GLUE, "--max-steps", 400, "--batch-size", 4, "--max-train-samples", 64,
-            "--max-eval-samples", 8, "--max-length", 32, "--rank", 2, "--output-dir", root, "--jobs", 2)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    args = (
+        "compare",
+        "--tasks",
+        "rte",
+        "--methods",
+        "dynamic,lora",
+        "--seeds",
+        "0,1",
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        400,
+        "--batch-size",
+        4,
+        "--max-train-samples",
+        64,
+        "--max-eval-samples",
+        8,
+        "--max-length",
+        32,
+        "--rank",
+        2,
+        "--output-dir",
+        root,
+        "--jobs",
+        2,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynlora.cli", *map(str, args)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     logs = [root / "rte" / "dynamic" / f"seed{s}" / "log.jsonl" for s in (0, 1)]  # the first two runs
     wait_until_training(proc, logs)
     proc.send_signal(signal.SIGTERM)
@@ -183,11 +318,41 @@ def test_sigkill_of_a_parallel_comparison_leaves_resumable_runs(tiny_model_dir, 
     import time
 
     root = tmp_path / "cmp"
-    args = ("compare", "--tasks", "rte", "--methods", "dynamic,lora", "--seeds", "0", "--model", tiny_model_dir,
-            "--data-dir", GLUE, "--max-steps", 400, "--batch-size", 4, "--max-train-samples", 64,
-            "--max-eval-samples", 8, "--max-length", 32, "--rank", 2, "--output-dir", root, "--jobs", 2)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    args = (
+        "compare",
+        "--tasks",
+        "rte",
+        "--methods",
+        "dynamic,lora",
+        "--seeds",
+        "0",
+        "--model",
+        tiny_model_dir,
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        400,
+        "--batch-size",
+        4,
+        "--max-train-samples",
+        64,
+        "--max-eval-samples",
+        8,
+        "--max-length",
+        32,
+        "--rank",
+        2,
+        "--output-dir",
+        root,
+        "--jobs",
+        2,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynlora.cli", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     logs = [root / "rte" / m / "seed0" / "log.jsonl" for m in ("dynamic", "lora")]
     wait_until_training(proc, logs)
 

@@ -54,16 +54,37 @@ BAD_TRAIN_FILES = [
 def test_bad_data_files(capsys, tmp_path, tiny_model_dir, train, message):
     data = glue_dir(tmp_path / "glue", train=train)
     out = tmp_path / "run"
-    line = run_cli(capsys, "train", "--task", "sst2", "--data-dir", data, "--model", tiny_model_dir,
-                   "--output-dir", out, "--no-progress")  # fmt: skip
+    line = run_cli(
+        capsys,
+        "train",
+        "--task",
+        "sst2",
+        "--data-dir",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--output-dir",
+        out,
+        "--no-progress",
+    )
     assert message in line and not out.exists()
 
 
 def test_regression_target_not_a_number(capsys, tmp_path, tiny_model_dir):
     bad = f"{STSB_HEADER}\n0\tg\tf\t2012\t1\tn\tn\tA.\tB.\tfive\n".encode()
     data = glue_dir(tmp_path / "glue", "STS-B", train=bad, header=STSB_HEADER)
-    line = run_cli(capsys, "train", "--task", "stsb", "--data-dir", data, "--model", tiny_model_dir,
-                   "--output-dir", tmp_path / "run")  # fmt: skip
+    line = run_cli(
+        capsys,
+        "train",
+        "--task",
+        "stsb",
+        "--data-dir",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--output-dir",
+        tmp_path / "run",
+    )
     assert "'five' is not a finite number" in line and not (tmp_path / "run").exists()
 
 
@@ -79,8 +100,18 @@ def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
     """A custom file with only its header, or a subset of size 0, leaves nothing to train on."""
     train = tmp_path / "train.csv"
     train.write_text("text,label\n")
-    line = run_cli(capsys, "train", "--train-file", train, "--dev-file", train, "--model", tiny_model_dir,
-                   "--output-dir", tmp_path / "run")  # fmt: skip
+    line = run_cli(
+        capsys,
+        "train",
+        "--train-file",
+        train,
+        "--dev-file",
+        train,
+        "--model",
+        tiny_model_dir,
+        "--output-dir",
+        tmp_path / "run",
+    )
     assert "no examples" in line
     assert "--max-train-samples must be >= 1" in run_cli(
         capsys, "train", "--max-train-samples", 0, "--output-dir", tmp_path / "run"
@@ -96,7 +127,7 @@ def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
         (("--rank", 4, "--min-rank", 5), "min_rank"),
         (("--max-steps", 4, "--schedule-final", 9), "beyond the run"),
         (("--input-adaptive", "magic"), "input_adaptive"),
-        (("--init", "pissa"), "init must be one of 'lora', 'gradient'"),
+        (("--init", "pissa"), "setting init must be one of lora, gradient, got 'pissa'"),
     ],
 )
 def test_adapter_settings_impossible_for_the_model(capsys, tmp_path, tiny_model_dir, extra, message):
@@ -139,9 +170,30 @@ def finished_run(tmp_path_factory, tiny_model_dir):
     if not GLUE.is_dir():
         pytest.skip("no GLUE data")
     out = tmp_path_factory.mktemp("run") / "run"
-    args = ["train", "--task", "rte", "--data-dir", str(GLUE), "--model", tiny_model_dir, "--max-steps", "2",
-            "--batch-size", "4", "--max-train-samples", "16", "--max-eval-samples", "8", "--max-length", "32",
-            "--rank", "2", "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(GLUE),
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-train-samples",
+        "16",
+        "--max-eval-samples",
+        "8",
+        "--max-length",
+        "32",
+        "--rank",
+        "2",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     return out, args
 
@@ -184,8 +236,11 @@ def test_resume_from_a_corrupt_or_truncated_checkpoint(capsys, finished_run, tmp
 def test_adapter_directory_problems(capsys, tmp_path, finished_run):
     out, _ = finished_run
     (tmp_path / "empty").mkdir()
-    for command in (("eval", "--task", "rte"), ("export", "--peft", tmp_path / "peft"), ("merge", "--out",
-                    tmp_path / "merged")):  # fmt: skip
+    for command in (
+        ("eval", "--task", "rte"),
+        ("export", "--peft", tmp_path / "peft"),
+        ("merge", "--out", tmp_path / "merged"),
+    ):
         line = run_cli(capsys, command[0], "--adapter", tmp_path / "empty", *command[1:])
         assert "not a Dynamic LoRA adapter directory" in line and "dynlora_config.json" in line
     assert not (tmp_path / "peft").exists() and not (tmp_path / "merged").exists()
@@ -259,11 +314,11 @@ def test_config_file_values_of_the_wrong_type(capsys, tmp_path, text, message):
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
-    from dynlora.cli import build_parser, build_train_config
+    from dynlora.cli import build_parser, train_settings
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text('lr: 1e-3\nbatch_size: "16"\nadapter:\n  warmup: "50"\n  temperature: 2e0\n')
-    config = build_train_config(build_parser().parse_args(["train", "--config", str(cfg)]))
+    config = train_settings(build_parser().parse_args(["train", "--config", str(cfg)]))
     assert config.lr == 1e-3 and config.batch_size == 16 and isinstance(config.batch_size, int)
     assert config.adapter.warmup == 50 and isinstance(config.adapter.warmup, int) and config.adapter.temperature == 2
 

@@ -1,15 +1,18 @@
 """The comparison plan: settings layering, method variants, resumable results (no training: a recording train_fn)."""
 
-from dynlora.compare import ComparePlan, read_results, run_comparison, summary_table
+from dynlora.training.compare import ComparePlan, read_results, run_comparison, summary_table
 
 
 def plan(tmp_path) -> ComparePlan:
     return ComparePlan(
-        tasks=["cola", "rte"], methods=["dynamic", "dynamic-nogate"], seeds=[0, 1], output_dir=str(tmp_path),
+        tasks=["cola", "rte"],
+        methods=["dynamic", "dynamic-nogate"],
+        seeds=[0, 1],
+        output_dir=str(tmp_path),
         base={"lr": 1e-3, "adapter": {"rank": 8}},
         per_task={"rte": {"epochs": 2, "adapter": {"rank": 4}}},
         per_method={"dynamic-nogate": {"method": "dynamic", "adapter": {"input_adaptive": None}}},
-    )  # fmt: skip
+    )
 
 
 def test_settings_layer_and_variants_run_their_method(tmp_path):

@@ -6,8 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from dynlora.data import DataError, batches, epoch_order, load_custom, load_glue, read_tsv, task_spec, tokenize
-from dynlora.data.glue import resolve_glue_dir
+from dynlora.training.data import (
+    DataError,
+    Example,
+    batches,
+    epoch_order,
+    load_custom,
+    load_glue,
+    read_tsv,
+    resolve_glue_dir,
+    task_spec,
+    tokenize,
+)
+from dynlora.training.data.glue import from_hub
+from dynlora.training.data.splits import command_glue_dir
 
 GLUE = Path(os.environ.get("DYNLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"no GLUE data at {GLUE}")
@@ -54,16 +66,22 @@ def write(path: Path, lines: list[str], encoding="utf-8") -> Path:
     return path
 
 
-MNLI_TRAIN = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-              "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")  # fmt: skip
+MNLI_TRAIN = (
+    "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+    "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+)
 MNLI_DEV = MNLI_TRAIN.replace("label1\tgold_label", "label1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
 
 
 def test_readers_of_tasks_not_in_shared_on_glue_layout_fixtures(tmp_path):
-    write(tmp_path / "QQP" / "train.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
-                                          "0\t1\t2\tHow old is he?\tWhat is his age?\t1"])  # fmt: skip
-    write(tmp_path / "QQP" / "dev.tsv", ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
-                                        "5\t9\t8\tWhy \"so\"?\tHow come?\t0"])  # fmt: skip
+    write(
+        tmp_path / "QQP" / "train.tsv",
+        ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", "0\t1\t2\tHow old is he?\tWhat is his age?\t1"],
+    )
+    write(
+        tmp_path / "QQP" / "dev.tsv",
+        ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate", '5\t9\t8\tWhy "so"?\tHow come?\t0'],
+    )
     mnli_row = "0\t31193\t31193n\tgovernment\t( x )\t( y )\t(ROOT x)\t(ROOT y)\tPremise.\tHypothesis.\tneutral"
     write(tmp_path / "MNLI" / "train.tsv", [MNLI_TRAIN, mnli_row + "\tneutral"])
     dev_row = mnli_row + "\tneutral\tcontradiction\tneutral\tneutral\tneutral"
@@ -120,13 +138,16 @@ def test_data_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("DYNLORA_GLUE_DIR", str(tmp_path / "env"))
     assert resolve_glue_dir(tmp_path / "arg") == tmp_path / "arg"
     assert resolve_glue_dir() == tmp_path / "env"
+    assert command_glue_dir(None) is None  # the library reads $DYNLORA_GLUE_DIR itself
     monkeypatch.delenv("DYNLORA_GLUE_DIR")
     monkeypatch.chdir(tmp_path)
-    assert resolve_glue_dir() is None  # no ../shared/data/glue here: the caller may try the datasets hub
+    assert resolve_glue_dir() is None and command_glue_dir(None) is None  # nothing given: the datasets hub
     (tmp_path / "repo").mkdir()
     (tmp_path / "shared" / "data" / "glue").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "repo")
-    assert resolve_glue_dir() == Path("..") / "shared" / "data" / "glue"
+    assert resolve_glue_dir() is None  # the library never looks beside the current directory by itself
+    assert command_glue_dir(None) == str(Path("..") / "shared" / "data" / "glue")  # the command does (checkout)
+    assert command_glue_dir("mine") == "mine"
 
 
 def test_custom_csv_and_jsonl(tmp_path):
@@ -151,7 +172,6 @@ def test_dynamic_padding_and_deterministic_order():
     from transformers import AutoTokenizer
 
     from dynlora import default_model_path
-    from dynlora.data import Example
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     examples = [Example("short", None, 0), Example("a much longer sentence than the first one", None, 1)] * 3
@@ -165,14 +185,38 @@ def test_dynamic_padding_and_deterministic_order():
     pairs = tokenize([Example("q", "p", 0.5)], tok, max_length=128)
     assert pairs[0]["token_type_ids"][-2:] == [1, 1] and isinstance(pairs[0]["labels"], float)
     assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
-    assert len(list(batches(features, list(range(6)), 4, 0, start=1))) == 1  # resume from batch 1
+    assert [len(b["labels"]) for b in batches(features, list(range(6)), 4, 0)] == [4, 2]
 
 
 def test_no_data_anywhere_is_a_clear_error(tmp_path, monkeypatch):
-    """No --data-dir, no $DYNLORA_GLUE_DIR, no ../shared/data/glue: the hub fallback, which fails offline (or is
-    not installed), ends in one line that says where data was looked for."""
+    """No --data-dir and no $DYNLORA_GLUE_DIR: the hub fallback, which fails offline (or is not installed), ends
+    in one line that says where data was looked for and what to do."""
     monkeypatch.delenv("DYNLORA_GLUE_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"no GLUE data found \(looked at --data-dir, \$DYNLORA_GLUE_DIR, "):
+    with pytest.raises(DataError, match=r"no GLUE data given \(--data-dir, \$DYNLORA_GLUE_DIR\).*--data-dir DIR"):
         load_glue("rte")
+
+
+def test_the_hub_fallback_maps_each_tasks_columns_and_label_ids():
+    """The `datasets` GLUE builder's rows (as it names their columns) become the same examples as the TSV release."""
+    rows = {
+        "sst2": {"sentence": "a fine film", "label": 1, "idx": 0},
+        "mrpc": {"sentence1": "s1", "sentence2": "s2", "label": 0, "idx": 0},
+        "stsb": {"sentence1": "s1", "sentence2": "s2", "label": 3.25, "idx": 0},
+        "mnli": {"premise": "p", "hypothesis": "h", "label": 2, "idx": 0},
+        "qnli": {"question": "q", "sentence": "s", "label": 1, "idx": 0},
+        "rte": {"sentence1": "s1", "sentence2": "s2", "label": 0, "idx": 0},
+        "cola": {"sentence": "a sentence", "label": 0, "idx": 0},
+        "qqp": {"question1": "q1", "question2": "q2", "label": 1, "idx": 0},
+        "wnli": {"sentence1": "s1", "sentence2": "s2", "label": 1, "idx": 0},
+    }
+    for task, row in rows.items():
+        spec = task_spec(task)
+        dataset = {split: [row] for split in ["train"] + [name for name, _ in spec.dev_files]}
+        splits = from_hub(spec, dataset)
+        assert set(splits) == set(dataset)
+        example = splits["train"][0]
+        texts = [v for k, v in row.items() if k not in ("label", "idx")]
+        assert [example.text, example.text_pair] == texts + [None] * (2 - len(texts))
+        assert example.label == row["label"] and isinstance(example.label, float if task == "stsb" else int)

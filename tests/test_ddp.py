@@ -24,7 +24,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             optimizer.step()
             model.update_and_allocate(step)
             optimizer.zero_grad()
-        torch.save({"history": model.allocator.history, "adapter": model.adapter_state_dict()}, f"{out_dir}/{rank}.pt")
+        torch.save(
+            {"history": model.allocation_events(), "adapter": model.adapter_state_dict()}, f"{out_dir}/{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

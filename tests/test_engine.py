@@ -43,15 +43,15 @@ def train(model, optimizer, start, stop, total, check=None):
 
 def test_budget_and_bounds_hold_at_every_step_and_ranks_move():
     model, opt = make()
-    budget = model.allocator.budget
+    budget = model.engine.budget
     initial = model.rank_pattern()
 
     def check(m, step):
-        assert m.allocator.total_cost() <= budget
+        assert m.engine.total_cost() <= budget
         assert all(1 <= r <= 8 for r in m.rank_pattern().values())
 
     train(model, opt, 1, 20, 20, check)
-    history = model.allocator.history
+    history = model.allocation_events()
     assert [h["step"] for h in history] == [4, 7, 10, 13, 16]
     assert model.rank_pattern() != initial  # the allocation moved away from uniform
     assert len(set(model.rank_pattern().values())) > 1
@@ -63,16 +63,16 @@ def test_budget_and_bounds_hold_at_every_step_and_ranks_move():
 def test_every_scorer_drives_an_allocation(scorer):
     model, opt = make(engine_config(importance=scorer))
     train(model, opt, 1, 10, 20)
-    assert model.allocator.history and model.allocator.total_cost() <= model.allocator.budget
+    assert model.allocation_events() and model.engine.total_cost() <= model.engine.budget
     assert all(torch.isfinite(torch.tensor(list(model.importance().values()))))
 
 
 def test_max_rank_change_moves_every_layer_at_most_that_far_per_reallocation():
     model, opt = make(engine_config(max_rank_change=1))
-    budget, ranks = model.allocator.budget, [model.rank_pattern()]
+    budget, ranks = model.engine.budget, [model.rank_pattern()]
 
     def check(m, step):
-        assert m.allocator.total_cost() <= budget
+        assert m.engine.total_cost() <= budget
         ranks.append(m.rank_pattern())
 
     train(model, opt, 1, 20, 20, check)
@@ -99,7 +99,7 @@ def test_growth_leaves_outputs_unchanged_and_shrink_changes_little():
     batch = {k: v for k, v in data(0).items() if k != "labels"}
     with torch.no_grad():
         before = model(**batch).logits
-        model.allocator.apply({n: 6 for n in model.lora_layers()})  # grow every layer 4 -> 6
+        model.engine.resize({n: 6 for n in model.lora_layers()})  # grow every layer 4 -> 6
         grown = model(**batch).logits
     assert (grown - before).abs().max() < 1e-6
 
@@ -113,12 +113,12 @@ def test_optimizer_state_follows_rank_changes():
     v_before_mean = state_a["exp_avg_sq"][:4].mean()
 
     # Grow: new rows start with zero first moment and the layer's mean second moment; old rows untouched.
-    model.allocator.apply({**model.rank_pattern(), name: 6})
+    model.engine.resize({**model.rank_pattern(), name: 6})
     assert torch.equal(state_a["exp_avg"][:4], m_before)
     assert state_a["exp_avg"][4:6].abs().sum() == 0
     assert torch.allclose(state_a["exp_avg_sq"][4:6], v_before_mean.expand(2, state_a["exp_avg_sq"].shape[1]))
     # Shrink: re-based, state mapped into the new basis, dropped rows zeroed; shapes never change.
-    model.allocator.apply({**model.rank_pattern(), name: 2})
+    model.engine.resize({**model.rank_pattern(), name: 2})
     assert layer.rank == 2 and state_a["exp_avg"].shape == layer.lora_A.shape
     assert state_a["exp_avg"][2:].abs().sum() == 0 and state_a["exp_avg_sq"][2:].abs().sum() == 0
     assert opt.state[layer.lora_B]["exp_avg"][:, 2:].abs().sum() == 0
@@ -141,7 +141,7 @@ def test_same_seed_same_decisions_and_weights():
     for _ in range(2):
         model, opt = make()
         train(model, opt, 1, 18, 20)
-        runs.append((model.allocator.history, model.adapter_state_dict()))
+        runs.append((model.allocation_events(), model.adapter_state_dict()))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
@@ -153,14 +153,14 @@ def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
     first, opt1 = make()
     train(first, opt1, 1, 8, 20)  # past two re-allocations
     first.save_pretrained(tmp_path)
-    torch.save({"optimizer": opt1.state_dict(), "allocator": first.allocator.state_dict()}, tmp_path / "state.pt")
+    torch.save({"optimizer": opt1.state_dict(), "allocator": first.engine.state_dict()}, tmp_path / "state.pt")
 
     resumed = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=5e-3)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     opt2.load_state_dict(saved["optimizer"])
     resumed.bind_optimizer(opt2, 20)
-    resumed.allocator.load_state_dict(saved["allocator"])
+    resumed.engine.load_state_dict(saved["allocator"])
     resumed.train()
     for step in range(9, 21):
         resumed(**data(step)).loss.backward()
@@ -168,7 +168,7 @@ def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
         resumed.update_and_allocate(step)
         opt2.zero_grad()
 
-    assert resumed.allocator.history == straight.allocator.history
+    assert resumed.allocation_events() == straight.allocation_events()
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -176,10 +176,10 @@ def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
 def test_allocator_state_mismatch_is_an_error():
     model, opt = make()
     train(model, opt, 1, 8, 20)
-    state = model.allocator.state_dict()
+    state = model.engine.state_dict()
     fresh, _ = make()
     with pytest.raises(ValueError, match="current ranks"):
-        fresh.allocator.load_state_dict(state)
+        fresh.engine.load_state_dict(state)
 
 
 def test_missing_and_nonfinite_gradients_are_skipped():
@@ -190,14 +190,14 @@ def test_missing_and_nonfinite_gradients_are_skipped():
     model(**data(1)).loss.backward()
     next(iter(model.lora_layers().values())).lora_B.grad[0, 0] = float("nan")
     model.update_and_allocate(2)
-    assert model.allocator.scorer.skipped_nonfinite == 1
+    assert model.engine.scorer.skipped_nonfinite == 1
     assert max(model.importance().values()) == 0
 
 
 def test_static_lora_has_no_engine():
     model, opt = make(engine_config(reallocate=False))
     model.bind_optimizer(opt, 10)
-    assert model.allocator is None and model.importance() == {}
+    assert model.engine.allocator is None and model.importance() == {}
     assert model.update_and_allocate(5) is False
     assert all(layer.max_rank == 8 for layer in model.lora_layers().values())  # explicit max_rank kept
     static = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, reallocate=False))
@@ -211,5 +211,5 @@ def test_gradient_checkpointing_gives_the_same_decisions():
         if checkpointing:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train(model, opt, 1, 17, 20)
-        histories.append(model.allocator.history)
+        histories.append(model.allocation_events())
     assert [h["ranks"] for h in histories[0]] == [h["ranks"] for h in histories[1]]

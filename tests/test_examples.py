@@ -35,7 +35,8 @@ def test_quickstart_missing_data_is_one_clear_line(tmp_path):
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    for line in ("pip install torch==2.13.0 -e .", 'pip install -e ".[test]"', "ruff check .", "python -m pytest -q"):
+    commands = ("pip install torch==2.13.0 -e .", 'pip install -e ".[test]"', "ruff check .", "ruff format --check .")
+    for line in (*commands, "python -m pytest -q"):
         assert line in readme and line in ci, line
     assert "HF_HUB_OFFLINE=1 dynlora train" in readme
 

@@ -7,7 +7,7 @@ from test_engine import data, engine_config, make, train
 from torch import nn
 
 from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
-from dynlora.gate import commit_statistics
+from dynlora.input_adaptation import commit_statistics
 
 
 def logits(model, inputs):
@@ -35,8 +35,9 @@ def test_mergeable_scale_starts_at_one_and_evens_out_feature_sizes():
 def test_input_norm_strength_is_an_exponent_of_the_scale(tmp_path):
     x = torch.randn(50, 6)
     x[:, 2] *= 100.0
-    layers = [DynamicLoRALinear(nn.Linear(6, 4), 2, 2, input_adaptive="mergeable", input_norm_strength=s)
-              for s in (1.0, 0.5)]  # fmt: skip
+    layers = [
+        DynamicLoRALinear(nn.Linear(6, 4), 2, 2, input_adaptive="mergeable", input_norm_strength=s) for s in (1.0, 0.5)
+    ]
     for layer in layers:
         layer.train()
         layer(x)
@@ -77,8 +78,8 @@ def test_nonfinite_statistics_are_dropped():
 def test_engine_runs_with_the_gate_on(mode):
     model, opt = make(engine_config(input_adaptive=mode))
     train(model, opt, 1, 20, 20)
-    assert len(model.allocator.history) == 5
-    assert model.allocator.total_cost() <= model.allocator.budget
+    assert len(model.allocation_events()) == 5
+    assert model.engine.total_cost() <= model.engine.budget
     if mode == "per_example":
         gates = [m.token_gate.weight for m in model.lora_layers().values()]
         assert any(g.abs().sum() > 0 for g in gates)  # the gate trained

@@ -1,20 +1,52 @@
+"""The methods behind one protocol: the same budget from the same config, and PEFT's AdaLoRA saving cleanly."""
+
 import warnings
 
+import pytest
 import torch
 from conftest import tiny_bert
 from safetensors.torch import load_file
 
-from dynlora.methods import AdapterSettings, adapt
+from dynlora import DynamicLoRAConfig
+from dynlora.training.methods import METHODS, get_method
+
+CONFIG = DynamicLoRAConfig(rank=2, target_modules=["query", "value"])
 
 
 def test_adalora_layer_pruned_to_rank_zero_saves_without_a_sharding_warning(tmp_path):
-    adapted = adapt("peft-adalora", tiny_bert(), AdapterSettings(rank=2, target_modules=["query", "value"]), 20)
+    adapted = get_method("peft-adalora").wrap(tiny_bert(), CONFIG, 20)
     with torch.no_grad():
         pruned = next(p for n, p in adapted.model.named_parameters() if "lora_E" in n)
         pruned.zero_()
     adapted.load_state_dict({})  # rebuilds AdaLoRA's mask from the zeroed lora_E, as a resumed run does
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PEFT's ZeRO-3/FSDP warning does not apply to a pruned layer
-        adapted.save_adapter(tmp_path)
+        adapted.save(tmp_path)
     shapes = [t.shape for t in load_file(tmp_path / "adapter_model.safetensors").values()]
     assert any(0 in s for s in shapes)  # the layer really was saved at rank 0
+
+
+@pytest.mark.parametrize("method", ["lora", "peft-lora"])
+def test_static_methods_train_as_many_parameters_as_dynamic_lora(method):
+    dynamic = get_method("dynamic").wrap(tiny_bert(), CONFIG, 20).trainable_parameters()
+    assert get_method(method).wrap(tiny_bert(), CONFIG, 20).trainable_parameters() == dynamic
+
+
+def test_static_lora_is_derived_from_the_dynamic_config():
+    lora = get_method("lora").wrap(tiny_bert(), CONFIG, 20).model
+    assert lora.dynlora_config.reallocate is False and lora.dynlora_config.input_adaptive is None
+    assert lora.dynlora_config.init == "lora" and lora.engine.allocator is None
+    assert all(layer.max_rank == 2 for layer in lora.lora_layers().values())
+
+
+def test_a_method_records_only_the_settings_it_uses():
+    changed = DynamicLoRAConfig(rank=2, target_modules=["query", "value"], temperature=3.0, init="lora")
+    for name in METHODS:
+        method = get_method(name)
+        same = method.identity(changed) == method.identity(CONFIG)
+        assert same == (name not in ("dynamic",)), name  # static LoRA and PEFT ignore the engine's settings
+
+
+def test_an_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method 'adalora'; choose one of: dynamic, lora"):
+        get_method("adalora")

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dynlora.metrics import glue_metrics, main_score
+from dynlora.training.metrics import glue_metrics, main_score
 
 
 def test_accuracy_f1_and_main_score():

@@ -80,7 +80,7 @@ def test_short_real_run_moves_the_allocation_away_from_uniform(path):
         optimizer.step()
         model.update_and_allocate(step)
         optimizer.zero_grad()
-    assert [h["step"] for h in model.allocator.history] == [10, 15, 20, 25]
+    assert [h["step"] for h in model.allocation_events()] == [10, 15, 20, 25]
     ranks = model.rank_pattern()
     assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 12 * 4
-    assert model.allocator.total_cost() <= model.allocator.budget
+    assert model.engine.total_cost() <= model.engine.budget

@@ -80,7 +80,7 @@ def test_growth_keeps_outputs_when_components_start_along_the_gradient():
     batch = {k: v for k, v in data(0).items() if k != "labels"}
     with torch.no_grad():
         before = model(**batch).logits
-        model.allocator.apply({n: 6 for n in model.lora_layers()}, grads)  # grow every layer 4 -> 6
+        model.engine.resize({n: 6 for n in model.lora_layers()}, grads)  # grow every layer 4 -> 6
         after = model(**batch).logits
     assert (after - before).abs().max() < 1e-6
 
@@ -90,8 +90,8 @@ def test_probes_measure_only_the_steps_that_need_it():
     armed = []
 
     def check(m, step):
-        armed.append(all(layer.probe.armed for layer in m.lora_layers().values()))
-        assert all(layer.probe.grad is None for layer in m.lora_layers().values())  # nothing kept after use
+        armed.append(all(probe.armed for probe in m.engine.probes.values()))
+        assert all(probe.grad is None for probe in m.engine.probes.values())  # nothing kept after use
 
     train(model, opt, 1, 16, 20, check)
     # after step s the probes are armed for step s + 1: re-allocations at 4, 7, 10, 13, 16
@@ -117,13 +117,12 @@ def test_a_skipped_step_measures_again():
     model(**data(1)).loss.backward()
     model.skip_step()  # e.g. a non-finite loss: this measurement must not be used
     opt.zero_grad()
-    layer = next(iter(model.lora_layers().values()))
-    assert layer.probe.armed and layer.probe.grad is None
+    name, layer = next(iter(model.lora_layers().items()))
+    assert model.engine.probes[name].armed and model.engine.probes[name].grad is None
     reference = true_weight_gradients(model, 2)
     model(**data(2)).loss.backward()
     opt.step()
     model.update_and_allocate(1)
-    name = next(iter(model.lora_layers()))
     assert subspace_overlap(layer.effective_rows().detach(), exact_top(reference[name], layer.rank)) > 0.99
 
 
@@ -134,7 +133,7 @@ def test_gradient_checkpointing_measures_the_same_gradient():
         if checkpointing:
             model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train(model, opt, 1, 8, 20)
-        states.append((model.allocator.history, model.adapter_state_dict()))
+        states.append((model.allocation_events(), model.adapter_state_dict()))
     assert [h["ranks"] for h in states[0][0]] == [h["ranks"] for h in states[1][0]]
     assert all(torch.allclose(states[0][1][k], states[1][1][k], atol=1e-5) for k in states[0][1])
 

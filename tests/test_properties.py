@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dynlora import DynamicLoRALinear, allocate
-from dynlora.gate import commit_statistics
+from dynlora.input_adaptation import commit_statistics
 
 FAST = settings(max_examples=40, deadline=None)
 

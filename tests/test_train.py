@@ -9,17 +9,31 @@ import torch
 from test_data import GLUE, needs_glue
 
 from dynlora import DynamicLoRAModel
-from dynlora.checkpoint import CheckpointError
-from dynlora.train import Interrupted, TrainConfig, Trainer, train
+from dynlora.training.base_model import center_regression_head, load_base
+from dynlora.training.data import load_task_data
+from dynlora.training.errors import CheckpointError, Diverged, Interrupted
+from dynlora.training.loop import TrainingRun, train
+from dynlora.training.settings import TrainSettings
 
 pytestmark = needs_glue
 
 
 def config(model_dir, out, **overrides):
-    base = dict(task="rte", model=model_dir, data_dir=str(GLUE), max_steps=12, batch_size=8, max_length=48,
-                max_train_samples=160, max_eval_samples=48, lr=5e-3, output_dir=str(out), progress=False,
-                adapter={"rank": 4, "warmup": 0.25, "interval": 0.25, "final": 0.75})  # fmt: skip
-    return TrainConfig(**{**base, **overrides})
+    base = dict(
+        task="rte",
+        model=model_dir,
+        data_dir=str(GLUE),
+        max_steps=12,
+        batch_size=8,
+        max_length=48,
+        max_train_samples=160,
+        max_eval_samples=48,
+        lr=5e-3,
+        output_dir=str(out),
+        progress=False,
+        adapter={"rank": 4, "warmup": 0.25, "interval": 0.25, "final": 0.75},
+    )
+    return TrainSettings(**{**base, **overrides})
 
 
 def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tmp_path):
@@ -40,7 +54,7 @@ def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tm
 
 @pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora"])
 def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method):
-    dynamic = Trainer(config(tiny_model_dir, tmp_path / "d", max_steps=4)).adapted.trainable_parameters()
+    dynamic = TrainingRun(config(tiny_model_dir, tmp_path / "d", max_steps=4)).adapted.trainable_parameters()
     result = train(config(tiny_model_dir, tmp_path / method, method=method, max_steps=4))
     assert result["method"] == method and result["steps"] == 4
     if method == "peft-adalora":  # starts at 1.5 x rank and prunes to rank: more parameters until then
@@ -49,22 +63,29 @@ def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method
         assert result["trainable_parameters"] == dynamic
 
 
+def hooked(settings: TrainSettings, on_training_forward) -> TrainingRun:
+    """A run whose base model calls ``on_training_forward(k, kwargs)`` before its k-th training forward (k = the
+    micro-batch index): real signals and real non-finite batches, through the model the run is handed."""
+    data = load_task_data(settings)
+    base = load_base(settings.model, data.num_labels, data.regression)
+    count = [0]
+
+    def hook(module, args, kwargs):
+        if module.training:
+            on_training_forward(count[0], kwargs)
+            count[0] += 1
+
+    base.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return TrainingRun(settings, data=data, base=base)
+
+
 def _interrupted_then_resumed(model_dir, out, at_step, **overrides):
-    original = Trainer._train_step
-
-    def interrupt(self):
-        loss = original(self)
-        if self.step == at_step - 1:  # the step being finished is `at_step`
+    def interrupt(k, _kwargs):
+        if k == at_step - 1:  # the micro-batch of step `at_step` (one per step): SIGINT lands during that step
             os.kill(os.getpid(), signal.SIGINT)
-        return loss
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Trainer, "_train_step", interrupt)
-    try:
-        with pytest.raises(Interrupted, match="--resume"):
-            train(config(model_dir, out, **overrides))
-    finally:
-        mp.undo()
+    with pytest.raises(Interrupted, match="--resume"):
+        hooked(config(model_dir, out, **overrides), interrupt).run()
     assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step-{at_step:08d}"
     return train(config(model_dir, out, resume=True, **overrides))
 
@@ -112,38 +133,30 @@ def test_checkpoint_errors(tiny_model_dir, tmp_path):
         train(config(tiny_model_dir, tmp_path, max_steps=3, resume=True))
 
 
-def poison(monkeypatch, bad):
+def poisoned(settings: TrainSettings, bad) -> TrainingRun:
     """NaN regression targets on the micro-batches in ``bad``: a real non-finite loss, not a mocked one."""
-    original = Trainer.micro_batch
 
-    def micro_batch(self, k):
-        batch = original(self, k)
+    def poison(k, kwargs):
         if bad(k):
-            batch["labels"] = torch.full_like(batch["labels"], float("nan"))
-        return batch
+            kwargs["labels"] = torch.full_like(kwargs["labels"], float("nan"))
 
-    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+    return hooked(settings, poison)
 
 
-def test_nonfinite_steps_are_skipped_counted_and_kept_from_the_allocator(tiny_model_dir, tmp_path, monkeypatch):
-    poison(monkeypatch, lambda k: k in (2, 5))
-    trainer = Trainer(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8))
-    result = trainer.run()
-    assert result["steps"] == 8 and result["skipped_nonfinite_steps"] == 2 and trainer.micro == 10
-    assert trainer.model.allocator.scorer.skipped_nonfinite == 0  # the scorer never saw the NaN steps
-    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+def test_nonfinite_steps_are_skipped_counted_and_kept_from_the_allocator(tiny_model_dir, tmp_path):
+    run = poisoned(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8), lambda k: k in (2, 5))
+    result = run.run()
+    assert result["steps"] == 8 and result["skipped_nonfinite_steps"] == 2 and run.micro == 10
+    assert run.model.engine.scorer.skipped_nonfinite == 0  # the scorer never saw the NaN steps
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
     events = [json.loads(line).get("event") for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert events.count("skipped_nonfinite") == 2
 
 
-def test_too_many_nonfinite_steps_stop_and_keep_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
-    from dynlora.train import Diverged
-
-    poison(monkeypatch, lambda k: k >= 3)
+def test_too_many_nonfinite_steps_stop_and_keep_the_last_checkpoint(tiny_model_dir, tmp_path):
     with pytest.raises(Diverged, match="not finite for 5 steps in a row"):
-        train(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8, save_every=2))
+        poisoned(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8, save_every=2), lambda k: k >= 3).run()
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "step-00000002"
-    monkeypatch.undo()
     resumed = train(config(tiny_model_dir, tmp_path, task="stsb", max_steps=8, save_every=2, resume=True))
     assert resumed["steps"] == 8
 
@@ -160,25 +173,33 @@ def test_a_fresh_run_keeps_a_dead_runs_log_aside(tiny_model_dir, tmp_path):
 def test_a_new_regression_head_starts_at_the_label_mean_and_a_loaded_one_is_kept(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from dynlora.train import center_regression_head, load_base
-
-    base, _, fresh = load_base(tiny_model_dir, 1, regression=True)  # the saved 2-class head does not fit: new
+    loaded = load_base(tiny_model_dir, 1, regression=True)  # the saved 2-class head does not fit: new
+    base, fresh = loaded.model, loaded.fresh
     assert "classifier.bias" in fresh
     assert center_regression_head(base, fresh, 2.7)
     assert base.classifier.bias.item() == pytest.approx(2.7)
 
     base.save_pretrained(tmp_path / "regressor")  # a model whose regression head was trained: left alone
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "regressor")
-    loaded, _, fresh = load_base(str(tmp_path / "regressor"), 1, regression=True)
+    reloaded = load_base(str(tmp_path / "regressor"), 1, regression=True)
+    loaded, fresh = reloaded.model, reloaded.fresh
     assert not fresh and not center_regression_head(loaded, fresh, 1.0)
     assert loaded.classifier.bias.item() == pytest.approx(2.7)
 
-    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_labels=1))  # fmt: skip
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_labels=1,
+        )
+    )
     assert not center_regression_head(llama, {"score.weight"}, 2.7)  # its score layer has no bias
 
 
 def test_stsb_training_starts_from_the_label_mean(tiny_model_dir, tmp_path):
-    trainer = Trainer(config(tiny_model_dir, tmp_path / "run", task="stsb"))
-    labels = [f["labels"] for f in trainer.train_features]
-    assert trainer.model.model.classifier.bias.item() == pytest.approx(sum(labels) / len(labels), rel=1e-5)
+    run = TrainingRun(config(tiny_model_dir, tmp_path / "run", task="stsb"))
+    labels = [f["labels"] for f in run.train_features]
+    assert run.model.model.classifier.bias.item() == pytest.approx(sum(labels) / len(labels), rel=1e-5)

@@ -28,7 +28,7 @@ PEFT_PREFIX = "base_model.model."
 def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base,
     dir)`` loads and that reproduces this model's outputs."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # imported here: peft is needed only to export
 
     layers = {n: m for n, m in model.lora_layers().items() if m.rank > 0}
     if not layers:

@@ -34,7 +34,6 @@ class ImportanceScorer:
 
     name = ""
     uses_uncertainty = False
-    needs_grad = True
 
     def __init__(self, layers: dict[str, DynamicLoRALinear], beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1, self.beta2 = beta1, beta2
@@ -46,7 +45,6 @@ class ImportanceScorer:
         self._raw = torch.zeros(len(layers), capacity)
         # Layer score kept from the last time the layer was scored, so a layer at rank 0 can still win rank back.
         self.last_layer_score = torch.zeros(len(layers), dtype=torch.float64)
-        self.updates = 0
         self.skipped_nonfinite = 0
 
     def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
@@ -75,14 +73,9 @@ class ImportanceScorer:
         self.mean = new_mean
         rows = scored.any(dim=1)
         self.last_layer_score[rows] = (self._scores() * scored).sum(dim=1).double()[rows]
-        self.updates += 1
 
     def _scores(self) -> torch.Tensor:
         return (self.mean * self.unc).sqrt() if self.uses_uncertainty else self.mean
-
-    def component_scores(self, name: str, rank: int) -> torch.Tensor:
-        """Smoothed score of each of the first ``rank`` components of a layer."""
-        return self._scores()[self.row[name], :rank].clone()
 
     def layer_scores(self) -> dict[str, float]:
         """Layer name -> importance (sum over its active components; the last value for a layer at rank 0)."""
@@ -110,7 +103,6 @@ class ImportanceScorer:
             "mean": self.mean.clone(),
             "unc": self.unc.clone(),
             "last_layer_score": self.last_layer_score.clone(),
-            "updates": self.updates,
             "skipped_nonfinite": self.skipped_nonfinite,
         }
 
@@ -121,7 +113,6 @@ class ImportanceScorer:
             raise ValueError("importance state is for other layers than this model's adapters")
         self.mean, self.unc = state["mean"].clone(), state["unc"].clone()
         self.last_layer_score = state["last_layer_score"].clone()
-        self.updates = int(state["updates"])
         self.skipped_nonfinite = int(state["skipped_nonfinite"])
 
 
@@ -158,7 +149,6 @@ class GradientScorer(ImportanceScorer):
 
 class UpdateNormScorer(ImportanceScorer):
     name = "update_norm"
-    needs_grad = False
 
     def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
         a, b = layer.active_factors()

@@ -57,3 +57,17 @@ def new_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_dir)`` on a fresh directory beside ``path``, then put it in place of ``path``: a reader
+    sees the old directory or the new one, whole."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .gate import MODES, InputNorm, TokenGate
-from .probe import GradientProbe
+from .input_adaptation import MODES, InputNorm, TokenGate
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -47,8 +46,8 @@ class DynamicLoRALinear(nn.Module):
         alpha: LoRA alpha of this layer.
         max_rank: capacity, the largest rank the layer can grow to (default: ``rank``).
         dropout: dropout probability on the adapter's input path.
-        input_adaptive: ``None``, ``"mergeable"`` or ``"per_example"`` input-feature adaptation (see gate.py).
-        input_norm_strength: exponent of the ``"mergeable"`` input scale, in (0, 1] (see gate.py).
+        input_adaptive: ``None``, ``"mergeable"`` or ``"per_example"`` input adaptation (see input_adaptation.py).
+        input_norm_strength: exponent of the ``"mergeable"`` input scale, in (0, 1] (see input_adaptation.py).
     """
 
     def __init__(
@@ -88,12 +87,12 @@ class DynamicLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
         self.input_adaptive = input_adaptive
-        self.input_norm = (InputNorm(self.in_features, strength=input_norm_strength).to(weight.device)
-                           if input_adaptive == "mergeable" else None)  # fmt: skip
-        self.token_gate = TokenGate(max_rank).to(**factory) if input_adaptive == "per_example" else None
+        mergeable, per_example = input_adaptive == "mergeable", input_adaptive == "per_example"
+        self.input_norm = (
+            InputNorm(self.in_features, strength=input_norm_strength).to(weight.device) if mergeable else None
+        )
+        self.token_gate = TokenGate(max_rank).to(**factory) if per_example else None
         self.merged = False
-        # Set by the model when components start along the loss gradient (probe.py); None: never measured.
-        self.probe: GradientProbe | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -196,12 +195,6 @@ class DynamicLoRALinear(nn.Module):
     # --- forward / merge ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._forward(x)
-        if self.probe is not None and self.probe.armed and self.training:
-            self.probe.watch(x, out)
-        return out
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged or self.rank == 0:
             return result

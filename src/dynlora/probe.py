@@ -8,8 +8,8 @@ first, and its B_i receives the largest gradient any unit row could give it. dyn
 afford to rotate into place (LoRA-GA, Wang et al. 2024; GoRA, He et al. 2025, use the same gradient).
 
 G is the gradient of the frozen weight, which backward otherwise never forms. A :class:`GradientProbe` is armed
-for a step only (the first, and re-allocation steps): the layer then keeps a reference to its input and a hook on
-its output adds gᵀx over the tokens that carry gradient (at most ``max_tokens`` of them) into one float32
+for a step only (the first, and re-allocation steps): a forward hook then keeps a reference to the layer's input, and
+a hook on its output adds gᵀx over the tokens that carry gradient (at most ``max_tokens`` of them) into one float32
 ``out × in`` matrix per layer (under torch.distributed summed over processes when read, so every process sees the
 same G). Unarmed, it costs nothing.
 """
@@ -17,28 +17,43 @@ same G). Unarmed, it costs nothing.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 class GradientProbe:
-    """Accumulates G = ∂L/∂W of one layer over the forwards/backwards of an armed step."""
+    """Accumulates G = ∂L/∂W of one layer over the forwards/backwards of an armed step.
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None,
-                 max_tokens: int = 1024) -> None:  # fmt: skip
-        self.shape = (out_features, in_features)
-        self.device = device
+    Armed, it is a forward hook on the layer (attached from outside, as PEFT's EVA and LoRA-GA do): the layer's
+    own forward stays the LoRA formula. Disarmed, the hook is removed."""
+
+    def __init__(self, layer: nn.Module, max_tokens: int = 1024) -> None:
+        self.layer = layer
+        self.shape = (layer.out_features, layer.in_features)
         self.max_tokens = max_tokens
-        self.armed = False
         self.grad: torch.Tensor | None = None
+        self._handle: RemovableHandle | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
 
     def arm(self) -> None:
-        self.armed, self.grad = True, None
+        """Measure from now on, starting afresh."""
+        self.grad = None
+        if self._handle is None:
+            self._handle = self.layer.register_forward_hook(self._watch)
 
     def disarm(self) -> None:
-        self.armed, self.grad = False, None
+        self.grad = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
-    def watch(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Called by the layer's forward while armed: adds gᵀx when backward reaches ``out``."""
-        if out.requires_grad:
+    def _watch(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        """Training forwards only: adds gᵀx when backward reaches ``out``."""
+        if module.training and out.requires_grad:
+            x = inputs[0]
             out.register_hook(lambda g: self._add(x, g))
 
     @torch.no_grad()
@@ -58,8 +73,12 @@ def synced_gradients(probes: list[GradientProbe]) -> list[torch.Tensor | None]:
     layer that saw no gradient on any process. A collective: every process must call it."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [p.grad for p in probes]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros(p.shape, device=p.device)).reshape(-1)
-                      for p in probes])  # fmt: skip
+    flat = torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros(p.shape, device=p.layer.lora_A.device)).reshape(-1)
+            for p in probes
+        ]
+    )
     seen = torch.tensor([float(p.grad is not None) for p in probes], device=flat.device)
     both = torch.cat([flat, seen])
     torch.distributed.all_reduce(both)

@@ -1,13 +1,17 @@
-"""Which modules of a Hugging Face model get an adapter: per-family defaults and PEFT-compatible name matching."""
+"""Which modules of a Hugging Face model get an adapter, at which rank: per-family defaults, PEFT-compatible name
+and pattern matching, per-layer specs, and replacing a child module."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .layer import SUPPORTED_BASE_LAYERS
+from .config import DynamicLoRAConfig
+from .layer import SUPPORTED_BASE_LAYERS, layer_dims
 
 # The attention projections that LoRA papers adapt by default, per `config.model_type`.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -108,3 +112,62 @@ def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str])
             f"Candidates: {candidate_summary(model)}"
         )
     return found
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is built: initial rank (fixes its scale), alpha, capacity."""
+
+    rank: int
+    alpha: float
+    max_rank: int
+
+
+def _first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    return next((v for k, v in patterns.items() if pattern_matches(k, name)), default)
+
+
+def resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[str]) -> dict[str, LayerSpec]:
+    """Every layer to adapt with its rank, alpha and capacity (``rank_pattern``/``alpha_pattern`` applied)."""
+    targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    specs = {}
+    for name in find_targets(model, targets, exclude):
+        rank = int(_first_match(config.rank_pattern, name, config.rank))
+        alpha = float(_first_match(config.alpha_pattern, name, config.alpha))
+        in_f, out_f = layer_dims(model.get_submodule(name))
+        limit = min(in_f, out_f)
+        asked = max(rank, config.max_rank or 0)  # what the user set explicitly must fit
+        if asked > limit:
+            raise ValueError(
+                f"rank {asked} is larger than layer {name} allows ({in_f} -> {out_f}: at most {limit}); "
+                "lower rank/max_rank or use rank_pattern for this layer"
+            )
+        # The implicit capacity (2 x rank when re-allocating) is capped at what the layer can hold.
+        max_rank = asked if config.max_rank is not None else min(max(rank, config.capacity), limit)
+        specs[name] = LayerSpec(rank, alpha, max_rank)
+    return specs
+
+
+def resolve_saved_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Top-level module names matching ``names``; each entry must match something."""
+    found: list[str] = []
+    for entry in names:
+        hits = [n for n, _ in model.named_modules() if n and name_matches([entry], n)]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of {type(model).__name__}")
+        found += [h for h in hits if not any(h.startswith(f + ".") for f in found) and h not in found]
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -33,8 +33,9 @@ class InputNorm(nn.Module):
     """Running per-feature RMS of a layer's input; :meth:`scale` is the per-feature factor for A's columns,
     (rms_ref / rms_j)^strength."""
 
-    def __init__(self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6,
-                 strength: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6, strength: float = 1.0
+    ) -> None:
         super().__init__()
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"input norm strength must be in (0, 1], got {strength}")

@@ -11,24 +11,25 @@ directory, its own row in the table).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
 import os
-import signal
 import statistics
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .base_model import quiet_transformers
 from .checkpoint import latest_checkpoint
+from .fields import merge
+from .loop import TrainingRun
+from .methods import METHODS
 from .metrics import MAIN_METRICS, run_score
+from .pool import run_in_pool
+from .settings import TrainSettings
 
 RESULTS = "results.jsonl"
+DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")
 
 
 @dataclass
@@ -42,16 +43,23 @@ class ComparePlan:
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def settings(self, task: str, method: str, seed: int) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for layer in (self.base, self.per_task.get(task, {}), self.per_method.get(method, {})):
-            for key, value in layer.items():
-                if key == "adapter":
-                    merged["adapter"] = {**merged.get("adapter", {}), **value}
-                else:
-                    merged[key] = value
+        """The typed settings of one run: ``base``, then ``per_task[task]``, then ``per_method[method]``."""
+        merged = merge(self.base, self.per_task.get(task, {}), self.per_method.get(method, {}))
         run_dir = Path(self.output_dir) / task / method / f"seed{seed}"
         actual = merged.pop("method", method)  # a variant names the method it runs
         return {**merged, "task": task, "method": actual, "seed": seed, "output_dir": str(run_dir)}
+
+    def check(self) -> None:
+        """Build every run's settings once, so a wrong one fails before hours of runs, not in the middle."""
+        for task in self.tasks:
+            for method in self.methods:
+                settings = self.settings(task, method, self.seeds[0])
+                if settings["method"] not in METHODS:
+                    raise ValueError(
+                        f"unknown method {method!r}; choose from {', '.join(METHODS)}, or name a variant "
+                        f"in the plan file: per_method: {{{method}: {{method: dynamic, ...}}}}"
+                    )
+                TrainSettings.from_settings(settings)
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -68,59 +76,22 @@ def append_result(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-_ORPHANED, _BUSY, _STOP = threading.Event(), threading.Event(), threading.Event()
+def train_one(settings: dict[str, Any]) -> dict[str, Any]:
+    """One run of a comparison (module level: ``--jobs`` sends it to worker processes)."""
+    quiet_transformers()
+    return TrainingRun(TrainSettings.from_settings(settings)).run()
 
 
-class Stopped(Exception):
-    """A --jobs worker refused a queued run because the comparison is stopping."""
-
-
-def _init_worker(threads: int) -> None:
-    """A --jobs worker: its share of the threads; a signal makes it take no further run (a training in progress
-    handles the signal itself: it saves and stops); and a watch on the parent: if the parent dies without passing
-    a signal on (SIGKILL), the worker sends itself SIGTERM so a running training saves a checkpoint, then exits."""
-    import torch
-
-    torch.set_num_threads(threads)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda _signum, _frame: _STOP.set())
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        _ORPHANED.set()
-        if not _BUSY.is_set():
-            os._exit(1)
-        os.kill(os.getpid(), signal.SIGTERM)  # the trainer saves, stops, and _in_worker exits
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _in_worker(train_fn: Callable[[dict[str, Any]], dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    # The executor queues a run or two ahead; once the comparison is stopping, those must not start.
-    if _STOP.is_set():
-        raise Stopped
-    _BUSY.set()
-    try:
-        return train_fn(settings)
-    except BaseException:
-        _STOP.set()  # interrupted or failed: the parent stops the comparison
-        raise
-    finally:
-        _BUSY.clear()
-        if _ORPHANED.is_set():
-            os._exit(1)  # nobody is left to take the result; the checkpoint is saved
-
-
-def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[str, Any]],
-                   log: Callable[[str], None] = print, jobs: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+def run_comparison(
+    plan: ComparePlan,
+    train_fn: Callable[[dict[str, Any]], dict[str, Any]] = train_one,
+    log: Callable[[str], None] = print,
+    jobs: int = 1,
+) -> list[dict[str, Any]]:
     """Run every (task, method, seed) not yet in results.jsonl; returns all results.
 
-    ``jobs`` > 1 runs that many trainings at once in worker processes, each with an equal share of the CPU threads
-    (``train_fn`` must then be picklable: a module-level function). On a small CPU several single-threaded runs
-    finish more work per hour than one run using every core.
-    """
+    ``jobs`` > 1 runs that many trainings at once in worker processes (pool.py; ``train_fn`` must then be
+    picklable: a module-level function)."""
     out = Path(plan.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
@@ -132,8 +103,13 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
             continue
         settings = plan.settings(task, method, seed)
         resume = latest_checkpoint(Path(settings["output_dir"]) / "checkpoints") is not None
-        todo.append((f"[{i}/{len(grid)}] {task} {method} seed {seed}" + (" (resuming)" if resume else ""),
-                     (task, method, seed), {**settings, "resume": resume}))  # fmt: skip
+        todo.append(
+            (
+                f"[{i}/{len(grid)}] {task} {method} seed {seed}" + (" (resuming)" if resume else ""),
+                (task, method, seed),
+                {**settings, "resume": resume},
+            )
+        )
 
     def record(key: tuple[str, str, int], settings: dict[str, Any], result: dict[str, Any]) -> None:
         kept = {k: v for k, v in result.items() if k not in ("task", "method", "seed")}
@@ -143,44 +119,10 @@ def run_comparison(plan: ComparePlan, train_fn: Callable[[dict[str, Any]], dict[
         for message, key, settings in todo:
             log(message)
             record(key, settings, train_fn(settings))
-        return read_results(path)
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))  # fmt: skip
-
-    def on_sigterm(signum: int, _frame: object) -> None:
-        # Ctrl-C reaches the workers from the terminal; a SIGTERM sent to this process alone is passed on, so
-        # every running training saves its checkpoint before the comparison stops.
-        for worker in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        running = {}
-        for message, key, settings in todo:
-            running[pool.submit(_in_worker, train_fn, {**settings, "progress": False})] = (message, key, settings)
-        stopped = False
-        for future in as_completed(running):
-            message, key, settings = running[future]
-            try:
-                result = future.result()  # a failed run stops the comparison, after the others stop
-            except Stopped:
-                stopped = True  # a worker was signalled; the cause (if a failure) is raised by its own future
-                continue
+    else:
+        for (message, key, settings), result in run_in_pool(train_fn, [t[2] for t in todo], todo, jobs):
             record(key, settings, result)
             log(message.replace("] ", "] done: ", 1))
-        if stopped:
-            raise KeyboardInterrupt
-    except BaseException:
-        # Cancel what has not started; running trainings got the signal too: they save and exit (resumable).
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    pool.shutdown()
     return read_results(path)
 
 

@@ -38,8 +38,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batches(features: Sequence[dict], order: Sequence[int], batch_size: int, pad_token_id: int,
-            start: int = 0) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
-    """Batches of ``features`` in ``order``, from batch index ``start`` on (the data position of a resumed run)."""
-    for b in range(start, (len(order) + batch_size - 1) // batch_size):
-        yield collate([features[i] for i in order[b * batch_size : (b + 1) * batch_size]], pad_token_id)
+def batches(
+    features: Sequence[dict], order: Sequence[int], batch_size: int, pad_token_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``features`` in ``order``."""
+    for b in range(0, len(order), batch_size):
+        yield collate([features[i] for i in order[b : b + batch_size]], pad_token_id)

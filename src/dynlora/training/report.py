@@ -12,12 +12,10 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+from matplotlib.figure import Figure  # figures without pyplot: the caller's matplotlib backend is left alone
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .compare import RESULTS, read_results, seed_stats, summary_table  # noqa: E402
-from .metrics import format_metrics, run_score  # noqa: E402
+from .compare import RESULTS, read_results, seed_stats, summary_table
+from .metrics import format_metrics, run_score
 
 
 def _short(name: str) -> str:
@@ -27,15 +25,19 @@ def _short(name: str) -> str:
     return f"L{digits[0]}.{parts[-1]}" if digits else name
 
 
-def _save(fig, path: Path) -> str:
+def _figure(width: float, height: float):
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path.name
 
 
 def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title: str, label: str, path: Path) -> str:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5)))
+    fig, ax = _figure(max(4.0, 0.45 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90 if len(cols) > 8 else 0)
@@ -54,7 +56,7 @@ def report_run(run: Path) -> Path:
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], run_score(r["metrics"])) for r in records if r.get("event") == "eval"]
     if losses:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = _figure(6, 3.5)
         ax.plot(*zip(*losses, strict=True), label="training loss", color="tab:blue")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -69,14 +71,19 @@ def report_run(run: Path) -> Path:
         layers = list(allocations[-1]["ranks"])
         steps = [str(a["step"]) for a in allocations]
         matrix = [[a["ranks"][n] for a in allocations] for n in layers]
-        heatmap = _heatmap(matrix, [_short(n) for n in layers], steps, "rank per layer", "rank",
-                           run / "rank_allocation.png")  # fmt: skip
+        heatmap = _heatmap(
+            matrix, [_short(n) for n in layers], steps, "rank per layer", "rank", run / "rank_allocation.png"
+        )
         images.append(("Rank allocation (layer × re-allocation step)", heatmap))
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 20 distinct colours: one per layer up to 20
+        fig, ax = _figure(6.5, 4)
+        ax.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)  # 20 distinct colours: one per layer up to 20
         for name in layers:
-            ax.plot([a["step"] for a in allocations], [max(a["scores"][name], 1e-30) for a in allocations],
-                    label=_short(name), linewidth=1)  # fmt: skip
+            ax.plot(
+                [a["step"] for a in allocations],
+                [max(a["scores"][name], 1e-30) for a in allocations],
+                label=_short(name),
+                linewidth=1,
+            )
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("importance score")
@@ -87,8 +94,10 @@ def report_run(run: Path) -> Path:
     results = run / "results.json"
     if results.is_file():
         result = json.loads(results.read_text())
-        lines += [f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
-                  f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"]  # fmt: skip
+        lines += [
+            f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
+            f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"
+        ]
         for split, metrics in result["metrics"].items():
             lines.append(f"- final {split}: {format_metrics(metrics)}")
         if result.get("best"):
@@ -108,7 +117,7 @@ def report_comparison(root: Path) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in results))
     lines = [f"# Comparison report: {root}", "", summary_table(results, tasks, methods), ""]
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) + 2), 3.8))
+    fig, ax = _figure(max(5.0, 1.6 * len(tasks) + 2), 3.8)
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
         # A task the method has not finished gets no bar (NaN), not a bar at 0 that reads as a score.
@@ -125,8 +134,9 @@ def report_comparison(root: Path) -> Path:
     if dynamic:
         layers = list(dynamic[0]["ranks"])
         dyn_tasks = list(dict.fromkeys(r["task"] for r in dynamic))
-        matrix = [[statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for t in dyn_tasks]
-                  for n in layers]  # fmt: skip
+        matrix = [
+            [statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for t in dyn_tasks] for n in layers
+        ]
         title = "final ranks, dynamic runs\n(mean over seeds)"
         name = _heatmap(matrix, [_short(n) for n in layers], dyn_tasks, title, "rank", root / "final_ranks.png")
         lines.append(f"## Final rank allocation of the dynamic runs\n\n![final ranks]({name})\n")

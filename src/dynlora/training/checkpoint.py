@@ -1,6 +1,10 @@
 """Training checkpoints: written whole into a temporary directory, checksummed, renamed into place, and only then
 pointed to by ``LATEST``; so a kill at any moment (even mid-write) leaves the previous checkpoint intact and
-loadable, and a damaged file is detected on load instead of resuming from garbage."""
+loadable, and a damaged file is detected on load instead of resuming from garbage.
+
+Each manifest carries a ``format_version``. A checkpoint of an older format is brought up to the current one by
+the explicit steps in migrations.py before the run's identity is compared, so a checkpoint resumes exactly when it
+was written with the settings the run has now."""
 
 from __future__ import annotations
 
@@ -14,16 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write
+from ..io import atomic_write
+from .errors import CheckpointError
+from .migrations import CHECKPOINT_VERSION, migrate
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, damaged, or from another run."""
 
 
 def _sha256(path: Path) -> str:
@@ -42,8 +44,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict,
-                    identity: dict[str, Any]) -> Path:  # fmt: skip
+def save_checkpoint(
+    root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict, identity: dict[str, Any]
+) -> Path:
     """Write checkpoint ``step`` under ``root`` and make it the latest; older ones are removed after."""
     root = Path(root)
     name = f"step-{step:08d}"
@@ -55,7 +58,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, tensors: dict[str, torch
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
         files = {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "identity": identity, "sha256": files}, indent=2))
+        (tmp / MANIFEST).write_text(
+            json.dumps(
+                {"format_version": CHECKPOINT_VERSION, "step": step, "identity": identity, "sha256": files}, indent=2
+            )
+        )
         for f in (WEIGHTS, STATE, MANIFEST):
             _fsync(tmp / f)
     except OSError as e:  # disk full, quota, permissions: the previous checkpoint stays the latest
@@ -80,21 +87,20 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _same(theirs: Any, ours: Any, before: dict[str, Any]) -> bool:
-    """Equal settings, where a setting added to the library after the checkpoint was written counts as equal when
-    it is now at the value that does what the library did before it existed: ``before[name]``, else None (every
-    optional setting's "off")."""
+def _differences(theirs: Any, ours: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(setting, theirs, ours) for every setting that differs; nested settings as ``adapter.rank``."""
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        return all(_same(theirs.get(k), ours.get(k), before) if k in theirs else ours[k] == before.get(k)
-                   for k in theirs | ours)  # fmt: skip
-    return theirs == ours
+        return [
+            d
+            for k in sorted(theirs.keys() | ours.keys(), key=str)
+            for d in _differences(theirs.get(k), ours.get(k), f"{prefix}{k}.")
+        ]
+    return [] if theirs == ours else [(prefix[:-1], theirs, ours)]
 
 
-def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any],
-                    before: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict, int]:  # fmt: skip
-    """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums and against
-    the ``identity`` of the run that wants to resume from it; ``before``: what settings newer than the checkpoint
-    did before they existed (see :func:`_same`)."""
+def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums, brought to
+    the current format, and checked against the ``identity`` of the run that wants to resume from it."""
     path = latest_checkpoint(root)
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {root} (no {LATEST} file); drop --resume to start")
@@ -105,15 +111,13 @@ def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any],
     for filename, digest in manifest["sha256"].items():
         if not (path / filename).is_file() or _sha256(path / filename) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {filename} is missing or fails its checksum")
-    theirs = manifest["identity"]
-    before = before or {}
-    different = sorted(k for k in set(theirs) | set(identity) if not _same(theirs.get(k), identity.get(k), before))
+    state = torch.load(path / STATE, weights_only=True)
+    manifest, state = migrate(manifest, state, where=str(path))
+    different = _differences(manifest["identity"], identity)
     if different:
-        key = different[0]
+        key, theirs, ours = different[0]
         raise CheckpointError(
-            f"checkpoint {path} is from another run: {key} was {theirs.get(key)!r}, now {identity.get(key)!r}; "
+            f"checkpoint {path} is from another run: {key} was {theirs!r}, now {ours!r}; "
             "resume with the same settings or use a new --output-dir"
         )
-    tensors = load_file(str(path / WEIGHTS))
-    state = torch.load(path / STATE, weights_only=True)
-    return tensors, state, int(manifest["step"])
+    return load_file(str(path / WEIGHTS)), state, int(manifest["step"])

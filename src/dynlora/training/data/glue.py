@@ -14,13 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
+
 ENV_GLUE_DIR = "DYNLORA_GLUE_DIR"
-# This repository's checkout layout: the shared data folder beside the repo.
-DEFAULT_GLUE_DIR = Path("..") / "shared" / "data" / "glue"
-
-
-class DataError(ValueError):
-    """A problem with the user's data, reported in one line that says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ TASKS: dict[str, TaskSpec] = {
         "gold_label",
         ("entailment", "neutral", "contradiction"),
         dev_files=(("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv")),
-    ),  # fmt: skip
+    ),
     "qnli": TaskSpec("qnli", "QNLI", "question", "sentence", "label", ("entailment", "not_entailment")),
     "rte": TaskSpec("rte", "RTE", "sentence1", "sentence2", "label", ("entailment", "not_entailment")),
     "wnli": TaskSpec("wnli", "WNLI", "sentence1", "sentence2", "label", ("0", "1")),
@@ -85,13 +81,10 @@ def task_spec(name: str) -> TaskSpec:
 
 
 def resolve_glue_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """``data_dir``, else $DYNLORA_GLUE_DIR, else ../shared/data/glue if it exists; None when none is given and the
-    default does not exist (the caller may then fall back to the `datasets` hub)."""
+    """``data_dir``, else $DYNLORA_GLUE_DIR; None when neither is given (the caller may then use the hub)."""
     if data_dir is not None:
         return Path(data_dir)
-    if os.environ.get(ENV_GLUE_DIR):
-        return Path(os.environ[ENV_GLUE_DIR])
-    return DEFAULT_GLUE_DIR if DEFAULT_GLUE_DIR.is_dir() else None
+    return Path(os.environ[ENV_GLUE_DIR]) if os.environ.get(ENV_GLUE_DIR) else None
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -163,12 +156,12 @@ def read_tsv(spec: TaskSpec, path: str | os.PathLike) -> list[Example]:
 def load_glue(task: str, data_dir: str | os.PathLike | None = None) -> dict[str, list[Example]]:
     """Splits of a GLUE task: ``train`` plus ``validation`` (MNLI: ``validation_matched``/``_mismatched``).
 
-    From ``data_dir`` / $DYNLORA_GLUE_DIR / ../shared/data/glue; with none of them present, from the `datasets` hub
-    when that package can reach it; otherwise a DataError saying where data was looked for."""
+    From ``data_dir``, else $DYNLORA_GLUE_DIR; with neither, from the hub through the optional `datasets` package
+    (``pip install 'dynlora[hub]'``); every failure is a DataError saying where data was looked for."""
     spec = task_spec(task)
     root = resolve_glue_dir(data_dir)
     if root is None:
-        return _load_from_hub(spec)
+        return from_hub(spec, _hub_dataset(spec))
     folder = root / spec.folder
     if not folder.is_dir():
         raise DataError(
@@ -181,27 +174,50 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None) -> dict[str,
     return splits
 
 
-def _load_from_hub(spec: TaskSpec) -> dict[str, list[Example]]:
-    looked = f"--data-dir, ${ENV_GLUE_DIR}, {DEFAULT_GLUE_DIR}"
+# Columns of the hub's "nyu-mll/glue" builder: (text, text pair); its labels are ids in the order of TASKS.
+HUB_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "cola": ("sentence", None),
+    "sst2": ("sentence", None),
+    "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
+}
+
+
+def _hub_dataset(spec: TaskSpec):
+    looked = f"--data-dir, ${ENV_GLUE_DIR}"
     try:
         import datasets
     except ImportError:
         raise DataError(
-            f"no GLUE data found (looked at {looked}); pass --data-dir DIR with GLUE's TSV folders"
+            f"no GLUE data given ({looked}); pass --data-dir DIR with GLUE's TSV folders, or install the hub "
+            "fallback: pip install 'dynlora[hub]'"
         ) from None
     try:
-        hub = datasets.load_dataset("nyu-mll/glue", spec.name)
+        return datasets.load_dataset("nyu-mll/glue", spec.name)
     except Exception as e:  # offline, hub down, ...: say where we looked, not a hub stack trace
         raise DataError(
-            f"no GLUE data found (looked at {looked}) and the datasets hub failed ({type(e).__name__}); "
+            f"no GLUE data given ({looked}) and the datasets hub failed ({type(e).__name__}); "
             "pass --data-dir DIR with GLUE's TSV folders"
         ) from e
-    text_key, pair_key = {"sst2": ("sentence", None), "cola": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
-                          "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"),
-                          "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
-                          "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}[spec.name]  # fmt: skip
-    wanted = ["train"] + [split for split, _ in spec.dev_files]
-    return {
-        split: [Example(r[text_key], r[pair_key] if pair_key else None, r["label"]) for r in hub[split]]
-        for split in wanted
-    }
+
+
+def from_hub(spec: TaskSpec, dataset) -> dict[str, list[Example]]:
+    """Examples of a hub GLUE dataset (a mapping of split name to rows, each a dict of the builder's columns)."""
+    text_key, pair_key = HUB_COLUMNS[spec.name]
+    splits = {}
+    for split in ["train"] + [name for name, _ in spec.dev_files]:
+        rows = dataset[split]
+        splits[split] = [
+            Example(
+                r[text_key],
+                r[pair_key] if pair_key else None,
+                float(r["label"]) if spec.is_regression else int(r["label"]),
+            )
+            for r in rows
+        ]
+    return splits

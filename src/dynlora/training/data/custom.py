@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from .glue import DataError, Example, regression_target
+from ..errors import DataError
+from .glue import Example, regression_target
 
 
 def _records(path: Path) -> list[dict]:
@@ -56,8 +57,10 @@ def load_custom(
     wanted = [c for c in (text_col, text_pair_col, label_col) if c is not None]
     missing = [c for c in wanted if c not in records[0]]
     if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (found: {', '.join(map(str, records[0]))}); "
-                        "set --text-col/--text-pair-col/--label-col")  # fmt: skip
+        raise DataError(
+            f"{path}: no column {missing[0]!r} (found: {', '.join(map(str, records[0]))}); "
+            "set --text-col/--text-pair-col/--label-col"
+        )
     if not regression and labels is None:
         labels = tuple(sorted({str(r.get(label_col)) for r in records}))
     examples = []

@@ -1,0 +1,224 @@
+"""The Dynamic LoRA engine: what happens after each optimizer step.
+
+    step s:  commit input statistics → (init="gradient") read the probes' ∂L/∂W → on step 1, start every
+             layer's components along it → update importance → on the schedule, re-allocate ranks
+
+One object owns everything that changes ranks or starts components: the bound optimizer (its state follows every
+change), the :class:`~dynlora.allocator.Schedule`, the importance scorer, the :class:`~dynlora.allocator.RankAllocator`
+that decides, the gradient probes (hooks attached only on the steps that need them), and the list of allocation
+``events`` that the training loop, the Trainer callback and the report read.
+
+Carrying a decision out keeps three things consistent for every layer that changes:
+
+- shrink r → r': re-base the layer (strongest directions first), map its optimizer state into the new basis,
+  drop the trailing components, clear their state, tell the scorer;
+- grow r → r' (and the first step, as growth from 0): new components, along the top directions of ∂L/∂W that the
+  layer does not cover yet when measured (else random rows), B = 0 so the output is unchanged, fresh optimizer
+  state (:func:`start_components`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .allocator import RankAllocator, Schedule
+from .config import DynamicLoRAConfig
+from .importance import make_scorer
+from .input_adaptation import commit_statistics, discard_statistics
+from .layer import DynamicLoRALinear
+from .optim_state import clear_state, init_grown_state, rebase_state
+from .probe import GradientProbe, synced_gradients, top_directions
+
+
+@torch.no_grad()
+def start_components(optimizer, layer: DynamicLoRALinear, start: int, stop: int, grad: torch.Tensor | None) -> None:
+    """Components [start, stop) begin: along ``grad``'s top directions not covered by components [0, start) when a
+    gradient was measured (their rows as set by ``set_rank`` otherwise), B = 0, with fresh optimizer state."""
+    if grad is not None and stop > start:
+        taken = layer.effective_rows()[:start]
+        layer.point_components(start, top_directions(grad, stop - start, taken))
+    init_grown_state(optimizer, layer, start, stop)
+
+
+class Engine:
+    """Drives the adapters of one model; see the module doc. ``DynamicLoRAModel`` exposes it as ``.engine``."""
+
+    def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig) -> None:
+        self.layers = layers
+        self.config = config
+        self.allocator = RankAllocator(layers, config) if config.reallocate else None
+        self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2) if config.reallocate else None
+        self.input_norms = [m.input_norm for m in layers.values() if m.input_norm is not None]
+        self.probes = {n: GradientProbe(m) for n, m in layers.items()} if config.init == "gradient" else {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: Schedule | None = None
+        # False until components have started (a step done, or an adapter loaded): never start them twice.
+        self.started = False
+        self.events: list[dict] = []
+
+    # --- driving -------------------------------------------------------------------------------------------------
+
+    def bind(self, optimizer: torch.optim.Optimizer | None, total_steps: int) -> None:
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+        if self.allocator is not None:
+            self.schedule = Schedule.resolve(self.config, total_steps)
+        self._arm_probes(1)
+
+    def step(self, step: int) -> bool:
+        """After optimizer step ``step`` (1, 2, ...), before ``zero_grad()``; returns whether ranks were
+        re-allocated."""
+        if self.allocator is not None and self.schedule is None:
+            raise RuntimeError("bind the optimizer first: model.bind_optimizer(optimizer, total_steps)")
+        commit_statistics(self.input_norms)
+        grads = self._take_gradients()
+        if step == 1 and not self.started:
+            for name, grad in grads.items():
+                start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, grad)
+        self.started = True
+        reallocated = False
+        if self.scorer is not None:
+            self.scorer.update(self.layers)
+            if self.schedule.is_reallocation(step):
+                reallocated = self._reallocate(step, grads)
+        self._arm_probes(step + 1)
+        return reallocated
+
+    def skip(self) -> None:
+        """A step whose update was skipped: drop its input statistics and measured gradients."""
+        discard_statistics(self.input_norms)
+        for probe in self.probes.values():
+            if probe.armed:
+                probe.arm()  # the step is tried again with the next batch: measure it afresh
+
+    def _reallocate(self, step: int, grads: dict[str, torch.Tensor]) -> bool:
+        scores = self.synced_scores()
+        if not all(math.isfinite(s) for s in scores.values()):
+            warnings.warn(f"step {step}: non-finite importance scores; ranks left unchanged", stacklevel=3)
+            return False
+        self.resize(self.allocator.decide(scores), grads)
+        self.events.append({"step": step, "ranks": self.ranks(), "scores": scores})
+        return True
+
+    def _arm_probes(self, step: int) -> None:
+        """Measure ∂L/∂W on ``step`` if it needs it: the first, or a re-allocation (grown components)."""
+        wanted = step == 1 or (self.schedule is not None and self.schedule.is_reallocation(step))
+        for probe in self.probes.values():
+            probe.arm() if wanted else probe.disarm()
+
+    def _take_gradients(self) -> dict[str, torch.Tensor]:
+        """The measured ∂L/∂W of each layer on this step (synced over processes), and disarm; {} if none."""
+        named = {n: p for n, p in self.probes.items() if p.armed}
+        if not named:
+            return {}
+        grads = synced_gradients(list(named.values()))
+        for probe in named.values():
+            probe.disarm()
+        return {n: g for n, g in zip(named, grads, strict=True) if g is not None}
+
+    # --- carrying out a decision ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def resize(self, targets: dict[str, int], grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Move every layer to its target rank (module doc), keeping optimizer state and scores consistent."""
+        grads = grads or {}
+        for name, layer in self.layers.items():
+            old, new = layer.rank, targets[name]
+            if new < old:
+                t, t_inv = layer.rebase()
+                rebase_state(self.optimizer, layer, t, t_inv)
+                layer.set_rank(new)
+                clear_state(self.optimizer, layer, new, old)
+                if self.scorer is not None:
+                    self.scorer.rebased(name, old, new)
+            elif new > old:
+                layer.set_rank(new, self.generator)
+                start_components(self.optimizer, layer, old, new, grads.get(name))
+                if self.scorer is not None:
+                    self.scorer.grown(name, old, new)
+
+    # --- reading -------------------------------------------------------------------------------------------------
+
+    def reallocation_due_by(self, step: int) -> bool:
+        """Whether the schedule re-allocates at some step up to ``step`` (False for a static allocation)."""
+        return self.schedule is not None and self.schedule.warmup <= min(step, self.schedule.final)
+
+    def ranks(self) -> dict[str, int]:
+        return {n: m.rank for n, m in self.layers.items()}
+
+    @property
+    def budget(self) -> int | None:
+        """Adapter parameters the allocation may use (None for a static allocation)."""
+        return None if self.allocator is None else self.allocator.budget
+
+    def total_cost(self) -> int:
+        """Adapter parameters the current ranks use."""
+        return sum((m.in_features + m.out_features) * m.rank for m in self.layers.values())
+
+    def importance(self) -> dict[str, float]:
+        """Layer name -> importance score of this process; {} for a static allocation."""
+        return {} if self.scorer is None else self.scorer.layer_scores()
+
+    def synced_scores(self) -> dict[str, float]:
+        """Layer scores averaged over processes under torch.distributed, so every process decides the same.
+        A collective: every process must call it (the engine does, at each re-allocation)."""
+        scores = self.importance()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            values = torch.tensor([scores[n] for n in self.layers], dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            values /= torch.distributed.get_world_size()
+            scores = dict(zip(self.layers, values.tolist(), strict=True))
+        return scores
+
+    # --- checkpointing -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Scores, ranks, budget, events and the growth RNG (empty for a static allocation)."""
+        if self.allocator is None:
+            return {}
+        return {
+            "format_version": ENGINE_STATE_VERSION,
+            "scorer": self.scorer.state_dict(),
+            "ranks": self.ranks(),
+            "budget": self.budget,
+            "events": [dict(e) for e in self.events],
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, restore_ranks: bool = False) -> None:
+        """Restore what :meth:`state_dict` saved (or dynlora 0.1's allocator state).
+
+        By default the layers' ranks must already match (restored with the adapter weights) and a mismatch is an
+        error, never a silent divergence. ``restore_ranks=True`` sets them from the state instead, for weights
+        restored at full capacity (a whole ``state_dict()``, as ``transformers.Trainer`` checkpoints hold)."""
+        if self.allocator is None:
+            return
+        if state.get("format_version", 1) == 1:
+            state = _state_v1_to_v2(state)
+        if set(state["ranks"]) != set(self.layers):
+            raise ValueError("allocator state is for other layers than this model's adapters")
+        if restore_ranks:
+            for name, rank in state["ranks"].items():
+                self.layers[name].set_rank(int(rank), init_new=False)
+        if state["ranks"] != self.ranks():
+            raise ValueError("allocator state does not match the adapter's current ranks; load the adapter first")
+        if state["budget"] != self.budget:
+            raise ValueError(f"allocator state has budget {state['budget']}, this model {self.budget}")
+        self.scorer.load_state_dict(state["scorer"])
+        self.events = [dict(e) for e in state["events"]]
+        self.generator.set_state(state["generator"])
+        self.started = True
+
+
+ENGINE_STATE_VERSION = 2
+
+
+def _state_v1_to_v2(state: dict) -> dict:
+    """dynlora 0.1 saved the allocator's state: the same content, its events under ``history``, plus counters
+    that are gone (``last_step``, the scorer's ``updates``)."""
+    scorer = {k: v for k, v in state["scorer"].items() if k != "updates"}
+    kept = {k: v for k, v in state.items() if k not in ("history", "last_step", "scorer")}
+    return {**kept, "format_version": 2, "scorer": scorer, "events": state["history"]}

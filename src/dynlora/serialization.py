@@ -1,0 +1,141 @@
+"""The saved adapter: ``dynlora_model.safetensors`` (tensors at the active ranks) + ``dynlora_config.json``.
+
+The config records the DynamicLoRAConfig, each layer's rank / initial rank / alpha / capacity, the modules saved
+whole, and the base model's identity. Each file is written atomically and the config last, so a directory with a
+config is complete. Reading checks everything and says what is wrong in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import DynamicLoRAConfig
+from .io import atomic_write, write_json
+from .layer import DynamicLoRALinear, components
+
+CONFIG_NAME = "dynlora_config.json"
+WEIGHTS_NAME = "dynlora_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, saved: list[str]) -> dict:
+    """The adapter at its active ranks (input adaptation included) plus the modules saved whole, as contiguous
+    CPU tensors."""
+    state = {}
+    for name, layer in layers.items():
+        if layer.merged:
+            raise RuntimeError(f"layer {name} is merged: call unmerge_adapter() before saving")
+        r = layer.rank
+        for pname, param, axis, _ in layer.rank_parameters():
+            state[f"{name}.{pname}"] = components(param.detach(), axis, 0, r).movedim(0, axis).cpu().contiguous()
+        if layer.input_norm is not None:  # running statistics: the mergeable input adaptation's whole state
+            for key, value in layer.input_norm.state_dict().items():
+                state[f"{name}.input_norm.{key}"] = value.detach().cpu().clone()
+        if layer.token_gate is not None:  # its weight is rank-indexed and saved above
+            state[f"{name}.token_gate.bias"] = layer.token_gate.bias.detach().cpu().clone()
+    for name in saved:
+        for key, value in model.get_submodule(name).state_dict().items():
+            state[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    return state
+
+
+@torch.no_grad()
+def load_adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, saved: list[str], state: dict) -> None:
+    """Load tensors written by :func:`adapter_tensors` (the active ranks must already be set)."""
+    expected = adapter_tensors(layers, model, saved)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{key}: saved shape {tuple(value.shape)} != expected {tuple(expected[key].shape)}")
+    for name, layer in layers.items():
+        for pname, param, axis, _ in layer.rank_parameters():
+            components(param, axis, 0, layer.rank).copy_(state[f"{name}.{pname}"].movedim(axis, 0))
+        if layer.input_norm is not None:
+            layer.input_norm.load_state_dict(_sub(state, f"{name}.input_norm."))
+        if layer.token_gate is not None:
+            layer.token_gate.bias.copy_(state[f"{name}.token_gate.bias"])
+    for name in saved:
+        model.get_submodule(name).load_state_dict(_sub(state, f"{name}."))
+
+
+def write_adapter(
+    directory: str | os.PathLike,
+    config: DynamicLoRAConfig,
+    layers: dict[str, DynamicLoRALinear],
+    model: nn.Module,
+    saved: list[str],
+) -> None:
+    """Write the adapter's two files (module doc)."""
+    out = Path(directory)
+    state = adapter_tensors(layers, model, saved)
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    hf_config = getattr(model, "config", None)
+    meta = {
+        "format": "dynlora",
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "layers": {
+            n: {"rank": m.rank, "initial_rank": m.initial_rank, "alpha": m.alpha, "max_rank": m.max_rank}
+            for n, m in layers.items()
+        },
+        "modules_to_save": list(saved),
+        "base_model": {
+            "class": type(model).__name__,
+            "model_type": getattr(hf_config, "model_type", None),
+            "name_or_path": getattr(hf_config, "_name_or_path", None),
+        },
+    }
+    write_json(out / CONFIG_NAME, meta)
+
+
+def read_adapter_meta(adapter_directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``dynlora_config.json``; a clear error for a directory that is not a saved adapter."""
+    where = Path(adapter_directory)
+    path = where / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} is not a Dynamic LoRA adapter directory: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt") from e
+    if meta.get("format") != "dynlora" or not {"config", "layers", "modules_to_save", "base_model"} <= set(meta):
+        raise ValueError(f"{path} is not a Dynamic LoRA adapter config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta['format_version']}; upgrade dynlora to read it")
+    return meta
+
+
+def read_adapter_weights(adapter_directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(adapter_directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the adapter directory is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path} is corrupt or truncated ({e})") from e
+
+
+def saved_output_sizes(adapter_directory: str | os.PathLike) -> dict[str, int]:
+    """Output width of each module saved whole (e.g. the task head's number of labels), read without loading."""
+    meta = read_adapter_meta(adapter_directory)
+    sizes = {}
+    with safe_open(str(Path(adapter_directory) / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+        for name in meta["modules_to_save"]:
+            if f"{name}.weight" in keys:
+                sizes[name] = f.get_slice(f"{name}.weight").get_shape()[0]
+    return sizes
+
+
+def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

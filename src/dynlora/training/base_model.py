@@ -1,0 +1,104 @@
+"""Base models and tokenizers as the ``dynlora`` command loads them, for training and for a saved adapter.
+
+One loader for both, so what training sets up (a pad token for GPT-style tokenizers, the model's ``pad_token_id``)
+is there too when ``dynlora eval/export/merge`` rebuild a model around a saved adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import DynamicLoRAModel
+from ..serialization import CONFIG_NAME, read_adapter_meta, saved_output_sizes
+from ..shipped_models import resolve_model_path
+from ..targets import HEAD_MODULE_NAMES
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class BaseModel:
+    """A sequence classifier, its tokenizer, and the names of the parameters its checkpoint did not provide."""
+
+    model: nn.Module
+    tokenizer: object
+    fresh: set[str] = field(default_factory=set)
+
+
+def quiet_transformers() -> None:
+    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here."""
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_base(model: str | None, num_labels: int, regression: bool = False) -> BaseModel:
+    """The model (with a sequence-classification head of ``num_labels`` outputs) and tokenizer of ``model``: a
+    local directory, a hub id, or None for the embedded MiniLM-L6."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # A checkpoint whose head has another number of labels (e.g. a classifier reused for STS-B) gets a new
+        # head for this task, as fine-tuning needs anyway; the encoder weights still load.
+        base, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            problem_type="regression" if regression else "single_label_classification",
+        )
+    except OSError as e:
+        raise ValueError(f"cannot load a model from {model or path!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS, as is usual for classification
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
+    return BaseModel(base, tokenizer, set(info.get("missing_keys", ())) | mismatched)
+
+
+def load_adapted(adapter: str, model: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+    """(model with the adapter, tokenizer) for a dynlora or PEFT adapter directory, on the base model it records
+    (or ``model``); the head's size is read from the adapter unless ``num_labels`` is given."""
+    where = Path(adapter)
+    if (where / PEFT_CONFIG_NAME).is_file() and not (where / CONFIG_NAME).is_file():
+        from peft import PeftModel
+
+        recorded = json.loads((where / PEFT_CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        base = load_base(model or recorded, num_labels or 2)
+        return PeftModel.from_pretrained(base.model, str(where)), base.tokenizer
+    meta = read_adapter_meta(where)
+    heads = saved_output_sizes(where)
+    base = load_base(model or meta["base_model"].get("name_or_path"), num_labels or next(iter(heads.values()), 2))
+    return DynamicLoRAModel.from_pretrained(base.model, where), base.tokenizer
+
+
+@torch.no_grad()
+def center_regression_head(model: nn.Module, fresh: set[str], mean: float) -> bool:
+    """Start a newly initialised one-output regression head at the training labels' mean (its bias), as one
+    initialises a final layer to the scale of the data. ``fresh``: the parameter names the checkpoint did not
+    provide (a head loaded with the model is left alone). False when there is nothing to set (Llama's ``score``
+    has no bias).
+
+    A fresh head predicts ~0 where STS-B's labels average 2.7: the first steps' large, uniform error then reaches
+    the adapters as a push to move every prediction the same way, which can leave the model predicting the mean.
+    """
+    heads = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name.split(".")[0] in HEAD_MODULE_NAMES and isinstance(m, nn.Linear) and m.out_features == 1
+    ]
+    if not heads or heads[-1][1].bias is None or f"{heads[-1][0]}.bias" not in fresh:
+        return False
+    heads[-1][1].bias.fill_(mean)
+    return True

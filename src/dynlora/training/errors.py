@@ -1,0 +1,32 @@
+"""What can stop a training run, as the ``dynlora`` command reports it: one line, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported in one line that says how to fix it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or from another run."""
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, step: int, out: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: --output-dir {out} --resume")
+        self.step, self.out = step, out
+
+    def __reduce__(self):  # crosses process boundaries intact (dynlora compare --jobs)
+        return Interrupted, (self.step, self.out)
+
+
+# OSError: a full disk or a denied permission is the environment, not a bug: one line (--debug shows more).
+USER_ERRORS = (DataError, CheckpointError, OSError, ValueError, RuntimeError)

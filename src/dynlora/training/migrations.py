@@ -1,0 +1,72 @@
+"""Bringing a training checkpoint of an older format to the current one, one explicit step per version.
+
+A step rewrites the manifest's ``identity`` (the settings the run was written with) and the saved ``state`` into the
+next format, so that comparing the identity with the resuming run's is plain equality. A new setting therefore
+needs no history of its own: a format bump, and a step that records what older checkpoints did without it.
+
+Format 1 (dynlora 0.1, no ``format_version`` in the manifest): adapter settings as the old ``AdapterSettings``
+recorded them, with ``init``, ``reallocate`` and ``input_norm_strength`` missing in checkpoints written before those
+settings existed; the method state of Dynamic LoRA under ``allocator``.
+Format 2: the adapter settings the method really uses (``Method.identity``), the engine state under ``engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..config import DynamicLoRAConfig
+from .errors import CheckpointError
+
+CHECKPOINT_VERSION = 2
+
+# What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
+# were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
+# were fixed at these values in 0.1.
+V1_UNRECORDED = {
+    "init": "lora",
+    "input_norm_strength": 1.0,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "budget": None,
+    "beta1": 0.85,
+    "beta2": 0.85,
+}
+
+
+def _v1_to_v2(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from .methods import get_method
+
+    identity = dict(manifest["identity"])
+    method = get_method(identity["method"])
+    recorded = {"reallocate": identity["method"] == "dynamic", **V1_UNRECORDED, **identity["adapter"]}
+    identity["adapter"] = method.identity(DynamicLoRAConfig.from_dict(recorded))
+    method_state = dict(state["method"])
+    if "allocator" in method_state:
+        method_state = {"engine": method_state.pop("allocator")}
+    elif identity["method"] in ("dynamic", "lora"):
+        method_state = {"engine": {}}
+    return {**manifest, "identity": identity}, {**state, "method": method_state}
+
+
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2}
+
+
+def migrate(manifest: dict[str, Any], state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(manifest, state)`` in the current format; a newer format than this dynlora reads is one clear error."""
+    version = int(manifest.get("format_version", 1))
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {where} has format {version}, newer than this dynlora reads ({CHECKPOINT_VERSION}); "
+            "upgrade dynlora to resume it"
+        )
+    while version < CHECKPOINT_VERSION:
+        try:
+            manifest, state = MIGRATIONS[version](manifest, state)
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {where} (format {version}) cannot be read by this dynlora ({e}); use a new --output-dir"
+            ) from e
+        version += 1
+    return {**manifest, "format_version": version}, state

@@ -1,0 +1,111 @@
+"""A training run's settings, declared once: TrainSettings (the run) and DynamicLoRAConfig (the adapter).
+
+The ``dynlora`` command's flags, the keys of a ``--config`` file and their types and help all come from these two
+dataclasses' fields (:mod:`dynlora.training.fields`). Adding a setting is one field with its ``help`` plus its check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DynamicLoRAConfig, setting
+from .data.glue import TASKS
+from .methods import METHODS
+
+QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run depends on besides the adapter (``adapter``). ``max_steps`` > 0 overrides
+    ``epochs``."""
+
+    task: str = setting("sst2", f"GLUE task: {', '.join(TASKS)}")
+    model: str | None = setting(None, "local model directory or hub id (default: the embedded MiniLM-L6)")
+    method: str = setting("dynamic", f"adapter method at an equal budget: {' | '.join(METHODS)}", choices=METHODS)
+    data_dir: str | None = setting(None, "GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
+    train_file: str | None = setting(None, "your own training data, .csv/.tsv/.jsonl (instead of --task)")
+    dev_file: str | None = setting(None, "your own evaluation data, same format as --train-file")
+    text_col: str = setting("text", "column of the text in --train-file/--dev-file")
+    text_pair_col: str | None = setting(None, "column of the second text of a pair, if any")
+    label_col: str = setting("label", "column of the label")
+    regression: bool = setting(False, "the labels of --train-file are numbers (one-output regression head)")
+    max_length: int = setting(128, "truncate inputs to this many tokens (batches pad to their longest)")
+    max_train_samples: int | None = setting(None, "train on a random subset of this size")
+    max_eval_samples: int | None = setting(None, "evaluate on a random subset of this size")
+    batch_size: int = setting(32, "examples per micro-batch (per process)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    epochs: float = setting(1.0, "training epochs (used when --max-steps is 0)")
+    max_steps: int = setting(
+        0, f"optimizer steps; overrides --epochs (0: use --epochs; with neither given: {QUICK_STEPS})"
+    )
+    lr: float = setting(5e-4, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_ratio: float = setting(0.06, "fraction of steps of linear learning-rate warm-up")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
+    seed: int = setting(0, "seed of data order, initialisation and dropout")
+    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
+    save_every: int = setting(0, "checkpoint every N steps (0: only at the end or on interrupt)")
+    log_every: int = setting(10, "write a loss record to log.jsonl every N steps")
+    max_nonfinite_steps: int = setting(5, "stop after this many non-finite steps in a row")
+    output_dir: str = setting("runs/latest", "run directory (the command's default: runs/<task>-<method>-<time>)")
+    resume: bool = setting(False, "continue the run in --output-dir from its last checkpoint")
+    progress: bool = setting(True, "show a progress bar")
+    adapter: DynamicLoRAConfig = field(default_factory=DynamicLoRAConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = DynamicLoRAConfig.from_dict(self.adapter)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_samples", "max_eval_samples"):  # 0 would leave nothing to train on or score
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left out for all), got {value}")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise ValueError("give --max-steps > 0 or --epochs > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this run: every setting that changes the trajectory
+        (not logging, progress or output settings), with the adapter settings that the method really uses."""
+        from .methods import get_method
+
+        identity = {k: v for k, v in self.to_dict().items() if k not in RUN_ONLY}
+        return {**identity, "adapter": get_method(self.method).identity(self.adapter)}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> TrainSettings:
+        """From plain, already typed settings (a nested ``adapter`` dict included): the quick default length when
+        neither ``epochs`` nor ``max_steps`` is given, as ``dynlora train`` with no flags."""
+        settings = dict(settings)
+        if "max_steps" not in settings and "epochs" not in settings:
+            settings["max_steps"] = QUICK_STEPS
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see dynlora train --help")
+        return cls(**settings)
+
+
+# Settings that do not change what a run computes: a checkpoint resumes whatever they are.
+RUN_ONLY = frozenset(
+    {
+        "resume",
+        "progress",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "output_dir",
+        "max_eval_samples",
+        "max_nonfinite_steps",
+    }
+)
