@@ -91,7 +91,7 @@ def test_probes_measure_only_the_steps_that_need_it():
 
     def check(m, step):
         armed.append(all(probe.armed for probe in m.engine.probes.values()))
-        assert all(probe.grad is None for probe in m.engine.probes.values())  # nothing kept after use
+        assert all(probe.weight_grad is None for probe in m.engine.probes.values())  # nothing kept after use
 
     train(model, opt, 1, 16, 20, check)
     # after step s the probes are armed for step s + 1: re-allocations at 4, 7, 10, 13, 16
@@ -118,7 +118,7 @@ def test_a_skipped_step_measures_again():
     model.skip_step()  # e.g. a non-finite loss: this measurement must not be used
     opt.zero_grad()
     name, layer = next(iter(model.lora_layers().items()))
-    assert model.engine.probes[name].armed and model.engine.probes[name].grad is None
+    assert model.engine.probes[name].armed and model.engine.probes[name].weight_grad is None
     reference = true_weight_gradients(model, 2)
     model(**data(2)).loss.backward()
     opt.step()

@@ -34,12 +34,15 @@ from .probe import GradientProbe, synced_gradients, top_directions
 
 
 @torch.no_grad()
-def start_components(optimizer, layer: DynamicLoRALinear, start: int, stop: int, grad: torch.Tensor | None) -> None:
-    """Components [start, stop) begin: along ``grad``'s top directions not covered by components [0, start) when a
-    gradient was measured (their rows as set by ``set_rank`` otherwise), B = 0, with fresh optimizer state."""
-    if grad is not None and stop > start:
+def start_components(
+    optimizer, layer: DynamicLoRALinear, start: int, stop: int, weight_grad: torch.Tensor | None
+) -> None:
+    """Components [start, stop) begin: along the top directions of ``weight_grad`` (the layer's measured ∂L/∂W)
+    not covered by components [0, start) (their rows as set by ``set_rank`` when none was measured), B = 0, with
+    fresh optimizer state."""
+    if weight_grad is not None and stop > start:
         taken = layer.effective_rows()[:start]
-        layer.point_components(start, top_directions(grad, stop - start, taken))
+        layer.point_components(start, top_directions(weight_grad, stop - start, taken))
     init_grown_state(optimizer, layer, start, stop)
 
 
@@ -74,16 +77,16 @@ class Engine:
         if self.allocator is not None and self.schedule is None:
             raise RuntimeError("bind the optimizer first: model.bind_optimizer(optimizer, total_steps)")
         commit_statistics(self.input_norms)
-        grads = self._take_gradients()
+        weight_grads = self._take_weight_gradients()
         if step == 1 and not self.started:
-            for name, grad in grads.items():
-                start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, grad)
+            for name, weight_grad in weight_grads.items():
+                start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, weight_grad)
         self.started = True
         reallocated = False
         if self.scorer is not None:
             self.scorer.update(self.layers)
             if self.schedule.is_reallocation(step):
-                reallocated = self._reallocate(step, grads)
+                reallocated = self._reallocate(step, weight_grads)
         self._arm_probes(step + 1)
         return reallocated
 
@@ -94,12 +97,12 @@ class Engine:
             if probe.armed:
                 probe.arm()  # the step is tried again with the next batch: measure it afresh
 
-    def _reallocate(self, step: int, grads: dict[str, torch.Tensor]) -> bool:
+    def _reallocate(self, step: int, weight_grads: dict[str, torch.Tensor]) -> bool:
         scores = self.synced_scores()
         if not all(math.isfinite(s) for s in scores.values()):
             warnings.warn(f"step {step}: non-finite importance scores; ranks left unchanged", stacklevel=3)
             return False
-        self.resize(self.allocator.decide(scores), grads)
+        self.resize(self.allocator.decide(scores), weight_grads)
         self.events.append({"step": step, "ranks": self.ranks(), "scores": scores})
         return True
 
@@ -109,22 +112,22 @@ class Engine:
         for probe in self.probes.values():
             probe.arm() if wanted else probe.disarm()
 
-    def _take_gradients(self) -> dict[str, torch.Tensor]:
+    def _take_weight_gradients(self) -> dict[str, torch.Tensor]:
         """The measured ∂L/∂W of each layer on this step (synced over processes), and disarm; {} if none."""
         named = {n: p for n, p in self.probes.items() if p.armed}
         if not named:
             return {}
-        grads = synced_gradients(list(named.values()))
+        measured = synced_gradients(list(named.values()))
         for probe in named.values():
             probe.disarm()
-        return {n: g for n, g in zip(named, grads, strict=True) if g is not None}
+        return {n: g for n, g in zip(named, measured, strict=True) if g is not None}
 
     # --- carrying out a decision ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def resize(self, targets: dict[str, int], grads: dict[str, torch.Tensor] | None = None) -> None:
+    def resize(self, targets: dict[str, int], weight_grads: dict[str, torch.Tensor] | None = None) -> None:
         """Move every layer to its target rank (module doc), keeping optimizer state and scores consistent."""
-        grads = grads or {}
+        weight_grads = weight_grads or {}
         for name, layer in self.layers.items():
             old, new = layer.rank, targets[name]
             if new < old:
@@ -136,7 +139,7 @@ class Engine:
                     self.scorer.rebased(name, old, new)
             elif new > old:
                 layer.set_rank(new, self.generator)
-                start_components(self.optimizer, layer, old, new, grads.get(name))
+                start_components(self.optimizer, layer, old, new, weight_grads.get(name))
                 if self.scorer is not None:
                     self.scorer.grown(name, old, new)
 

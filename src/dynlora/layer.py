@@ -159,8 +159,10 @@ class DynamicLoRALinear(nn.Module):
         Returns ``(T, T_inv)`` with A' = T A and B' = B T_inv, for moving optimizer state into the new basis.
         """
         a, b = self.active_factors()
-        qa, ra = torch.linalg.qr(a.T.float())
-        qb, rb = torch.linalg.qr(b.float())
+        # Float64 for these small factorisations (in × r, out × r, r × r; re-allocation steps only): in float32 an
+        # ill-conditioned core loses digits that BA itself does not have, and the output would move.
+        qa, ra = torch.linalg.qr(a.T.double())
+        qb, rb = torch.linalg.qr(b.double())
         u, sigma, vh = torch.linalg.svd(rb @ ra.T)
         a.copy_((vh @ qa.T).to(a.dtype))
         b.copy_((qb @ u * sigma).to(b.dtype))
@@ -169,8 +171,8 @@ class DynamicLoRALinear(nn.Module):
         t_inv = ra.T @ vh.T
         if self.token_gate is not None:  # w·h = (T⁻ᵀ w)·(T h): the gate sees the same value in the new basis
             w = self.token_gate.weight[: self.rank]
-            w.copy_((t_inv.T @ w.float()).to(w.dtype))
-        return t, t_inv
+            w.copy_((t_inv.T @ w.double()).to(w.dtype))
+        return t.float(), t_inv.float()
 
     def rank_parameters(self) -> list[tuple[str, nn.Parameter, int, str]]:
         """Parameters indexed by rank component: (name, parameter, rank axis, side). Under a re-basis with

@@ -31,7 +31,7 @@ class GradientProbe:
         self.layer = layer
         self.shape = (layer.out_features, layer.in_features)
         self.max_tokens = max_tokens
-        self.grad: torch.Tensor | None = None
+        self.weight_grad: torch.Tensor | None = None
         self._handle: RemovableHandle | None = None
 
     @property
@@ -40,12 +40,12 @@ class GradientProbe:
 
     def arm(self) -> None:
         """Measure from now on, starting afresh."""
-        self.grad = None
+        self.weight_grad = None
         if self._handle is None:
             self._handle = self.layer.register_forward_hook(self._watch)
 
     def disarm(self) -> None:
-        self.grad = None
+        self.weight_grad = None
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -64,7 +64,7 @@ class GradientProbe:
         used = (flat_g != 0).any(dim=1).nonzero().squeeze(1)
         used = used[:: max(1, -(-used.numel() // self.max_tokens))]
         contribution = flat_g[used].float().T @ flat_x[used].float()
-        self.grad = contribution if self.grad is None else self.grad + contribution
+        self.weight_grad = contribution if self.weight_grad is None else self.weight_grad + contribution
 
 
 @torch.no_grad()
@@ -72,14 +72,16 @@ def synced_gradients(probes: list[GradientProbe]) -> list[torch.Tensor | None]:
     """Each probe's G, summed over processes under torch.distributed (one all-reduce for all layers); None for a
     layer that saw no gradient on any process. A collective: every process must call it."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [p.grad for p in probes]
+        return [p.weight_grad for p in probes]
     flat = torch.cat(
         [
-            (p.grad if p.grad is not None else torch.zeros(p.shape, device=p.layer.lora_A.device)).reshape(-1)
+            (
+                p.weight_grad if p.weight_grad is not None else torch.zeros(p.shape, device=p.layer.lora_A.device)
+            ).reshape(-1)
             for p in probes
         ]
     )
-    seen = torch.tensor([float(p.grad is not None) for p in probes], device=flat.device)
+    seen = torch.tensor([float(p.weight_grad is not None) for p in probes], device=flat.device)
     both = torch.cat([flat, seen])
     torch.distributed.all_reduce(both)
     out, offset = [], 0
