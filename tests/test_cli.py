@@ -170,6 +170,7 @@ def test_torchrun_two_processes(tiny_model_dir, tmp_path):
     start = json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
     assert (tmp_path / "ddp" / "adapter" / "dynlora_config.json").is_file()
+    assert done.stdout.count("dynamic on rte") == 1 and done.stdout.count("dev metrics after") == 1  # one speaker
 
 
 def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):

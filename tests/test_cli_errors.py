@@ -209,12 +209,12 @@ def resume_error(capsys, finished_run, *changes) -> str:
 def test_resume_from_another_config_or_model(capsys, finished_run, tmp_path, tiny_model_dir):
     import shutil
 
-    assert "is from another run: lr was" in resume_error(capsys, finished_run, "--lr", "0.123")
-    assert "is from another run" in resume_error(capsys, finished_run, "--rank", "3")
+    assert "lr was 0.0005 in the run in" in resume_error(capsys, finished_run, "--lr", "0.123")
+    assert "adapter.rank was 2 in the run in" in resume_error(capsys, finished_run, "--rank", "3")
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model_dir, other)
     line = resume_error(capsys, finished_run, "--model", other)
-    assert "is from another run: model was" in line
+    assert "model was" in line and "--resume continues a run with its own settings" in line
 
 
 def test_resume_from_a_corrupt_or_truncated_checkpoint(capsys, finished_run, tmp_path):

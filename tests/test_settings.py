@@ -20,6 +20,10 @@ def _options(kind) -> tuple:
     return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
 
 
+# Settings that need another one to make sense.
+COMPANIONS = {"dev_file": {"train_file": "train.csv"}}
+
+
 def sample(setting) -> tuple[str, object]:
     """A value other than the default that the setting's checks accept: (command-line text, typed value)."""
     options, default = _options(setting.kind), setting.default
@@ -56,6 +60,8 @@ def test_every_setting_is_reachable_from_its_flag(setting, tmp_path):
     text, value = sample(setting)
     flag = [setting.flag if value is not False else f"--no-{setting.flag[2:]}"]
     argv = ["train", *(flag if isinstance(value, bool) else [*flag, text])]
+    for name, companion in COMPANIONS.get(setting.name, {}).items():
+        argv += [f"--{name.replace('_', '-')}", companion]
     if setting.name != "output_dir":
         argv += ["--output-dir", str(tmp_path)]
     settings = train_settings(build_parser().parse_args(argv))
@@ -71,7 +77,7 @@ CONFIG_KEYS = [(s, False) for s in SETTINGS] + [(s, True) for s in SETTINGS if s
 )
 def test_every_setting_is_reachable_from_a_config_file(setting, nested, tmp_path):
     _, value = sample(setting)
-    data = {"adapter": {setting.name: value}} if nested else {setting.key: value}
+    data = {"adapter": {setting.name: value}} if nested else {setting.key: value, **COMPANIONS.get(setting.name, {})}
     if setting.name != "output_dir":
         data["output_dir"] = str(tmp_path)
     path = tmp_path / "run.yaml"

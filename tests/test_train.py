@@ -163,6 +163,7 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_checkpoint(tiny_model_d
 
 def test_a_fresh_run_keeps_a_dead_runs_log_aside(tiny_model_dir, tmp_path):
     tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".dynlora-run").write_text("")  # what a run killed before its first checkpoint leaves
     (tmp_path / "log.jsonl").write_text('{"step": 0, "event": "start"}\n{"step": 10, "loss": 0.7}\n')
     train(config(tiny_model_dir, tmp_path, max_steps=3))
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]

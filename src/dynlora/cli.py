@@ -8,6 +8,7 @@ traceback. An interrupted training run exits 130 after saving, with the command 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ from typing import Any
 
 from .config import DynamicLoRAConfig
 from .io import new_directory
-from .training.base_model import load_adapted, quiet_transformers
+from .training.base_model import label_names, load_adapted, quiet_transformers
 from .training.compare import DEFAULT_METHODS, ComparePlan, run_comparison, summary_table
-from .training.data import load_glue, task_spec, tokenize
+from .training.data import load_custom, load_glue, task_spec, tokenize
 from .training.data.splits import command_glue_dir
 from .training.errors import USER_ERRORS, Interrupted
 from .training.evaluation import evaluate
@@ -25,7 +26,7 @@ from .training.fields import add_flags, from_args, from_mapping, merge, read_con
 from .training.loop import TrainingRun
 from .training.metrics import format_metrics
 from .training.report import write_report
-from .training.settings import QUICK_STEPS, TrainSettings
+from .training.settings import QUICK_STEPS, TrainSettings, resumed_settings
 
 SETTINGS = settings_of(TrainSettings) + settings_of(DynamicLoRAConfig, adapter=True)
 COMPARE_MANAGED = ("task", "method", "seed", "resume")  # compare sets these per run
@@ -48,12 +49,23 @@ def _file_settings(path: str | None, data: dict[str, Any] | None = None) -> dict
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
-    """Defaults < --config file < flags given on the command line."""
+    """Defaults < --config file < flags given on the command line; with --resume, the run's own saved settings
+    (:func:`~dynlora.training.settings.resumed_settings`)."""
+    return _train_settings(args)[0]
+
+
+def _train_settings(args: argparse.Namespace) -> tuple[TrainSettings, list[str]]:
     settings = merge(_file_settings(args.config), from_args(args, SETTINGS))
+    if settings.get("resume"):
+        if "output_dir" not in settings:
+            raise ValueError("--resume needs --output-dir: the directory of the run to continue")
+        saved = Path(settings["output_dir"]) / "config.json"
+        if saved.is_file():
+            return resumed_settings(json.loads(saved.read_text()), settings, settings["output_dir"])
     if "output_dir" not in settings:
         name = Path(settings.get("train_file") or settings.get("task", "sst2")).stem
         settings["output_dir"] = f"runs/{name}-{settings.get('method', 'dynamic')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return TrainSettings.from_settings(settings)
+    return TrainSettings.from_settings(settings), []
 
 
 def format_splits(metrics: dict[str, dict[str, float]]) -> str:
@@ -64,16 +76,26 @@ def format_splits(metrics: dict[str, dict[str, float]]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    settings = train_settings(args)
+    settings, changes = _train_settings(args)
     quiet_transformers()
     run = TrainingRun(settings)
+    say = print if run.writer else lambda *_: None  # under torchrun, one process speaks
     where = settings.train_file or settings.task
-    print(
+    if settings.resume:
+        say(
+            f"resuming {settings.output_dir} with its saved settings"
+            + (f"; changed: {', '.join(changes)}" if changes else "")
+        )
+    say(
         f"{settings.method} on {where}: {len(run.train_features)} training examples, {run.total_steps} steps, "
         f"{run.adapted.trainable_parameters():,} trainable parameters (adapter + new task head) "
         f"-> {settings.output_dir}"
     )
     result = run.run()
+    if not run.writer:
+        return 0
+    if run.already_finished:
+        print(f"{settings.output_dir} had already finished; nothing was trained or written. Its results:")
     print(f"dev metrics after {result['steps']} steps:")
     print(format_splits(result["metrics"]))
     if result["ranks"]:
@@ -83,23 +105,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_SETTINGS = (
+    "task",
+    "model",
+    "data_dir",
+    "dev_file",
+    "text_col",
+    "text_pair_col",
+    "label_col",
+    "regression",
+    "max_length",
+    "batch_size",
+)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    spec = task_spec(args.task)
+    given = from_args(args, SETTINGS)
+    defaults = TrainSettings()
+    settings = {f: given.get(f, getattr(defaults, f)) for f in EVAL_SETTINGS}
+    if not given.get("task") and not given.get("dev_file"):
+        raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
     quiet_transformers()
-    model, tok = load_adapted(args.adapter, args.model, spec.num_labels)
+    if given.get("dev_file"):
+        model, tok = load_adapted(args.adapter, settings["model"])
+        regression = settings["regression"] or model.config.num_labels == 1
+        labels = None if regression else label_names(model, args.adapter)
+        cols = (settings["text_col"], settings["text_pair_col"], settings["label_col"])
+        examples, _ = load_custom(settings["dev_file"], *cols, labels=labels, regression=regression)
+        name, metric, splits = settings["dev_file"], "stsb" if regression else "sst2", {"validation": examples}
+    else:
+        spec = task_spec(settings["task"])
+        model, tok = load_adapted(args.adapter, settings["model"], spec.num_labels)
+        regression, name, metric = spec.is_regression, spec.name, spec.name
+        splits = load_glue(spec.name, command_glue_dir(settings["data_dir"]))
     results = {
         split: evaluate(
             model,
-            tokenize(examples, tok, args.max_length),
-            spec.name,
-            spec.is_regression,
-            args.batch_size,
+            tokenize(examples, tok, settings["max_length"]),
+            metric,
+            regression,
+            settings["batch_size"],
             tok.pad_token_id,
         )
-        for split, examples in load_glue(spec.name, command_glue_dir(args.data_dir)).items()
+        for split, examples in splits.items()
         if split != "train"
     }
-    print(f"{spec.name} with {args.adapter}:")
+    print(f"{name} with {args.adapter}:")
     print(format_splits(results))
     return 0
 
@@ -223,13 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(p, exclude=COMPARE_MANAGED)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data")
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data or on your own dev file")
     p.add_argument("--adapter", required=True, help="adapter directory (dynlora or PEFT format)")
-    p.add_argument("--task", required=True, help="GLUE task")
-    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--data-dir", help="GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
-    p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens (default: 128)")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default: 64)")
+    add_flags(p, [s for s in SETTINGS if not s.adapter and s.name in EVAL_SETTINGS])
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="PNG plots and a markdown summary of a run or a comparison directory")
@@ -250,12 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse reads a dash-led value other than a plain decimal as a flag."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                out.append(token)
+                continue
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values_attached(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
+        print("\ninterrupted again: stopped at once; the last checkpoint (if any) is kept", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
         if args.debug:

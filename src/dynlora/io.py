@@ -12,6 +12,27 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temporary file or directory (created 0600 / 0700) the mode of one created normally: the user's umask
+    decides who else may read it, as with every other tool."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def as_created_tree(root: str | os.PathLike) -> None:
+    """:func:`_as_created` for ``root`` and everything in it: files that other libraries wrote 0600 (safetensors
+    does) become readable as the umask allows."""
+    root = Path(root)
+    _as_created(root, directory=root.is_dir())
+    for path in root.rglob("*"):
+        _as_created(path, directory=path.is_dir())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
@@ -20,6 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _as_created(tmp)  # after write: some writers (safetensors) replace the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +73,7 @@ def new_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        as_created_tree(tmp)
         if path.exists():
             path.rmdir()  # empty, checked above
         os.replace(tmp, path)
@@ -67,6 +90,7 @@ def replace_directory(path: str | os.PathLike, write: Callable[[Path], None]) ->
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    as_created_tree(tmp)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

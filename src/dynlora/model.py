@@ -21,6 +21,7 @@ from .export import export_peft
 from .layer import DynamicLoRALinear
 from .serialization import (
     adapter_tensors,
+    apply_class_names,
     load_adapter_tensors,
     read_adapter_meta,
     read_adapter_weights,
@@ -218,6 +219,7 @@ class DynamicLoRAModel(nn.Module):
         wrapped = cls(model, config, _specs=specs, _saved_modules=list(meta["modules_to_save"]))
         wrapped.set_ranks({n: int(v["rank"]) for n, v in meta["layers"].items()})
         wrapped.load_adapter_state_dict(read_adapter_weights(where))
+        apply_class_names(model, meta.get("labels"))
         wrapped.engine.started = True  # trained components: never re-started along a gradient
         return wrapped
 

@@ -94,8 +94,25 @@ def write_adapter(
             "model_type": getattr(hf_config, "model_type", None),
             "name_or_path": getattr(hf_config, "_name_or_path", None),
         },
+        "labels": class_names(model),
     }
     write_json(out / CONFIG_NAME, meta)
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """A classifier's class names in id order (its config's ``id2label``); None for other models."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def apply_class_names(model: nn.Module, names: list[str] | None) -> None:
+    """Give ``model``'s config the class names an adapter recorded (its head is the adapter's)."""
+    config = getattr(model, "config", None)
+    if names and config is not None and getattr(config, "num_labels", None) == len(names):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def read_adapter_meta(adapter_directory: str | os.PathLike) -> dict[str, Any]:

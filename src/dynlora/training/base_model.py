@@ -102,3 +102,15 @@ def center_regression_head(model: nn.Module, fresh: set[str], mean: float) -> bo
         return False
     heads[-1][1].bias.fill_(mean)
     return True
+
+
+def label_names(model: nn.Module, where: str) -> tuple[str, ...]:
+    """The class names of a classifier's head, as training recorded them in the adapter (id order)."""
+    config = model.config
+    names = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        raise ValueError(
+            f"{where} records no class names (a PEFT adapter, or one trained before dynlora 0.2), so the labels "
+            "of a dev file cannot be matched to its outputs; evaluate on a GLUE --task instead"
+        )
+    return names

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_write
+from ..io import as_created_tree, atomic_write
 from .errors import CheckpointError
 from .migrations import CHECKPOINT_VERSION, migrate
 
@@ -57,6 +58,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
+        as_created_tree(tmp)
         files = {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}
         (tmp / MANIFEST).write_text(
             json.dumps(
@@ -121,3 +123,32 @@ def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[
             "resume with the same settings or use a new --output-dir"
         )
     return load_file(str(path / WEIGHTS)), state, int(manifest["step"])
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a training checkpoint holds of the model: trainable parameters (at full capacity), plus the input
+    adaptation's running statistics."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names or ".input_norm." in k}
+
+
+def run_state(optimizer, scheduler, method_state: dict, counters: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the tensors that makes a resumed run continue exactly (restored by
+    :func:`restore_run_state`)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "method": method_state,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()[1]),
+        **{k: json.dumps(v) if k == "best" else v for k, v in counters.items()},
+    }
+
+
+def restore_run_state(state: dict[str, Any], optimizer, scheduler) -> dict[str, Any]:
+    """Restore what :func:`run_state` saved into the optimizer, scheduler and RNGs; return the counters."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    return {"best": json.loads(state["best"]), "micro": int(state["micro"]), "skipped": int(state["skipped"])}

@@ -16,12 +16,25 @@ class CheckpointError(ValueError):
 class Diverged(RuntimeError):
     """Too many non-finite steps in a row."""
 
+    def __init__(self, in_a_row: int, step: int, checkpoint_kept: bool) -> None:
+        kept = "The last checkpoint was kept." if checkpoint_kept else "No checkpoint had been written."
+        self.details = (in_a_row, step, checkpoint_kept)
+        super().__init__(
+            f"loss or gradients were not finite for {in_a_row} steps in a row (at step {step}); lower --lr or check "
+            f"the data. {kept}"
+        )
+
+    def __reduce__(self):  # crosses process boundaries intact (dynlora compare --jobs)
+        return Diverged, self.details
+
 
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
     def __init__(self, step: int, out: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: --output-dir {out} --resume")
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved. Resume with: dynlora train --output-dir {out} --resume"
+        )
         self.step, self.out = step, out
 
     def __reduce__(self):  # crosses process boundaries intact (dynlora compare --jobs)

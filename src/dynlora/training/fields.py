@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from .data.glue import finite_number
 
 ADAPTER = "adapter"
 
@@ -69,14 +70,6 @@ def _options(kind: Any) -> tuple[Any, ...]:
     return (kind,)
 
 
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def convert(setting: Setting, value: Any, from_text: bool = False) -> Any:
     """``value`` as ``setting`` declares it; ``from_text``: a command-line string. ValueError on a wrong type."""
     options = _options(setting.kind)
@@ -98,7 +91,7 @@ def convert(setting: Setting, value: Any, from_text: bool = False) -> Any:
     if int in options or float in options:
         if isinstance(value, bool):
             raise wrong("a number")
-        number = _number(value) if isinstance(value, str) else float(value) if isinstance(value, int | float) else None
+        number = finite_number(value) if isinstance(value, str | int | float) else None
         if number is None:
             raise wrong("a number" if float in options else "an integer")
         if float not in options:

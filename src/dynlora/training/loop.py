@@ -22,14 +22,22 @@ from tqdm.auto import tqdm
 
 from ..io import replace_directory, write_json
 from .base_model import BaseModel, center_regression_head, load_base
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import TaskData, collate, epoch_order, load_task_data, tokenize
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_run_state,
+    run_state,
+    save_checkpoint,
+    trainable_tensors,
+)
+from .data import BatchStream, TaskData, load_task_data, tokenize
 from .data.splits import subset
 from .errors import Diverged, Interrupted
 from .evaluation import evaluate
 from .methods import AdaptedModel, get_method
-from .metrics import run_score
+from .metrics import main_metric_name, run_score
 from .processes import StopFlag, barrier, init_distributed
+from .run_dir import RunDirectory
 from .run_log import RunLog
 from .settings import TrainSettings
 
@@ -37,17 +45,40 @@ from .settings import TrainSettings
 class TrainingRun:
     """One run of ``settings``; :meth:`run` trains, evaluates, saves and returns the final results.
 
-    ``data`` and ``base`` are loaded from the settings unless given (a test or a caller with its own model)."""
+    ``data`` and ``base`` are loaded from the settings unless given (a test or a caller with its own model). The
+    output directory is claimed first (run_dir.py), so a directory that cannot be this run's is refused before
+    anything is loaded."""
 
     def __init__(self, settings: TrainSettings, data: TaskData | None = None, base: BaseModel | None = None) -> None:
-        self.settings = s = settings
-        self.out = Path(s.output_dir)
+        self.settings = settings
+        self.out = Path(settings.output_dir)
         self.process_index, self.world = init_distributed()
+        self.run_dir = RunDirectory(self.out)
+        if self.writer:
+            self.run_dir.claim(settings.resume)
+        try:
+            self._prepare(data, base)
+        except BaseException:
+            self.release(failed=True)
+            raise
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (the first process of a distributed run)."""
+        return self.process_index == 0
+
+    def _prepare(self, data: TaskData | None, base: BaseModel | None) -> None:
+        s = self.settings
         random.seed(s.seed)
         torch.manual_seed(s.seed)
-
         self.data = data = data if data is not None else load_task_data(s)
         base = base if base is not None else load_base(s.model, data.num_labels, data.regression)
+        limit = getattr(base.model.config, "max_position_embeddings", None)
+        if limit and s.max_length > limit:
+            raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
+        if data.labels is not None:  # the names travel with the head: adapter, merged model, results
+            base.model.config.id2label = dict(enumerate(data.labels))
+            base.model.config.label2id = {name: i for i, name in enumerate(data.labels)}
         self.tokenizer = base.tokenizer
         train = subset(data.splits["train"], s.max_train_samples, s.seed)
         if data.regression:
@@ -58,8 +89,10 @@ class TrainingRun:
             for name, examples in data.splits.items()
             if name != "train"
         }
+        self.stream = BatchStream(
+            self.train_features, s.batch_size, s.seed, self.tokenizer.pad_token_id, self.process_index, self.world
+        )
         per_step = s.batch_size * s.grad_accum * self.world
-        self.batches_per_epoch = math.ceil(len(self.train_features) / (s.batch_size * self.world))
         self.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(self.train_features) / per_step))
 
         torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
@@ -79,26 +112,16 @@ class TrainingRun:
         self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)
         self.skipped = 0
         self.best: dict[str, Any] | None = None
-        self._epoch_cache: tuple[int, list[int]] | None = None
-        self.log = RunLog(self.out, enabled=self.process_index == 0)
+        self.already_finished = False
+        self.log = RunLog(self.out, enabled=self.writer)
 
-    @property
-    def writer(self) -> bool:
-        """Whether this process writes the run's files (the first process of a distributed run)."""
-        return self.process_index == 0
-
-    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
-        """Micro-batch k of the run's stream: a pure function of (seed, k), this process's shard of it."""
-        epoch, b = divmod(k, self.batches_per_epoch)
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, epoch_order(len(self.train_features), self.settings.seed, epoch))
-        size = self.settings.batch_size * self.world
-        chunk = self._epoch_cache[1][b * size : (b + 1) * size][self.process_index :: self.world]
-        return collate([self.train_features[i] for i in chunk], self.tokenizer.pad_token_id)
+    def release(self, failed: bool = False) -> None:
+        """Give the output directory up; a run that failed before any checkpoint leaves nothing behind."""
+        early = latest_checkpoint(self.out / "checkpoints") is None
+        self.run_dir.release(failed=failed, before_a_checkpoint=early)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        batch_size, pad = 2 * self.settings.batch_size, self.tokenizer.pad_token_id
-        data = self.data
+        batch_size, pad, data = 2 * self.settings.batch_size, self.tokenizer.pad_token_id, self.data
         results = {
             split: evaluate(self.model, features, data.metric_task, data.regression, batch_size, pad)
             for split, features in self.eval_features.items()
@@ -108,49 +131,32 @@ class TrainingRun:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
 
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters at full capacity, plus the input adaptation's running statistics."""
-        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.model.state_dict().items() if k in names or ".input_norm." in k}
-
     def save(self) -> None:
         if self.writer:
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "method": self.adapted.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": list(random.getstate()[1]),
-                "best": json.dumps(self.best),
-                "micro": self.micro,
-                "skipped": self.skipped,
-            }
-            identity = self.settings.identity()
-            save_checkpoint(self.out / "checkpoints", self.step, self._checkpoint_tensors(), state, identity)
+            counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
+            state = run_state(self.optimizer, self.scheduler, self.adapted.state_dict(), counters)
+            tensors = trainable_tensors(self.model)
+            save_checkpoint(self.out / "checkpoints", self.step, tensors, state, self.settings.identity())
         barrier(self.world)
 
     def restore(self) -> None:
         tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity())
-        missing = set(self._checkpoint_tensors()) - set(tensors)
+        missing = set(trainable_tensors(self.model)) - set(tensors)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
         self.model.load_state_dict(tensors, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        counters = restore_run_state(state, self.optimizer, self.scheduler)
         self.adapted.load_state_dict(state["method"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate((3, tuple(state["python_rng"]), None))
-        self.best = json.loads(state["best"])
-        self.step, self.micro, self.skipped = step, int(state["micro"]), int(state["skipped"])
+        self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
+        self.step = step
         self.log.truncate(step)
 
     def save_best(self, metrics: dict[str, dict[str, float]]) -> None:
         score = run_score(metrics)
         if self.best is not None and score <= self.best["score"]:
             return
-        self.best = {"score": score, "step": self.step, "metrics": metrics}
+        self.best = best = {"score": score, "step": self.step, "metrics": metrics}
         if self.writer:
-            best = self.best
 
             def write(tmp: Path) -> None:
                 self.adapted.save(tmp)
@@ -160,32 +166,45 @@ class TrainingRun:
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.settings.resume:
-            self.restore()
-        elif latest_checkpoint(self.out / "checkpoints") is not None:
-            raise ValueError(f"{self.out} already holds a run's checkpoints; pass --resume, or a new --output-dir")
-        else:
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or resume and finish), evaluate, save; the results. A run that had already finished
+        returns its saved results and writes nothing."""
+        failed = True
+        try:
+            if self.settings.resume:
+                self.restore()
+            finished = self.out / "results.json"
+            self.already_finished = self.step >= self.total_steps and finished.is_file()
+            if self.already_finished:
+                failed = False
+                return json.loads(finished.read_text())
+            result = self._train()
+            failed = False
+            return result
+        finally:
+            self.release(failed=failed)
+
+    def _train(self) -> dict[str, Any]:
+        s = self.settings
+        if self.step == 0:
             self.log.set_aside()
         if self.writer:
-            write_json(self.out / "config.json", self.settings.to_dict())
-        self.log.open()
+            write_json(self.out / "config.json", s.to_dict())
+        self.log.open(purge_step=self.step if self.step else None)
         if self.step == 0:
+            params, task = self.adapted.trainable_parameters(), self.data.metric_task
             self.log.write(
                 {
                     "step": 0,
                     "event": "start",
-                    "method": self.settings.method,
+                    "method": s.method,
                     "world_size": self.world,
                     "total_steps": self.total_steps,
-                    "trainable_parameters": self.adapted.trainable_parameters(),
+                    "trainable_parameters": params,
+                    "ranks": self.adapted.ranks(),
+                    "main_metric": main_metric_name(task),
                 }
             )
-
-    def run(self) -> dict[str, Any]:
-        s = self.settings
-        self._start()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -194,8 +213,8 @@ class TrainingRun:
             dynamic_ncols=True,
         )
         self.model.train()
-        events_seen = len(self.adapted.allocation_events())
-        started, interrupted, in_a_row = time.time(), False, 0
+        self._events_seen, self._started = len(self.adapted.allocation_events()), time.time()
+        interrupted, in_a_row = False, 0
         with StopFlag() as stop:
             while self.step < self.total_steps:
                 loss = self._train_step()
@@ -205,31 +224,13 @@ class TrainingRun:
                     self.log.write({"step": self.step, "event": "skipped_nonfinite", "micro_batch": self.micro})
                     if in_a_row >= s.max_nonfinite_steps:
                         bar.close()
-                        raise Diverged(
-                            f"loss or gradients were not finite for {in_a_row} steps in a row (at step {self.step});"
-                            " lower --lr or check the data. The last checkpoint was kept."
-                        )
+                        kept = latest_checkpoint(self.out / "checkpoints") is not None
+                        raise Diverged(in_a_row, self.step, kept)
                     continue
                 in_a_row = 0
                 self.step += 1
                 bar.update(1)
-                ranks = self.adapted.ranks()
-                lr = self.scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ranks": _span(ranks)} if ranks else {}))
-                events = self.adapted.allocation_events()
-                for event in events[events_seen:]:
-                    self.log.write({"step": self.step, "event": "allocation", **event})
-                events_seen = len(events)
-                if self.step % s.log_every == 0 or self.step == self.total_steps:
-                    self.log.write(
-                        {"step": self.step, "loss": loss, "lr": lr, "elapsed": time.time() - started, "ranks": ranks}
-                    )
-                if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total_steps:
-                    metrics = self.evaluate()
-                    self.log.write({"step": self.step, "event": "eval", "metrics": metrics})
-                    self.save_best(metrics)
-                if s.save_every and self.step % s.save_every == 0:
-                    self.save()
+                self._after_step(loss, bar)
                 if stop.requested:
                     interrupted = True
                     break
@@ -240,14 +241,33 @@ class TrainingRun:
             raise Interrupted(self.step, self.out)
         return self._finish()
 
-    def _finish(self) -> dict[str, Any]:
+    def _after_step(self, loss: float, bar) -> None:
+        """Log, evaluate and checkpoint as the settings ask, after optimizer step ``self.step``."""
         s = self.settings
+        ranks, lr = self.adapted.ranks(), self.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ranks": _span(ranks)} if ranks else {}))
+        events = self.adapted.allocation_events()
+        for event in events[self._events_seen :]:
+            self.log.write({"step": self.step, "event": "allocation", **event})
+        self._events_seen = len(events)
+        if self.step % s.log_every == 0 or self.step == self.total_steps:
+            elapsed = time.time() - self._started
+            self.log.write({"step": self.step, "loss": loss, "lr": lr, "elapsed": elapsed, "ranks": ranks})
+        if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total_steps:
+            metrics = self.evaluate()
+            self.log.write({"step": self.step, "event": "eval", "metrics": metrics})
+            self.save_best(metrics)
+        if s.save_every and self.step % s.save_every == 0:
+            self.save()
+
+    def _finish(self) -> dict[str, Any]:
+        s, labels = self.settings, self.data.labels
         metrics = self.evaluate()
         self.log.write({"step": self.step, "event": "eval", "metrics": metrics, "final": True})
         self.save_best(metrics)
         self.save()
         result = {
-            "task": s.task,
+            "task": s.train_file or s.task,
             "method": s.method,
             "seed": s.seed,
             "steps": self.step,
@@ -256,10 +276,11 @@ class TrainingRun:
             "metrics": metrics,
             "best": self.best,
             "ranks": self.adapted.ranks(),
+            "labels": list(labels) if labels is not None else None,
         }
         if self.writer:
             write_json(self.out / "results.json", result)
-            self.adapted.save(self.out / "adapter")
+            replace_directory(self.out / "adapter", self.adapted.save)
         return result
 
     def _train_step(self) -> float | None:
@@ -267,7 +288,7 @@ class TrainingRun:
         grad_accum = self.settings.grad_accum
         total = 0.0
         for _ in range(grad_accum):
-            batch = self.micro_batch(self.micro)
+            batch = self.stream[self.micro]
             self.micro += 1
             loss = self.forward_model(**batch).loss / grad_accum
             loss.backward()

@@ -50,6 +50,12 @@ def main_score(task: str, metrics: dict[str, float]) -> float:
     return float(np.mean([metrics[m] for m in MAIN_METRICS[task]]))
 
 
+def main_metric_name(task: str) -> str:
+    """What :func:`main_score` is for ``task``, in words: ``accuracy``, ``mean of f1 and accuracy``, ..."""
+    names = MAIN_METRICS[task]
+    return names[0] if len(names) == 1 else f"mean of {' and '.join(names)}"
+
+
 def run_score(metrics: dict[str, dict[str, float]]) -> float:
     """One number for an evaluation over several splits (MNLI matched/mismatched): the mean of their main scores."""
     return float(np.mean([split["main"] for split in metrics.values()]))

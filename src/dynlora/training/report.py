@@ -16,6 +16,8 @@ from matplotlib.figure import Figure  # figures without pyplot: the caller's mat
 
 from .compare import RESULTS, read_results, seed_stats, summary_table
 from .metrics import format_metrics, run_score
+from .run_dir import in_use
+from .run_log import read_log
 
 
 def _short(name: str) -> str:
@@ -36,7 +38,9 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
-def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title: str, label: str, path: Path) -> str:
+def _heatmap(
+    matrix: list[list[float]], rows: list[str], cols: list[str], title: str, label: str, path: Path, xlabel: str = ""
+) -> str:
     fig, ax = _figure(max(4.0, 0.45 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5))
     image = ax.imshow(matrix, aspect="auto", cmap="viridis")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -46,69 +50,76 @@ def _heatmap(matrix: list[list[float]], rows: list[str], cols: list[str], title:
             if value == value:  # not nan
                 ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(image, ax=ax, label=label)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(title, fontsize=9)  # the figure is as narrow as its columns: a long title must still fit
     return _save(fig, path)
 
 
 def report_run(run: Path) -> Path:
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = read_log(run)
+    start = next((r for r in records if r.get("event") == "start"), {})
+    metric = f"dev {start.get('main_metric', 'main metric')}"
     images = []
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], run_score(r["metrics"])) for r in records if r.get("event") == "eval"]
     if losses:
         fig, ax = _figure(6, 3.5)
-        ax.plot(*zip(*losses, strict=True), label="training loss", color="tab:blue")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        lines = ax.plot(*zip(*losses, strict=True), label="training loss", color="tab:blue")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
         if evals:
             twin = ax.twinx()
-            twin.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label="dev main metric")
-            twin.set_ylabel("dev main metric")
+            lines += twin.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label=metric)
+            twin.set_ylabel(metric)
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
         ax.set_title("learning curves")
         images.append(("Learning curves", _save(fig, run / "learning_curves.png")))
     allocations = [r for r in records if r.get("event") == "allocation"]
     if allocations:
         layers = list(allocations[-1]["ranks"])
-        steps = [str(a["step"]) for a in allocations]
-        matrix = [[a["ranks"][n] for a in allocations] for n in layers]
-        heatmap = _heatmap(
-            matrix, [_short(n) for n in layers], steps, "rank per layer", "rank", run / "rank_allocation.png"
-        )
-        images.append(("Rank allocation (layer × re-allocation step)", heatmap))
+        columns = ([{"step": "start", "ranks": start["ranks"]}] if start.get("ranks") else []) + allocations
+        matrix = [[c["ranks"][n] for c in columns] for n in layers]
+        steps = [str(c["step"]) for c in columns]
+        path = run / "rank_allocation.png"
+        heatmap = _heatmap(matrix, [_short(n) for n in layers], steps, "rank per layer", "rank", path, "step")
+        images.append(("Rank allocation (layer × re-allocation step; the first column is the start)", heatmap))
         fig, ax = _figure(6.5, 4)
         ax.set_prop_cycle(color=matplotlib.colormaps["tab20"].colors)  # 20 distinct colours: one per layer up to 20
         for name in layers:
-            ax.plot(
-                [a["step"] for a in allocations],
-                [max(a["scores"][name], 1e-30) for a in allocations],
-                label=_short(name),
-                linewidth=1,
-            )
+            scores = [max(a["scores"][name], 1e-30) for a in allocations]
+            ax.plot([a["step"] for a in allocations], scores, label=_short(name), linewidth=1)
         ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
         ax.set_ylabel("importance score")
         ax.set_title("layer importance at each re-allocation")
         ax.legend(fontsize=6, ncol=2)
         images.append(("Importance", _save(fig, run / "importance.png")))
-    lines = [f"# Run report: {run}", ""]
-    results = run / "results.json"
-    if results.is_file():
-        result = json.loads(results.read_text())
-        lines += [
-            f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
-            f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"
-        ]
-        for split, metrics in result["metrics"].items():
-            lines.append(f"- final {split}: {format_metrics(metrics)}")
-        if result.get("best"):
-            lines.append(f"- best evaluation: step {result['best']['step']}, main score {result['best']['score']:.4f}")
-    else:
-        lines.append("- no results.json yet: the run has not finished")
-    lines.append("")
+    lines = [f"# Run report: {run}", "", *_run_summary(run, records, metric), ""]
     lines += [f"## {title}\n\n![{title}]({name})\n" for title, name in images]
     out = run / "report.md"
     out.write_text("\n".join(lines))
     return out
+
+
+def _run_summary(run: Path, records: list[dict], metric: str) -> list[str]:
+    results = run / "results.json"
+    if not results.is_file():
+        last = max((r.get("step", 0) for r in records), default=0)
+        if in_use(run):
+            return [f"- running: at step {last} when this report was written"]
+        return [
+            f"- stopped at step {last} before it finished (interrupted, killed or failed); "
+            + (f"`dynlora train --output-dir {run} --resume` continues it" if (run / "checkpoints").is_dir() else "")
+        ]
+    result = json.loads(results.read_text())
+    lines = [
+        f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
+        f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"
+    ]
+    lines += [f"- final {split}: {format_metrics(metrics)}" for split, metrics in result["metrics"].items()]
+    if result.get("best"):
+        lines.append(f"- best evaluation: step {result['best']['step']}, {metric} {result['best']['score']:.4f}")
+    return lines
 
 
 def report_comparison(root: Path) -> Path:

@@ -19,13 +19,15 @@ class RunLog:
         self.enabled = enabled
         self.tensorboard = None
 
-    def open(self) -> None:
+    def open(self, purge_step: int | None = None) -> None:
+        """Start writing; ``purge_step``: a resumed run's step, whose later TensorBoard events are dropped (each
+        invocation writes its own events file, as TensorBoard does)."""
         if not self.enabled:
             return
         try:  # TensorBoard when installed; the JSONL log is always written
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
         except ImportError:
             pass
 

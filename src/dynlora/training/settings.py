@@ -7,6 +7,7 @@ dataclasses' fields (:mod:`dynlora.training.fields`). Adding a setting is one fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +70,10 @@ class TrainSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left out for all), got {value}")
         if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
             raise ValueError("give --max-steps > 0 or --epochs > 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.dev_file and not self.train_file:
+            raise ValueError("--dev-file needs --train-file: together they replace the GLUE task's data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,3 +112,28 @@ RUN_ONLY = frozenset(
         "max_nonfinite_steps",
     }
 )
+
+
+def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -> tuple[TrainSettings, list[str]]:
+    """The settings of a run being resumed: those it was started with (its ``config.json``, ``saved``), with the
+    ``given`` ones that do not change what it computes (output, logging, evaluation) applied. A given setting that
+    would change the run is an error naming it. Returns the settings and the changes applied, as text."""
+    merged = {**saved, "adapter": dict(saved.get("adapter") or {})}
+    changes = []
+    for key, value in given.items():
+        pairs = value.items() if key == "adapter" else [(key, value)]
+        for name, new in pairs:
+            old = merged["adapter"].get(name) if key == "adapter" else merged.get(name)
+            label = f"adapter.{name}" if key == "adapter" else name
+            if new == old:
+                continue
+            if key == "adapter" or name not in RUN_ONLY | {"resume"}:
+                raise ValueError(
+                    f"{label} was {old!r} in the run in {where}, not {new!r}: --resume continues a run with its own "
+                    "settings (only output, logging and evaluation settings may change); drop it, or start a new "
+                    "--output-dir"
+                )
+            if name != "resume":
+                changes.append(f"{name} {old!r} -> {new!r}")
+            merged[name] = new
+    return TrainSettings.from_settings({**merged, "resume": True}), changes

@@ -3,11 +3,12 @@
 from ..errors import DataError
 from .custom import load_custom
 from .glue import TASKS, Example, TaskSpec, load_glue, read_tsv, resolve_glue_dir, task_spec
-from .loader import batches, collate, epoch_order, tokenize
+from .loader import BatchStream, batches, collate, epoch_order, tokenize
 from .splits import TaskData, load_task_data
 
 __all__ = [
     "TASKS",
+    "BatchStream",
     "DataError",
     "Example",
     "TaskData",

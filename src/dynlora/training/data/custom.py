@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .glue import Example, regression_target
+from .glue import Example, finite_number, regression_target
 
 
 def _records(path: Path) -> list[dict]:
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a .csv, .tsv or .jsonl file")
     if not path.is_file():
         raise DataError(f"{path} not found")
     try:
@@ -47,9 +49,10 @@ def load_custom(
 ) -> tuple[list[Example], tuple[str, ...] | None]:
     """Examples of a CSV/TSV/JSONL file and the label names (in id order; None for regression).
 
-    ``labels`` fixes the label set (pass the train file's to read a dev file); by default it is the sorted set of
-    labels found. A missing column, a missing value, an unknown label or a non-numeric regression target is a
-    DataError naming the row."""
+    ``labels`` fixes the label set (pass the train file's to read a dev file); by default it is the set of labels
+    found, in numeric order when they are all whole numbers (0, 1, ..., 10), else in string order. A missing column,
+    a missing value, an unknown label, a single class, numbers that are not classes (without ``regression``) or a
+    non-numeric regression target is a DataError naming the file and, where there is one, the row."""
     path = Path(path)
     records = _records(path)
     if not records:
@@ -62,7 +65,7 @@ def load_custom(
             "set --text-col/--text-pair-col/--label-col"
         )
     if not regression and labels is None:
-        labels = tuple(sorted({str(r.get(label_col)) for r in records}))
+        labels = class_labels(path, [str(r.get(label_col)) for r in records])
     examples = []
     for number, record in enumerate(records, start=1):
         where = f"{path}: example {number}"
@@ -74,8 +77,28 @@ def load_custom(
             label: int | float = regression_target(raw, where)
         else:
             if str(raw) not in labels:
-                raise DataError(f"{where}: label {raw!r} is not one of the train labels {', '.join(labels)}")
+                shown = ", ".join(labels[:8]) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
+                raise DataError(f"{where}: label {raw!r} is not one of the train labels {shown}")
             label = labels.index(str(raw))
         pair = str(record[text_pair_col]) if text_pair_col else None
         examples.append(Example(str(record[text_col]), pair, label))
     return examples, (None if regression else labels)
+
+
+def class_labels(path: Path, found: list[str]) -> tuple[str, ...]:
+    """The classes of a training file in id order (see :func:`load_custom`)."""
+    classes = set(found)
+    numbers = [finite_number(c) for c in classes]
+    if all(n is not None for n in numbers) and not all(n.is_integer() for n in numbers):
+        example = next(c for c, n in zip(classes, numbers, strict=True) if not n.is_integer())
+        raise DataError(
+            f"{path}: the labels are numbers (e.g. {example!r}), not classes; pass --regression to train a "
+            "one-output regression head"
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"{path}: every example has the label {next(iter(classes))!r}; a classifier needs at least two classes"
+        )
+    if all(n is not None and n.is_integer() for n in numbers):
+        return tuple(sorted(classes, key=float))
+    return tuple(sorted(classes))

@@ -108,13 +108,21 @@ def _column(spec: TaskSpec, header: list[str] | None, col: str | int, path: Path
     return header.index(col)
 
 
-def regression_target(raw: object, where: str) -> float:
-    """A regression label as a finite float, or a DataError naming where it was read."""
+def finite_number(raw: object) -> float | None:
+    """``raw`` (a number or its text) as a finite float; None when it is not one."""
+    if isinstance(raw, bool):
+        return None
     try:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def regression_target(raw: object, where: str) -> float:
+    """A regression label as a finite float, or a DataError naming where it was read."""
+    value = finite_number(raw)
+    if value is None:
         raise DataError(f"{where}: regression target {raw!r} is not a finite number")
     return value
 

@@ -44,3 +44,29 @@ def batches(
     """Batches of ``features`` in ``order``."""
     for b in range(0, len(order), batch_size):
         yield collate([features[i] for i in order[b : b + batch_size]], pad_token_id)
+
+
+class BatchStream:
+    """A run's training micro-batches: micro-batch ``k`` is a pure function of (seed, k), so a resumed run sees
+    exactly the batches an uninterrupted one would. Under several processes each takes its shard of every batch."""
+
+    def __init__(
+        self,
+        features: Sequence[dict],
+        batch_size: int,
+        seed: int,
+        pad_token_id: int,
+        process_index: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.features, self.seed, self.pad_token_id = features, seed, pad_token_id
+        self.size, self.process_index, self.world = batch_size * world, process_index, world
+        self.per_epoch = -(-len(features) // self.size)
+        self._order: tuple[int, list[int]] | None = None
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        epoch, b = divmod(k, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.features), self.seed, epoch))
+        chunk = self._order[1][b * self.size : (b + 1) * self.size][self.process_index :: self.world]
+        return collate([self.features[i] for i in chunk], self.pad_token_id)
