@@ -50,3 +50,36 @@ def test_a_method_records_only_the_settings_it_uses():
 def test_an_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method 'adalora'; choose one of: dynamic, lora"):
         get_method("adalora")
+
+
+def _batches(n: int = 4):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        ids = torch.randint(1, 97, (8, 12), generator=g)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank():
+    model = get_method("peft-rslora").wrap(tiny_bert(), CONFIG, 20).model
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert layer.scaling["default"] == pytest.approx(CONFIG.alpha / 2**0.5)
+
+
+def test_loraplus_trains_b_faster_than_a():
+    adapted = get_method("peft-loraplus").wrap(tiny_bert(), CONFIG, 20)
+    optimizer = adapted.make_optimizer(1e-3, 0.0)
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(adapted.model.named_parameters())
+    a = next(p for n, p in named.items() if "lora_A" in n)
+    b = next(p for n, p in named.items() if "lora_B" in n)
+    assert lrs[id(b)] == pytest.approx(16 * lrs[id(a)]) and lrs[id(a)] == pytest.approx(1e-3)
+
+
+def test_eva_starts_a_along_the_layer_inputs_within_the_rank_budget():
+    adapted = get_method("peft-eva").wrap(tiny_bert(), CONFIG, 20, lambda: _batches())
+    a_weights = {n: p for n, p in adapted.model.named_parameters() if "lora_A" in n}
+    assert sum(w.shape[0] for w in a_weights.values()) == 2 * 4  # rank 2 x 4 layers, redistributed
+    for w in a_weights.values():  # rows are right-singular vectors of the inputs: orthonormal
+        assert torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-4)
+    with pytest.raises(ValueError, match="starts from the training data"):
+        get_method("peft-eva").wrap(tiny_bert(), CONFIG, 20)

@@ -52,7 +52,7 @@ def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tm
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the test extra
 
 
-@pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora"])
+@pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora", "peft-rslora", "peft-loraplus", "peft-eva"])
 def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method):
     dynamic = TrainingRun(config(tiny_model_dir, tmp_path / "d", max_steps=4)).adapted.trainable_parameters()
     result = train(config(tiny_model_dir, tmp_path / method, method=method, max_steps=4))

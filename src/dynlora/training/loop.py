@@ -96,13 +96,14 @@ class TrainingRun:
         self.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(self.train_features) / per_step))
 
         torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
-        self.adapted: AdaptedModel = get_method(s.method).wrap(base.model, s.adapter, self.total_steps)
+        method = get_method(s.method)
+        self.adapted: AdaptedModel = method.wrap(base.model, s.adapter, self.total_steps, self._first_batches)
         self.model = self.adapted.model
         self.forward_model = self.model
         if self.world > 1:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=s.lr, weight_decay=s.weight_decay)
+        self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay)
         from transformers import get_linear_schedule_with_warmup
 
         warmup = int(s.warmup_ratio * self.total_steps)
@@ -114,6 +115,11 @@ class TrainingRun:
         self.best: dict[str, Any] | None = None
         self.already_finished = False
         self.log = RunLog(self.out, enabled=self.writer)
+
+    def _first_batches(self):
+        """The first epoch's micro-batches without their labels (what a method that starts from data reads)."""
+        for k in range(self.stream.per_epoch):
+            yield {key: value for key, value in self.stream[k].items() if key != "labels"}
 
     def release(self, failed: bool = False) -> None:
         """Give the output directory up; a run that failed before any checkpoint leaves nothing behind."""

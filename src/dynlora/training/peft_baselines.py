@@ -1,0 +1,148 @@
+"""The PEFT baselines, PEFT's own implementations at dynlora's budget, read from the same DynamicLoRAConfig:
+
+- ``peft-lora``: LoRA at ``rank`` (the baseline users have today);
+- ``peft-adalora``: AdaLoRA from ``1.5 × rank`` down to ``rank`` (its final budget equals the others');
+- ``peft-rslora``: LoRA with rsLoRA's scale alpha / sqrt(r) (``use_rslora``);
+- ``peft-loraplus``: LoRA trained with LoRA+'s optimizer, B at 16 × the learning rate of A
+  (``create_loraplus_optimizer``);
+- ``peft-eva``: LoRA started by EVA: A from the top right-singular vectors of each layer's inputs on the first
+  training batches, ranks redistributed by explained variance within ``rank ×`` the number of layers (``rho`` 2).
+  Its budget is counted in ranks: on layers of equal size the parameters equal LoRA's, on mixed sizes (all linear
+  layers) they may differ, and the run's parameter count says by how much.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import DynamicLoRAConfig
+from ..targets import default_modules_to_save, default_target_modules
+from .adapted import SampleBatches, adamw
+
+LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
+EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
+
+PEFT_SETTINGS = ("target_modules", "rank", "alpha", "dropout", "modules_to_save")
+
+
+class PeftAdapted:
+    def __init__(self, model: nn.Module, variant: str) -> None:
+        self.model = model
+        self.variant = variant
+        self.adalora = variant == "adalora"
+        self.allocator = getattr(model.base_model, "rankallocator", None)
+
+    def bind(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+        pass  # AdaLoRA's schedule was fixed when it was built
+
+    def after_step(self, step: int) -> None:
+        if self.adalora:
+            self.model.base_model.update_and_allocate(step)
+
+    def skip_step(self) -> None:
+        pass
+
+    def ranks(self) -> dict[str, int]:
+        if not self.adalora:
+            return {}
+        # AdaLoRA masks ranks by zeroing entries of lora_E; the active rank is the count of non-zero entries.
+        return {
+            n.removesuffix(".lora_E.default"): int((p != 0).sum())
+            for n, p in self.model.named_parameters()
+            if n.endswith("lora_E.default")
+        }
+
+    def allocation_events(self) -> list[dict[str, Any]]:
+        return []
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def save(self, directory: str | Path) -> None:
+        with warnings.catch_warnings():
+            # AdaLoRA may prune a layer to rank 0, which it saves as 0-sized tensors; PEFT then warns that ZeRO-3 /
+            # FSDP shards were not gathered, which cannot be the case here.
+            warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+            self.model.save_pretrained(str(directory))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.allocator is None:
+            return {}
+        return {k: dict(getattr(self.allocator, k)) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self.allocator, key, dict(value))
+        # AdaLoRA keeps the mask it last applied only in its config, which a restart loses (and after its final
+        # step it masks with that, so a resumed run crashed). The mask is exactly the zeroed entries of the
+        # restored lora_E, so rebuild it from them, the way PEFT names it.
+        params = self.model.base_model.model.named_parameters()
+        masks = {n: (p != 0).view(-1).tolist() for n, p in params if "lora_E." in n}
+        if not all(all(m) for m in masks.values()):
+            self.model.peft_config["default"].rank_pattern = masks
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        if self.variant != "loraplus":
+            return adamw(self.model, lr, weight_decay)
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            self.model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO, weight_decay=weight_decay
+        )
+
+
+@dataclass(frozen=True)
+class Peft:
+    name: str
+    variant: str  # lora | adalora | rslora | loraplus | eva
+
+    def identity(self, config: DynamicLoRAConfig) -> dict[str, Any]:
+        return {k: getattr(config, k) for k in PEFT_SETTINGS}
+
+    def wrap(
+        self, base: nn.Module, config: DynamicLoRAConfig, total_steps: int, batches: SampleBatches | None = None
+    ) -> PeftAdapted:
+        from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+        targets = config.target_modules if config.target_modules is not None else default_target_modules(base)
+        saved = default_modules_to_save(base) if config.modules_to_save is None else config.modules_to_save
+        common = dict(
+            target_modules=targets, lora_alpha=config.alpha, lora_dropout=config.dropout, modules_to_save=saved or None
+        )
+        if self.variant == "adalora":
+            # AdaLoRA's own schedule, in the same fractions as ours: warm up 10 %, fix the budget for the last 20 %.
+            peft_config = AdaLoraConfig(
+                init_r=max(config.rank + 1, round(1.5 * config.rank)),
+                target_r=config.rank,
+                total_step=total_steps,
+                tinit=int(0.1 * total_steps),
+                tfinal=int(0.2 * total_steps),
+                deltaT=max(1, int(0.05 * total_steps)),
+                **common,
+            )
+        elif self.variant == "eva":
+            if batches is None:
+                raise ValueError("peft-eva starts from the training data: give the run's first batches")
+            # Sequence classification: every non-padding token's input counts (no token-level label mask).
+            eva = EvaConfig(rho=2.0, use_label_mask=False)
+            peft_config = LoraConfig(r=config.rank, init_lora_weights="eva", eva_config=eva, **common)
+        else:
+            peft_config = LoraConfig(r=config.rank, use_rslora=self.variant == "rslora", **common)
+        with warnings.catch_warnings():  # PEFT's memory advice for EVA on large models does not apply here
+            warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
+            model = get_peft_model(base, peft_config)
+        if self.variant == "eva":
+            initialize_lora_eva_weights(
+                model, dataloader=list(itertools.islice(batches(), EVA_BATCHES)), show_progress_bar=False
+            )
+        return PeftAdapted(model, self.variant)
+
+
+PEFT_METHODS = tuple(Peft(f"peft-{variant}", variant) for variant in ("lora", "adalora", "rslora", "loraplus", "eva"))
