@@ -12,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -19,6 +21,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 97
@@ -73,6 +77,28 @@ def tiny_llama():
 def tiny_qwen2():
     return Qwen2ForCausalLM(Qwen2Config(**DECODER))
 
+
+def tiny_gemma():  # tied input/output embeddings, like GPT-2 and T5
+    return GemmaForCausalLM(GemmaConfig(**DECODER, head_dim=8))
+
+
+def tiny_t5():
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+# Decoders (and T5) as language models: the families of the decoder tests.
+LM_BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma": tiny_gemma, "gpt2": tiny_gpt2, "t5": tiny_t5}
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama, "qwen2": tiny_qwen2}
 # Default targets per family and how many layers they hit in a 2-layer model.

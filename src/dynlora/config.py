@@ -34,8 +34,9 @@ class DynamicLoRAConfig:
 
     target_modules: list[str] | str | None = setting(
         None,
-        "layers to adapt: module names matched as PEFT does (an entry equals the name or its last parts), or "
-        "one regex for the whole name; default: the attention projections of the model's family",
+        "layers to adapt: module names matched as PEFT does (an entry equals the name or its last parts), "
+        "all-linear (every linear layer but the output layer), or one regex for the whole name; default: the "
+        "attention projections of the model's family",
     )
     rank: int = setting(8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget")
     alpha: float = setting(16.0, "LoRA alpha: each layer's update is scaled by alpha / its initial rank")

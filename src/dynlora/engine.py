@@ -81,6 +81,13 @@ class Engine:
         if step == 1 and not self.started:
             for name, weight_grad in weight_grads.items():
                 start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, weight_grad)
+            unmeasured = [n for n in self.probes if n not in weight_grads and self.layers[n].rank > 0]
+            if unmeasured:
+                warnings.warn(
+                    f"{len(unmeasured)} layer(s) received no gradient on the first step and start at random (as "
+                    f"LoRA), not along ∂L/∂W: the forward never used them, e.g. {unmeasured[0]}",
+                    stacklevel=3,
+                )
         self.started = True
         reallocated = False
         if self.scorer is not None:

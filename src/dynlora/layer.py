@@ -93,7 +93,17 @@ class DynamicLoRALinear(nn.Module):
         )
         self.token_gate = TokenGate(max_rank).to(**factory) if per_example else None
         self.merged = False
+        self.disabled = False  # DynamicLoRAModel.disable_adapter(): compute as the base layer
         self.reset_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models read it, e.g. for its dtype), as PEFT's LoRA layers expose it."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def reset_parameters(self) -> None:
         """Standard LoRA init: A Kaiming-uniform (as nn.Linear), B zero, so the adapter starts as a no-op."""
@@ -198,7 +208,7 @@ class DynamicLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged or self.rank == 0:
+        if self.merged or self.rank == 0 or self.disabled:
             return result
         a, b = self.active_factors()
         if self.input_norm is not None:

@@ -7,8 +7,11 @@ serialization.py. The PEFT format: export.py.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,76 @@ class DynamicLoRAModel(nn.Module):
         adapters = sum(m.active_parameters() for m in self._layers.values())
         extra = sum(p.numel() for n in self.saved_module_names for p in self.model.get_submodule(n).parameters())
         return adapters + extra
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters of the model as it computes (transformers' name): the base model's plus the adapters at their
+        active ranks, not their capacity; ``only_trainable``: :meth:`trainable_parameters`."""
+        if only_trainable:
+            return self.trainable_parameters()
+        adapter_names = {f"{n}.{pname}" for n, m in self._layers.items() for pname, *_ in m.rank_parameters()}
+        base = sum(p.numel() for n, p in self.model.named_parameters() if n not in adapter_names)
+        if exclude_embeddings:
+            base -= sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
+        return base + sum(m.active_parameters() for m in self._layers.values())
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: ... || all params: ... || trainable%: ...``, as PEFT prints it."""
+        trainable, total = self.trainable_parameters(), self.num_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as its base model (the adapters are skipped; modules saved whole,
+        such as a new task head, stay as trained). As PEFT's ``disable_adapter``."""
+        if any(m.merged for m in self._layers.values()):
+            raise RuntimeError("the adapters are merged into the weights: call unmerge_adapter() first")
+        for layer in self._layers.values():
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in self._layers.values():
+                layer.disabled = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The base model's gradient checkpointing, with its inputs made to require grad (as PEFT does): with
+        reentrant checkpointing a block whose inputs do not require grad passes no gradient to the adapters in it."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.model.enable_input_require_grads()
+
+    # --- the training state -------------------------------------------------------------------------------------
+
+    def _training_state_names(self) -> set[str]:
+        names = {
+            f"model.{n}.{key}" for n, m in self._layers.items() for key in m.state_dict() if "base_layer" not in key
+        }
+        for name in self.saved_module_names:
+            names |= {f"model.{name}.{key}" for key in self.model.get_submodule(name).state_dict()}
+        return names
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The training state, not the frozen base model: every adapter tensor at full capacity, the input
+        adaptation's statistics and the modules saved whole. It is what a ``transformers.Trainer`` checkpoint holds
+        of this model: megabytes instead of the base model's gigabytes, and no tied weights (which safetensors
+        refuses). ``model.model.state_dict()`` is the whole base model; :meth:`adapter_state_dict` the adapter at
+        its active ranks."""
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + name for name in self._training_state_names()}
+        out = destination if destination is not None else collections.OrderedDict()
+        out.update((k, v) for k, v in full.items() if k in keep)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load what :meth:`state_dict` wrote (the base model's own weights are not expected); ``strict``: exactly
+        those keys."""
+        expected = self._training_state_names()
+        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"training state does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=assign)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     # --- the engine (engine.py) --------------------------------------------------------------------------------
 

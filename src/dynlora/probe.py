@@ -50,11 +50,18 @@ class GradientProbe:
             self._handle.remove()
             self._handle = None
 
-    def _watch(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        """Training forwards only: adds gᵀx when backward reaches ``out``."""
-        if module.training and out.requires_grad:
-            x = inputs[0]
-            out.register_hook(lambda g: self._add(x, g))
+    def _watch(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        """Training forwards only: adds gᵀx when backward reaches ``out``. An output that nothing trainable leads to
+        (a layer at rank 0 below every trainable layer) becomes a leaf that requires grad, so the loss still sends
+        it its gradient: every layer is measured, whatever is trainable around it."""
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        x = inputs[0]
+        replaced = None
+        if not out.requires_grad:
+            out = replaced = out.detach().requires_grad_()
+        out.register_hook(lambda g: self._add(x, g))
+        return replaced
 
     @torch.no_grad()
     def _add(self, x: torch.Tensor, g: torch.Tensor) -> None:

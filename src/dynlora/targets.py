@@ -67,9 +67,10 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
 
 def default_modules_to_save(model: nn.Module) -> list[str]:
-    """The task head of a classification/QA model; nothing for base or generative models."""
+    """The task head of a classification or QA model (text, image, audio: ``...ForXClassification``); nothing for
+    base or generative models."""
     cls = type(model).__name__
-    if not cls.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+    if not cls.endswith(("Classification", "ForQuestionAnswering")):
         return []
     children = dict(model.named_children())
     return [n for n in HEAD_MODULE_NAMES if n in children]
@@ -89,13 +90,25 @@ def candidate_summary(model: nn.Module, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear/Conv1D layers)"
 
 
+ALL_LINEAR = "all-linear"
+
+
+def all_linear(model: nn.Module) -> list[str]:
+    """PEFT's ``"all-linear"``: every nn.Linear / Conv1D but the output layer (a language model's head)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS) and m is not output]
+
+
 def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str]) -> list[str]:
-    """Names of the modules to adapt, in model order; a clear ValueError when nothing (adaptable) matches."""
+    """Names of the modules to adapt, in model order; a clear ValueError when nothing (adaptable) matches.
+    ``exclude``: full names of modules (and everything inside them) never to adapt, such as a saved task head."""
+    if targets == ALL_LINEAR:
+        targets = all_linear(model)
     found, wrong_type = [], []
     for name, module in model.named_modules():
         if not name or not name_matches(targets, name):
             continue
-        if exclude and name_matches(exclude, name):
+        if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
         if isinstance(module, SUPPORTED_BASE_LAYERS):
             found.append(name)

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from ..targets import ALL_LINEAR
 from .data.glue import finite_number
 
 ADAPTER = "adapter"
@@ -133,6 +134,8 @@ def _mapping(setting: Setting, value: Any, from_text: bool, wrong) -> dict:
 
 def _names(setting: Setting, value: Any, from_text: bool, wrong, regex_allowed: bool) -> list[str] | str:
     if from_text:
+        if regex_allowed and value == ALL_LINEAR:
+            return value
         if regex_allowed and value.startswith("re:"):
             return value[3:]
         return [t.strip() for t in value.split(",") if t.strip()]
