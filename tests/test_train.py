@@ -10,10 +10,10 @@ from test_data import GLUE, needs_glue
 
 from dynlora import DynamicLoRAModel
 from dynlora.training.base_model import center_regression_head, load_base
-from dynlora.training.data import load_task_data
 from dynlora.training.errors import CheckpointError, Diverged, Interrupted
 from dynlora.training.loop import TrainingRun, train
 from dynlora.training.settings import TrainSettings
+from dynlora.training.tasks import load_task
 
 pytestmark = needs_glue
 
@@ -66,8 +66,8 @@ def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method
 def hooked(settings: TrainSettings, on_training_forward) -> TrainingRun:
     """A run whose base model calls ``on_training_forward(k, kwargs)`` before its k-th training forward (k = the
     micro-batch index): real signals and real non-finite batches, through the model the run is handed."""
-    data = load_task_data(settings)
-    base = load_base(settings.model, data.num_labels, data.regression)
+    task = load_task(settings)
+    base = task.load_model(settings.model)
     count = [0]
 
     def hook(module, args, kwargs):
@@ -76,7 +76,7 @@ def hooked(settings: TrainSettings, on_training_forward) -> TrainingRun:
             count[0] += 1
 
     base.model.register_forward_pre_hook(hook, with_kwargs=True)
-    return TrainingRun(settings, data=data, base=base)
+    return TrainingRun(settings, task=task, base=base)
 
 
 def _interrupted_then_resumed(model_dir, out, at_step, **overrides):

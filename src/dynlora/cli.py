@@ -14,19 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import DynamicLoRAConfig
 from .io import new_directory
-from .training.base_model import label_names, load_adapted, quiet_transformers
+from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
 from .training.compare import DEFAULT_METHODS, ComparePlan, run_comparison, summary_table
-from .training.data import load_custom, load_glue, task_spec, tokenize
-from .training.data.splits import command_glue_dir
+from .training.data import task_spec
 from .training.errors import USER_ERRORS, Interrupted
-from .training.evaluation import evaluate
 from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file, settings_of
 from .training.loop import TrainingRun
 from .training.metrics import format_metrics
 from .training.report import write_report
 from .training.settings import QUICK_STEPS, TrainSettings, resumed_settings
+from .training.tasks import ClassifyTask, eval_task
 
 SETTINGS = settings_of(TrainSettings) + settings_of(DynamicLoRAConfig, adapter=True)
 COMPARE_MANAGED = ("task", "method", "seed", "resume")  # compare sets these per run
@@ -88,8 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     say(
         f"{settings.method} on {where}: {len(run.train_features)} training examples, {run.total_steps} steps, "
-        f"{run.adapted.trainable_parameters():,} trainable parameters (adapter + new task head) "
-        f"-> {settings.output_dir}"
+        f"{run.adapted.trainable_parameters():,} trainable parameters "
+        f"({'adapter + new task head' if isinstance(run.task, ClassifyTask) else 'adapter'}) -> {settings.output_dir}"
     )
     result = run.run()
     if not run.writer:
@@ -115,43 +116,74 @@ EVAL_SETTINGS = (
     "label_col",
     "regression",
     "max_length",
+    "max_eval_samples",
     "batch_size",
 )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     given = from_args(args, SETTINGS)
-    defaults = TrainSettings()
-    settings = {f: given.get(f, getattr(defaults, f)) for f in EVAL_SETTINGS}
     if not given.get("task") and not given.get("dev_file"):
         raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
+    defaults = TrainSettings()
+    s = argparse.Namespace(**{f: given.get(f, getattr(defaults, f)) for f in EVAL_SETTINGS}, seed=0)
     quiet_transformers()
-    if given.get("dev_file"):
-        model, tok = load_adapted(args.adapter, settings["model"])
-        regression = settings["regression"] or model.config.num_labels == 1
-        labels = None if regression else label_names(model, args.adapter)
-        cols = (settings["text_col"], settings["text_pair_col"], settings["label_col"])
-        examples, _ = load_custom(settings["dev_file"], *cols, labels=labels, regression=regression)
-        name, metric, splits = settings["dev_file"], "stsb" if regression else "sst2", {"validation": examples}
+    outputs = task_spec(s.task).num_labels if not s.dev_file else None
+    if args.adapter is None:  # the base language model itself: the floor an adapter should rise from
+        base = load_causal_lm(s.model)
+        model, tok = base.model, base.tokenizer
     else:
-        spec = task_spec(settings["task"])
-        model, tok = load_adapted(args.adapter, settings["model"], spec.num_labels)
-        regression, name, metric = spec.is_regression, spec.name, spec.name
-        splits = load_glue(spec.name, command_glue_dir(settings["data_dir"]))
+        model, tok = load_adapted(args.adapter, s.model, outputs)
+    labels = None
+    if is_causal_lm(type(getattr(model, "model", model)).__name__) or args.adapter is None:
+        outputs = None
+    else:
+        outputs = model.config.num_labels
+        if s.dev_file and not (s.regression or outputs == 1):
+            labels = label_names(model, args.adapter)
+    task = eval_task(s, outputs, labels)
     results = {
-        split: evaluate(
-            model,
-            tokenize(examples, tok, settings["max_length"]),
-            metric,
-            regression,
-            settings["batch_size"],
-            tok.pad_token_id,
-        )
-        for split, examples in splits.items()
-        if split != "train"
+        split: task.evaluate(model, tok, eval_set, s.batch_size) for split, eval_set in task.eval_sets(tok, s).items()
     }
-    print(f"{name} with {args.adapter}:")
+    print(f"{task.name} with {args.adapter or s.model or 'smollm2'}:")
     print(format_splits(results))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    quiet_transformers()
+    if args.adapter:
+        model, tok = load_adapted(args.adapter, args.model)
+        if not is_causal_lm(type(model.model).__name__):
+            raise ValueError(f"{args.adapter} adapts a {type(model.model).__name__}: generate needs a causal LM")
+    else:
+        base = load_causal_lm(args.model)
+        model, tok = base.model, base.tokenizer
+    model.eval()
+    chat = bool(tok.chat_template) if args.chat is None else args.chat
+    if chat and not tok.chat_template:
+        raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if chat:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tok(args.prompt, return_tensors="pt")
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}  # no BERT-style type ids
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+            **sampling,
+        )
     return 0
 
 
@@ -275,9 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data or on your own dev file")
-    p.add_argument("--adapter", required=True, help="adapter directory (dynlora or PEFT format)")
+    p.add_argument("--adapter", help="adapter directory (dynlora or PEFT format); without it, a causal LM's base")
     add_flags(p, [s for s in SETTINGS if not s.adapter and s.name in EVAL_SETTINGS])
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt, or answer it as a chat turn, streaming the text")
+    p.add_argument("--prompt", required=True, help="the text to continue, or the user's message in --chat")
+    p.add_argument("--adapter", help="a trained adapter directory (dynlora or PEFT format) on its base model")
+    p.add_argument("--model", help="base model, or a merged one (default: the adapter's base, else smollm2)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render the prompt as a user turn with the model's chat template (default: if it has one)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above: sampling")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", help="PNG plots and a markdown summary of a run or a comparison directory")
     p.add_argument("directory", help="a run's --output-dir (log.jsonl) or a comparison's (results.jsonl)")

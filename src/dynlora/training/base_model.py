@@ -10,13 +10,14 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..model import DynamicLoRAModel
 from ..serialization import CONFIG_NAME, read_adapter_meta, saved_output_sizes
-from ..shipped_models import resolve_model_path
+from ..shipped_models import DECODER_NAMES, resolve_model_path
 from ..targets import HEAD_MODULE_NAMES
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -59,12 +60,36 @@ def load_base(model: str | None, num_labels: int, regression: bool = False) -> B
         )
     except OSError as e:
         raise ValueError(f"cannot load a model from {model or path!r}: {str(e).splitlines()[0]}") from e
-    if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with EOS, as is usual for classification
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    _pad_as_eos(base, tokenizer)
     mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
     return BaseModel(base, tokenizer, set(info.get("missing_keys", ())) | mismatched)
+
+
+def _pad_as_eos(model: nn.Module, tokenizer: Any) -> None:
+    """GPT-style tokenizers have no pad token: pad with EOS, as is usual (batches carry an attention mask, and a
+    language model's labels mask padding out)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(model: str | None) -> BaseModel:
+    """A causal language model and its tokenizer: a local directory, a hub id, or None for the shipped SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model or DECODER_NAMES[0])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a causal language model from {model or path!r}: {str(e).splitlines()[0]}") from e
+    _pad_as_eos(base, tokenizer)
+    return BaseModel(base, tokenizer)
+
+
+def is_causal_lm(class_name: str) -> bool:
+    return class_name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def load_adapted(adapter: str, model: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
@@ -74,12 +99,18 @@ def load_adapted(adapter: str, model: str | None = None, num_labels: int | None 
     if (where / PEFT_CONFIG_NAME).is_file() and not (where / CONFIG_NAME).is_file():
         from peft import PeftModel
 
-        recorded = json.loads((where / PEFT_CONFIG_NAME).read_text()).get("base_model_name_or_path")
-        base = load_base(model or recorded, num_labels or 2)
+        peft_config = json.loads((where / PEFT_CONFIG_NAME).read_text())
+        recorded = model or peft_config.get("base_model_name_or_path")
+        heads = set(peft_config.get("modules_to_save") or ()) & set(HEAD_MODULE_NAMES)
+        base = load_base(recorded, num_labels or 2) if heads else load_causal_lm(recorded)
         return PeftModel.from_pretrained(base.model, str(where)), base.tokenizer
     meta = read_adapter_meta(where)
-    heads = saved_output_sizes(where)
-    base = load_base(model or meta["base_model"].get("name_or_path"), num_labels or next(iter(heads.values()), 2))
+    recorded = model or meta["base_model"].get("name_or_path")
+    if is_causal_lm(meta["base_model"].get("class") or ""):
+        base = load_causal_lm(recorded)
+    else:
+        heads = saved_output_sizes(where)
+        base = load_base(recorded, num_labels or next(iter(heads.values()), 2))
     return DynamicLoRAModel.from_pretrained(base.model, where), base.tokenizer
 
 

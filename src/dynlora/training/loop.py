@@ -1,11 +1,10 @@
-"""The training loop: fine-tune a sequence classifier with one adapter method, evaluate, save.
+"""The training loop: fine-tune a model for its task (tasks.py) with one adapter method, evaluate, save.
 
 Plain PyTorch: AdamW, linear warm-up/decay, gradient accumulation and clipping, evaluation every N steps and at the
 end, best-adapter tracking, a JSONL log, and checkpoints that make ``resume=True`` continue *exactly* (the data
 order is a function of (seed, epoch); RNG, optimizer, scheduler and method state are saved at optimizer-step
 boundaries). SIGINT/SIGTERM finish the current step, save, and exit with a message saying how to resume. Under
-``torchrun`` every process trains on its shard of each batch (DDP, gloo on CPU). A regression task's new head
-starts at the mean of the training labels (``center_regression_head``).
+``torchrun`` every process trains on its shard of each batch (DDP, gloo on CPU).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..io import replace_directory, write_json
-from .base_model import BaseModel, center_regression_head, load_base
+from .base_model import BaseModel
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -30,26 +29,25 @@ from .checkpoint import (
     save_checkpoint,
     trainable_tensors,
 )
-from .data import BatchStream, TaskData, load_task_data, tokenize
-from .data.splits import subset
+from .data import BatchStream
 from .errors import Diverged, Interrupted
-from .evaluation import evaluate
 from .methods import AdaptedModel, get_method
-from .metrics import main_metric_name, run_score
+from .metrics import run_score
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
 from .run_log import RunLog
 from .settings import TrainSettings
+from .tasks import Task, load_task
 
 
 class TrainingRun:
     """One run of ``settings``; :meth:`run` trains, evaluates, saves and returns the final results.
 
-    ``data`` and ``base`` are loaded from the settings unless given (a test or a caller with its own model). The
+    ``task`` and ``base`` are loaded from the settings unless given (a test or a caller with its own model). The
     output directory is claimed first (run_dir.py), so a directory that cannot be this run's is refused before
     anything is loaded."""
 
-    def __init__(self, settings: TrainSettings, data: TaskData | None = None, base: BaseModel | None = None) -> None:
+    def __init__(self, settings: TrainSettings, task: Task | None = None, base: BaseModel | None = None) -> None:
         self.settings = settings
         self.out = Path(settings.output_dir)
         self.process_index, self.world = init_distributed()
@@ -57,7 +55,7 @@ class TrainingRun:
         if self.writer:
             self.run_dir.claim(settings.resume)
         try:
-            self._prepare(data, base)
+            self._prepare(task, base)
         except BaseException:
             self.release(failed=True)
             raise
@@ -67,28 +65,18 @@ class TrainingRun:
         """Whether this process writes the run's files (the first process of a distributed run)."""
         return self.process_index == 0
 
-    def _prepare(self, data: TaskData | None, base: BaseModel | None) -> None:
+    def _prepare(self, task: Task | None, base: BaseModel | None) -> None:
         s = self.settings
         random.seed(s.seed)
         torch.manual_seed(s.seed)
-        self.data = data = data if data is not None else load_task_data(s)
-        base = base if base is not None else load_base(s.model, data.num_labels, data.regression)
+        self.task = task = task if task is not None else load_task(s)
+        base = base if base is not None else task.load_model(s.model)
         limit = getattr(base.model.config, "max_position_embeddings", None)
         if limit and s.max_length > limit:
             raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
-        if data.labels is not None:  # the names travel with the head: adapter, merged model, results
-            base.model.config.id2label = dict(enumerate(data.labels))
-            base.model.config.label2id = {name: i for i, name in enumerate(data.labels)}
         self.tokenizer = base.tokenizer
-        train = subset(data.splits["train"], s.max_train_samples, s.seed)
-        if data.regression:
-            center_regression_head(base.model, base.fresh, sum(e.label for e in train) / len(train))
-        self.train_features = tokenize(train, self.tokenizer, s.max_length)
-        self.eval_features = {
-            name: tokenize(subset(examples, s.max_eval_samples, s.seed), self.tokenizer, s.max_length)
-            for name, examples in data.splits.items()
-            if name != "train"
-        }
+        self.train_features = task.train_features(base, s)
+        self.eval_sets = task.eval_sets(self.tokenizer, s)
         self.stream = BatchStream(
             self.train_features, s.batch_size, s.seed, self.tokenizer.pad_token_id, self.process_index, self.world
         )
@@ -127,10 +115,10 @@ class TrainingRun:
         self.run_dir.release(failed=failed, before_a_checkpoint=early)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        batch_size, pad, data = 2 * self.settings.batch_size, self.tokenizer.pad_token_id, self.data
+        batch_size = 2 * self.settings.batch_size
         results = {
-            split: evaluate(self.model, features, data.metric_task, data.regression, batch_size, pad)
-            for split, features in self.eval_features.items()
+            split: self.task.evaluate(self.model, self.tokenizer, eval_set, batch_size)
+            for split, eval_set in self.eval_sets.items()
         }
         self.model.train()
         return results
@@ -198,7 +186,7 @@ class TrainingRun:
             write_json(self.out / "config.json", s.to_dict())
         self.log.open(purge_step=self.step if self.step else None)
         if self.step == 0:
-            params, task = self.adapted.trainable_parameters(), self.data.metric_task
+            params, main_metric = self.adapted.trainable_parameters(), self.task.main_metric
             self.log.write(
                 {
                     "step": 0,
@@ -208,7 +196,7 @@ class TrainingRun:
                     "total_steps": self.total_steps,
                     "trainable_parameters": params,
                     "ranks": self.adapted.ranks(),
-                    "main_metric": main_metric_name(task),
+                    "main_metric": main_metric,
                 }
             )
         bar = tqdm(
@@ -267,13 +255,13 @@ class TrainingRun:
             self.save()
 
     def _finish(self) -> dict[str, Any]:
-        s, labels = self.settings, self.data.labels
+        s, labels = self.settings, self.task.labels
         metrics = self.evaluate()
         self.log.write({"step": self.step, "event": "eval", "metrics": metrics, "final": True})
         self.save_best(metrics)
         self.save()
         result = {
-            "task": s.train_file or s.task,
+            "task": self.task.name,
             "method": s.method,
             "seed": s.seed,
             "steps": self.step,

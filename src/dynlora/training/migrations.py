@@ -8,6 +8,8 @@ Format 1 (dynlora 0.1, no ``format_version`` in the manifest): adapter settings 
 recorded them, with ``init``, ``reallocate`` and ``input_norm_strength`` missing in checkpoints written before those
 settings existed; the method state of Dynamic LoRA under ``allocator``.
 Format 2: the adapter settings the method really uses (``Method.identity``), the engine state under ``engine``.
+Format 3: ``objective`` (what a run trains for) recorded; every earlier run trained a classifier as ``auto`` still
+chooses for it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -50,7 +52,11 @@ def _v1_to_v2(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": identity}, {**state, "method": method_state}
 
 
-MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2}
+def _v2_to_v3(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {**manifest, "identity": {**manifest["identity"], "objective": "auto"}}, state
+
+
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate(manifest: dict[str, Any], state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:

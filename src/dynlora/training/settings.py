@@ -14,6 +14,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig, setting
 from .data.glue import TASKS
 from .methods import METHODS
+from .tasks import OBJECTIVES
 
 QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
 
@@ -24,7 +25,18 @@ class TrainSettings:
     ``epochs``."""
 
     task: str = setting("sst2", f"GLUE task: {', '.join(TASKS)}")
-    model: str | None = setting(None, "local model directory or hub id (default: the embedded MiniLM-L6)")
+    model: str | None = setting(
+        None,
+        "local model directory, hub id, or a shipped model: minilm (the default to classify) | smollm2 (the default "
+        "for lm and instruct)",
+    )
+    objective: str = setting(
+        "auto",
+        "what to train for: classify (a task head) | lm (prompt/completion or chat JSONL, or .txt: the loss on what "
+        "the model should write) | instruct (a GLUE task posed to a chat model) | auto (lm for such a file, "
+        "instruct for a GLUE task on a causal LM, else classify)",
+        choices=OBJECTIVES,
+    )
     method: str = setting("dynamic", f"adapter method at an equal budget: {' | '.join(METHODS)}", choices=METHODS)
     data_dir: str | None = setting(None, "GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
     train_file: str | None = setting(None, "your own training data, .csv/.tsv/.jsonl (instead of --task)")

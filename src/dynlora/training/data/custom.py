@@ -11,7 +11,8 @@ from ..errors import DataError
 from .glue import Example, finite_number, regression_target
 
 
-def _records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
+    """The rows of a CSV, TSV or JSONL file as dicts; a DataError naming the file (and line) otherwise."""
     if path.is_dir():
         raise DataError(f"{path} is a directory; give a .csv, .tsv or .jsonl file")
     if not path.is_file():
@@ -54,7 +55,7 @@ def load_custom(
     a missing value, an unknown label, a single class, numbers that are not classes (without ``regression``) or a
     non-numeric regression target is a DataError naming the file and, where there is one, the row."""
     path = Path(path)
-    records = _records(path)
+    records = read_records(path)
     if not records:
         raise DataError(f"{path} has no examples")
     wanted = [c for c in (text_col, text_pair_col, label_col) if c is not None]

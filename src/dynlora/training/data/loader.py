@@ -8,6 +8,8 @@ import torch
 
 from .glue import Example
 
+IGNORE = -100  # label of a token that carries no loss (the convention of transformers' loss functions)
+
 
 def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[dict]:
     """Features (input_ids, attention_mask, token_type_ids where the model has them, labels), not padded."""
@@ -19,10 +21,14 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[di
 
 
 def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of this batch (right padding)."""
+    """Pad to the longest sequence of this batch (right padding); token labels (a language model's) pad with
+    IGNORE, so padding carries no loss."""
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
+        if key == "labels" and isinstance(features[0]["labels"], list):
+            batch["labels"] = torch.tensor([f["labels"] + [IGNORE] * (width - len(f["labels"])) for f in features])
+            continue
         if key == "labels":
             dtype = torch.float32 if isinstance(features[0]["labels"], float) else torch.long
             batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=dtype)

@@ -1,0 +1,219 @@
+"""The GLUE quality benchmark, protocol v2: benchmarks/glue_v2_plan.yaml through `dynlora compare`, then RESULTS.md.
+
+    python benchmarks/glue_v2.py [--jobs 1] [--output-dir runs/glue-v2] [--no-run]
+
+Resumable (start the same command again and only what is missing runs); each invocation's wall time is appended
+to OUTPUT_DIR/wall_time.jsonl. Then, from whatever has finished (marked partial until every run has): the table
+(final dev main metric × 100, mean ± std over seeds), the per-epoch dev curves, the final ranks of Dynamic LoRA,
+and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds, against the
+targets of benchmarks/README.md. Raw per-run results: benchmarks/results/glue_v2.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+from matplotlib.figure import Figure
+from step_time import write_section
+
+from dynlora.training.compare import read_results, summary_table
+from dynlora.training.metrics import run_score
+from dynlora.training.report import write_report
+from dynlora.training.run_log import read_log
+
+HERE = Path(__file__).resolve().parent
+PLAN = HERE / "glue_v2_plan.yaml"
+BASELINES = ("lora", "peft-adalora", "peft-eva", "peft-rslora", "peft-loraplus")
+PEFT_TRICKS = ("peft-eva", "peft-rslora", "peft-loraplus")
+TARGETS = {"lora": 1.0, "peft-adalora": 0.0, "best of EVA / rsLoRA / LoRA+": 0.0}
+
+
+def scores(results: list[dict]) -> dict[tuple[str, str, int], float]:
+    """(task, method, seed) -> final dev main metric × 100."""
+    return {(r["task"], r["method"], r["seed"]): 100 * run_score(r["metrics"]) for r in results}
+
+
+def paired(score: dict, tasks: list[str], a: str, b: str, seeds: list[int]) -> dict[str, list[float]] | None:
+    """Per task, a − b for each seed both finished; None unless every task has every seed of both."""
+    out = {
+        t: [score[(t, a, s)] - score[(t, b, s)] for s in seeds if (t, a, s) in score and (t, b, s) in score]
+        for t in tasks
+    }
+    return out if all(len(d) == len(seeds) for d in out.values()) else None
+
+
+def bootstrap_interval(diffs: dict[str, list[float]], rounds: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the average over tasks of the mean paired difference, resampling seeds within each task."""
+    rng = random.Random(seed)
+    means = []
+    for _ in range(rounds):
+        means.append(statistics.mean(statistics.mean(rng.choices(d, k=len(d))) for d in diffs.values()))
+    means.sort()
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[str], dict]:
+    """The target lines (met / not met) and each comparison's (mean, interval) for the chart."""
+    rows, chart = [], {}
+    averages = {
+        m: statistics.mean(statistics.mean(score[(t, m, s)] for s in seeds) for t in tasks)
+        for m in PEFT_TRICKS
+        if all((t, m, s) in score for t in tasks for s in seeds)
+    }
+    best_trick = max(averages, key=averages.__getitem__) if len(averages) == len(PEFT_TRICKS) else None
+    for label, baseline in [
+        ("lora", "lora"),
+        ("peft-adalora", "peft-adalora"),
+        ("best of EVA / rsLoRA / LoRA+", best_trick),
+    ]:
+        diffs = paired(score, tasks, "dynamic", baseline, seeds) if baseline else None
+        if diffs is None:
+            rows.append(f"- Dynamic LoRA ≥ {label} + {TARGETS[label]:.1f}: — (not every run has finished)")
+            continue
+        mean = statistics.mean(statistics.mean(d) for d in diffs.values())
+        low, high = bootstrap_interval(diffs)
+        chart[baseline] = (mean, low, high)
+        met = "**met**" if mean >= TARGETS[label] else "**not met**"
+        excludes = "excludes 0" if low > 0 or high < 0 else "includes 0"
+        name = f"{label} ({baseline})" if label.startswith("best") else label
+        rows.append(
+            f"- Dynamic LoRA ≥ {name} + {TARGETS[label]:.1f}: {mean:+.2f} [{low:+.2f}, {high:+.2f}] → {met} "
+            f"(the interval {excludes})"
+        )
+    for baseline in BASELINES:  # the rest of the comparisons, for the chart
+        diffs = paired(score, tasks, "dynamic", baseline, seeds)
+        if baseline not in chart and diffs is not None:
+            chart[baseline] = (statistics.mean(statistics.mean(d) for d in diffs.values()), *bootstrap_interval(diffs))
+    return rows, chart
+
+
+def curves(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> Figure:
+    """Dev main metric × 100 after each epoch, mean over the seeds that reached it, per task and method."""
+    fig = Figure(figsize=(4 * len(tasks), 3.2))
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        for method in methods:
+            by_step: dict[int, list[float]] = {}
+            for seed in seeds:
+                log = out / task / method / f"seed{seed}"
+                if (log / "log.jsonl").is_file():
+                    for r in read_log(log):
+                        if r.get("event") == "eval":
+                            by_step.setdefault(r["step"], []).append(100 * run_score(r["metrics"]))
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [statistics.mean(by_step[s]) for s in steps], "o-", markersize=3, label=method)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("optimizer step (one evaluation per epoch)", fontsize=7)
+        ax.set_ylabel("dev main metric × 100", fontsize=7)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def interval_chart(chart: dict) -> Figure:
+    fig = Figure(figsize=(6, 0.5 * len(chart) + 1.5))
+    ax = fig.subplots()
+    names = list(chart)
+    means = [chart[n][0] for n in names]
+    errors = [[chart[n][0] - chart[n][1] for n in names], [chart[n][2] - chart[n][0] for n in names]]
+    ax.errorbar(means, range(len(names)), xerr=errors, fmt="o", capsize=3)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_yticks(range(len(names)), [f"dynamic − {n}" for n in names], fontsize=7)
+    ax.set_xlabel("average paired difference, main metric × 100 (95 % bootstrap interval over seeds)", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: leaves a core free)")
+    parser.add_argument("--output-dir", default="runs/glue-v2", help="run directories and results.jsonl")
+    parser.add_argument("--no-run", action="store_true", help="only write RESULTS.md from what has finished")
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    plan = yaml.safe_load(PLAN.read_text())
+    command = f"dynlora compare --config {PLAN.relative_to(HERE.parent)} --jobs {args.jobs} --output-dir {out}"
+    if not args.no_run:
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *command.split()[1:], "--no-progress"])
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the comparison got the same Ctrl-C: let it checkpoint and stop, then record
+            code = proc.wait()
+        with open(out / "wall_time.jsonl", "a") as f:
+            f.write(json.dumps({"started": started, "seconds": time.time() - started, "exit": code}) + "\n")
+
+    results = read_results(out / "results.jsonl")
+    if not results:
+        sys.exit(f"error: no finished runs in {out}/results.jsonl yet; run without --no-run first")
+    (HERE / "results").mkdir(exist_ok=True)
+    shutil.copyfile(out / "results.jsonl", HERE / "results" / "glue_v2.jsonl")
+    write_report(out)
+    if (out / "final_ranks.png").is_file():
+        shutil.copyfile(out / "final_ranks.png", HERE / "results" / "glue_v2_final_ranks.png")
+    tasks, methods, seeds = plan["tasks"], plan["methods"], plan["seeds"]
+    done = [t for t in tasks if any(r["task"] == t for r in results)]
+    curves(out, done, methods, seeds).savefig(HERE / "results" / "glue_v2_curves.png", dpi=110)
+    score = scores(results)
+    complete = [t for t in tasks if all((t, m, s) in score for m in methods for s in seeds)]
+    lines, chart = margin_lines(score, complete, seeds) if complete else (["- no task has finished every run"], {})
+    if chart:
+        interval_chart(chart).savefig(HERE / "results" / "glue_v2_differences.png", dpi=110)
+    walls = (
+        [json.loads(x) for x in (out / "wall_time.jsonl").read_text().splitlines()]
+        if (out / "wall_time.jsonl").is_file()
+        else []
+    )
+    hours = sum(w["seconds"] for w in walls) / 3600
+    expected = len(tasks) * len(methods) * len(seeds)
+    status = "complete" if len(results) >= expected else f"**partial**: {len(results)} of {expected} runs"
+    import peft
+    import torch
+    import transformers
+
+    body = f"""## GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer; {status})
+
+`python benchmarks/glue_v2.py --jobs {args.jobs}` (= `{command}`) — protocol in [README.md](README.md) ("Protocol
+v2"), plan in [glue_v2_plan.yaml](glue_v2_plan.yaml). Updated {date.today().isoformat()}; {platform.machine()},
+{os.cpu_count()} cores, CPU only; python {platform.python_version()}, torch {torch.__version__}, transformers
+{transformers.__version__}, peft {peft.__version__}. Wall time so far: {hours:.2f} h.
+
+Final model's dev main metric × 100, mean ± std over seeds (n = seeds finished); the average only for methods
+that finished every task of the table. params: trainable parameters (PEFT AdaLoRA's is its starting size; EVA
+redistributes ranks, so its count differs a little on layers of different sizes).
+
+{summary_table(results, done, methods)}
+
+Targets, on the average over the tasks where every run has finished ({", ".join(complete) or "none yet"}): the
+mean paired difference (paired by seed) and its 95 % bootstrap interval over seeds. With 3 seeds such an interval
+is rough; it says how far the seeds disagree, not more.
+
+{chr(10).join(lines)}
+
+Dev curves (one evaluation per epoch, mean over seeds): ![curves](results/glue_v2_curves.png)
+
+{"Paired differences: ![differences](results/glue_v2_differences.png)" if chart else ""}
+
+Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](results/glue_v2_final_ranks.png)
+
+Raw per-run results: [results/glue_v2.jsonl](results/glue_v2.jsonl)."""
+    write_section(HERE / "RESULTS.md", "glue_v2", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

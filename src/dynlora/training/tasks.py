@@ -1,0 +1,281 @@
+"""What a run trains for, and how it is scored: the three objectives of ``--objective``.
+
+- ``classify``: a classification (or regression) head on a GLUE task or a labelled CSV/TSV/JSONL file; the task's
+  official GLUE metric (accuracy, or Pearson/Spearman, for the user's files).
+- ``lm``: a causal language model on prompt/completion or chat JSONL, or plain text (data/lm.py); scored by the
+  loss of the tokens the model should write and its perplexity.
+- ``instruct``: a GLUE task posed to a chat model (data/instruct.py); scored by the likeliest answer word, with the
+  task's official metric.
+
+``auto`` (the default) picks ``lm`` for a language-model file, ``instruct`` for a GLUE task on a causal language
+model, and ``classify`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..shipped_models import resolve_model_path
+from .base_model import BaseModel, center_regression_head, is_causal_lm, load_base, load_causal_lm
+from .data import TaskData, collate, load_task_data, task_spec, tokenize
+from .data.glue import Example, TaskSpec, load_glue
+from .data.instruct import conversation, instruction
+from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_format, render_chat
+from .data.splits import command_glue_dir, subset
+from .errors import DataError
+from .evaluation import evaluate
+from .metrics import glue_metrics, main_metric_name
+
+OBJECTIVES = ("auto", "classify", "lm", "instruct")
+
+
+class Task(Protocol):
+    name: str  # what results.json calls the task: a GLUE task or the training file
+    labels: tuple[str, ...] | None  # class names in id order (classifiers)
+    main_metric: str  # what the "main" score of an evaluation is, in words
+
+    def load_model(self, model: str | None) -> BaseModel: ...
+
+    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+        """Tokenised training examples (a task may also set up ``base``'s head from them)."""
+        ...
+
+    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+        """What :meth:`evaluate` scores, by split."""
+        ...
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]: ...
+
+
+@dataclass
+class ClassifyTask:
+    data: TaskData
+    name: str
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.data.labels
+
+    @property
+    def main_metric(self) -> str:
+        return main_metric_name(self.data.metric_task)
+
+    def load_model(self, model: str | None) -> BaseModel:
+        base = load_base(model, self.data.num_labels, self.data.regression)
+        if self.labels is not None:  # the names travel with the head: adapter, merged model, results
+            base.model.config.id2label = dict(enumerate(self.labels))
+            base.model.config.label2id = {name: i for i, name in enumerate(self.labels)}
+        return base
+
+    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+        train = subset(self.data.splits["train"], settings.max_train_samples, settings.seed)
+        if self.data.regression:
+            center_regression_head(base.model, base.fresh, sum(e.label for e in train) / len(train))
+        return tokenize(train, base.tokenizer, settings.max_length)
+
+    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+        limit, seed, length = settings.max_eval_samples, settings.seed, settings.max_length
+        splits = self.data.splits.items()
+        return {name: tokenize(subset(x, limit, seed), tokenizer, length) for name, x in splits if name != "train"}
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
+        task, regression = self.data.metric_task, self.data.regression
+        return evaluate(model, eval_set, task, regression, batch_size, tokenizer.pad_token_id)
+
+
+@dataclass
+class LanguageTask:
+    train_file: str
+    dev_file: str
+    labels = None
+    main_metric = "negative loss per target token"
+
+    @property
+    def name(self) -> str:
+        return self.train_file
+
+    def load_model(self, model: str | None) -> BaseModel:
+        base = load_causal_lm(model)
+        if "chat" in (lm_format(self.train_file), lm_format(self.dev_file)) and not has_chat_template(base.tokenizer):
+            raise DataError(
+                f"{self.train_file} is chat data, and the model {model or 'smollm2'} has no chat template to render "
+                "it; use prompt/completion JSONL, or a chat model"
+            )
+        return base
+
+    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+        features = lm_features(self.train_file, base.tokenizer, settings.max_length)
+        return subset(features, settings.max_train_samples, settings.seed)
+
+    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+        features = lm_features(self.dev_file, tokenizer, settings.max_length)
+        return {"validation": subset(features, settings.max_eval_samples, settings.seed)}
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
+        return language_metrics(model, eval_set, batch_size, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def language_metrics(model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> dict[str, float]:
+    """Mean loss over the tokens that carry one, its perplexity, and ``main`` = −loss (higher is better)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start : start + batch_size], pad_token_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum")
+        total += float(loss)
+        count += int((targets != IGNORE).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "main": -loss}
+
+
+@dataclass
+class InstructTask:
+    spec: TaskSpec
+    splits: dict[str, list[Example]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return instruction(self.spec).answers
+
+    @property
+    def main_metric(self) -> str:
+        return main_metric_name(self.spec.name)
+
+    def load_model(self, model: str | None) -> BaseModel:
+        base = load_causal_lm(model)
+        if not has_chat_template(base.tokenizer):
+            raise DataError(
+                f"the model {model or 'smollm2'} has no chat template: a GLUE task is posed to a chat model as an "
+                "instruction; use --objective classify for a classification head"
+            )
+        return base
+
+    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+        train = subset(self.splits["train"], settings.max_train_samples, settings.seed)
+        length = settings.max_length
+        return [
+            chat_features(conversation(self.spec, e), base.tokenizer, length, f"{self.name} training example {i}")
+            for i, e in enumerate(train, start=1)
+        ]
+
+    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+        limit, seed = settings.max_eval_samples, settings.seed
+        return {name: subset(x, limit, seed) for name, x in self.splits.items() if name != "train"}
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
+        predictions = choose_answers(model, tokenizer, self.spec, eval_set, batch_size)
+        return glue_metrics(self.spec.name, predictions, [int(e.label) for e in eval_set])
+
+
+@torch.no_grad()
+def choose_answers(
+    model: nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example], batch_size: int
+) -> list[int]:
+    """For each example, the label whose answer turn (as the chat template writes it) is likeliest after the user's
+    question: the sum of its tokens' log-probabilities."""
+    model.eval()
+    answers = instruction(spec).answers
+    rows = []  # (example index, answer id, features)
+    for i, example in enumerate(examples):
+        for label in range(len(answers)):
+            text, spans = render_chat(conversation(spec, Example(example.text, example.text_pair, label)), tokenizer)
+            prompt = tokenizer(text[: spans[0][0]], add_special_tokens=False)["input_ids"]
+            answer = tokenizer(text[spans[0][0] : spans[0][1]], add_special_tokens=False)["input_ids"]
+            rows.append(
+                (
+                    i,
+                    label,
+                    {
+                        "input_ids": prompt + answer,
+                        "attention_mask": [1] * (len(prompt) + len(answer)),
+                        "labels": [IGNORE] * len(prompt) + answer,
+                    },
+                )
+            )
+    scores = torch.full((len(examples), len(answers)), -math.inf)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collate([r[2] for r in chunk], tokenizer.pad_token_id)
+        labels = batch.pop("labels")[:, 1:]
+        logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)
+        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE)
+        for (i, label, _), score in zip(chunk, picked.sum(-1).tolist(), strict=True):
+            scores[i, label] = score
+    return scores.argmax(-1).tolist()
+
+
+def _model_is_causal_lm(model: str | None) -> bool:
+    if model is None:
+        return False  # the encoder default
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
+    return bool(architectures) and all(is_causal_lm(a) for a in architectures)
+
+
+def load_task(settings: Any) -> Task:
+    """The task ``settings`` describe (see the module doc for how ``auto`` chooses)."""
+    objective = settings.objective
+    if objective == "auto":
+        if settings.train_file:
+            objective = "lm" if lm_format(settings.train_file) else "classify"
+        else:
+            objective = "instruct" if _model_is_causal_lm(settings.model) else "classify"
+    if objective == "lm":
+        if not settings.train_file or lm_format(settings.train_file) is None:
+            raise DataError(
+                "--objective lm needs --train-file (and --dev-file) of prompt/completion or chat JSONL, or plain .txt"
+            )
+        if lm_format(settings.dev_file) is None:
+            raise DataError(f"--dev-file {settings.dev_file} is not language-model data like --train-file")
+        return LanguageTask(settings.train_file, settings.dev_file)
+    if objective == "instruct":
+        if settings.train_file:
+            raise DataError(
+                "--objective instruct poses a GLUE --task to a chat model; for your own data use "
+                "prompt/completion or chat JSONL (--objective lm)"
+            )
+        spec = task_spec(settings.task)
+        instruction(spec)  # a regression task has no answer words: say so before loading anything
+        return InstructTask(spec, load_glue(spec.name, command_glue_dir(settings.data_dir)))
+    data = load_task_data(settings)
+    return ClassifyTask(data, settings.train_file or task_spec(settings.task).name)
+
+
+def eval_task(settings: Any, num_outputs: int | None, labels: tuple[str, ...] | None) -> Task:
+    """The task ``dynlora eval`` scores an adapter on: ``settings``' task or dev file, for a saved model with
+    ``num_outputs`` head outputs and class names ``labels`` (None for a language model)."""
+    if num_outputs is None:  # a causal language model
+        if settings.dev_file:
+            return LanguageTask(settings.dev_file, settings.dev_file)
+        spec = task_spec(settings.task)
+        return InstructTask(spec, load_glue(spec.name, command_glue_dir(settings.data_dir)))
+    if settings.dev_file:
+        from .data.custom import load_custom
+
+        regression = settings.regression or num_outputs == 1
+        cols = (settings.text_col, settings.text_pair_col, settings.label_col)
+        dev, _ = load_custom(settings.dev_file, *cols, labels=None if regression else labels, regression=regression)
+        data = TaskData(
+            {"validation": dev}, None if regression else labels, regression, "stsb" if regression else "sst2"
+        )
+        return ClassifyTask(data, str(Path(settings.dev_file)))
+    spec = task_spec(settings.task)
+    data = TaskData(
+        load_glue(spec.name, command_glue_dir(settings.data_dir)), spec.labels, spec.is_regression, spec.name
+    )
+    return ClassifyTask(data, spec.name)

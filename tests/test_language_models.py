@@ -1,0 +1,209 @@
+"""Language-model data and the `dynlora` command on a decoder: loss masking per format, GLUE as instructions,
+train -> eval -> generate with the adapter, its merge and its PEFT export, and bad input in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_llama
+from test_cli_errors import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dynlora.cli import main
+from dynlora.training.data.glue import Example, task_spec
+from dynlora.training.data.instruct import conversation
+from dynlora.training.data.lm import IGNORE, chat_features, completion_features, text_features
+from dynlora.training.errors import DataError
+from dynlora.training.tasks import choose_answers
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_chat_lm_dir):
+    return AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
+
+
+def learned(tok, feature) -> str:
+    """The text of the tokens that carry loss."""
+    return tok.decode([t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != IGNORE])
+
+
+def test_prompt_tokens_carry_no_loss_and_the_completion_ends_with_eos(tok):
+    feature = completion_features({"prompt": "the capital of france is", "completion": "paris"}, tok, 64, "x")
+    assert learned(tok, feature) == "paris [SEP]"
+    prompt = tok("the capital of france is")["input_ids"]
+    assert feature["input_ids"][: len(prompt)] == prompt and set(feature["labels"][: len(prompt)]) == {IGNORE}
+    cut = completion_features({"prompt": "word " * 50, "completion": "paris"}, tok, 16, "x")
+    assert len(cut["input_ids"]) == 16 and learned(tok, cut) == "paris [SEP]"  # the prompt's start is cut
+    with pytest.raises(DataError, match="x: the completion is 21 tokens, more than --max-length 16"):
+        completion_features({"prompt": "q", "completion": "word " * 20}, tok, 16, "x")
+
+
+def test_only_the_assistant_turns_carry_loss(tok):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "and now"},
+        {"role": "assistant", "content": "bye"},
+    ]
+    feature = chat_features(messages, tok, 128, "x")
+    assert learned(tok, feature) == "hi <|im_end|> bye <|im_end|>"  # each answer and its end of turn
+    with pytest.raises(DataError, match="x: no assistant turn"):
+        chat_features(messages[:2], tok, 128, "x")
+    with pytest.raises(DataError, match="first assistant turn starts after --max-length 8"):
+        chat_features(messages, tok, 8, "x")
+
+
+def test_plain_text_is_packed_into_blocks_that_all_carry_loss(tok):
+    blocks = text_features("to be or not to be " * 20, tok, 16, "x")
+    assert all(len(b["input_ids"]) <= 16 for b in blocks) and len(blocks) == -(-121 // 16)
+    assert all(b["labels"] == b["input_ids"] for b in blocks) and blocks[-1]["input_ids"][-1] == tok.eos_token_id
+
+
+def test_a_glue_example_as_an_instruction_learns_only_its_answer_word(tok):
+    spec = task_spec("rte")
+    feature = chat_features(conversation(spec, Example("a cat sat", "an animal sat", 0)), tok, 128, "x")
+    assert learned(tok, feature) == "yes <|im_end|>"  # entailment (label 0) answers yes
+
+
+def test_the_likeliest_answer_is_chosen_by_its_log_likelihood(tiny_chat_lm_dir, tok):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_lm_dir).eval()
+    spec = task_spec("sst2")
+    examples = [Example("a fine film", None, 1), Example("dull", None, 0), Example("great acting", None, 0)]
+    chosen = choose_answers(model, tok, spec, examples, batch_size=4)
+    for example, answer in zip(examples, chosen, strict=True):
+        scores = []
+        for label in (0, 1):  # by hand: one sequence at a time, the answer turn's tokens
+            feature = chat_features(conversation(spec, Example(example.text, None, label)), tok, 128, "x")
+            ids = torch.tensor([feature["input_ids"]])
+            logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            targets = torch.tensor(feature["labels"][1:])
+            keep = targets != IGNORE
+            scores.append(logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item())
+        assert answer == max((0, 1), key=lambda i: scores[i])
+
+
+# --- through the command ---------------------------------------------------------------------------------------
+
+
+def chat_file(path: Path, n: int = 16, assistant: bool = True) -> Path:
+    rows = []
+    for i in range(n):
+        messages = [{"role": "user", "content": f"what is {i} plus one"}]
+        if assistant:
+            messages.append({"role": "assistant", "content": f"it is {i + 1}"})
+        rows.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def quick(model: str, train: Path, out: Path, *extra) -> list:
+    return [
+        "train",
+        "--model",
+        model,
+        "--train-file",
+        train,
+        "--dev-file",
+        train,
+        "--max-steps",
+        4,
+        "--batch-size",
+        4,
+        "--max-length",
+        64,
+        "--rank",
+        2,
+        "--target-modules",
+        "all-linear",
+        "--output-dir",
+        out,
+        "--no-progress",
+        "--schedule-warmup",
+        2,
+        "--schedule-interval",
+        1,
+        "--schedule-final",
+        3,
+        *extra,
+    ]
+
+
+def run(capsys, *args) -> str:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(capsys, tmp_path, tiny_chat_lm_dir):
+    train = chat_file(tmp_path / "chat.jsonl")
+    out = tmp_path / "run"
+    text = run(capsys, *quick(tiny_chat_lm_dir, train, out))
+    assert "perplexity" in text and "final ranks" in text
+    result = json.loads((out / "results.json").read_text())
+    assert result["task"] == str(train) and result["metrics"]["validation"]["perplexity"] > 1
+    evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train)
+    assert f"loss {result['metrics']['validation']['loss']:.4f}" in evaluated  # the run's own evaluation
+    prompt = ["--prompt", "what is 3 plus one", "--max-new-tokens", 6]
+    ours = run(capsys, "generate", "--adapter", out / "adapter", *prompt)
+    run(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    run(capsys, "export", "--adapter", out / "adapter", "--peft", tmp_path / "peft")
+    assert run(capsys, "generate", "--model", tmp_path / "merged", *prompt) == ours
+    assert run(capsys, "generate", "--adapter", tmp_path / "peft", *prompt) == ours
+    assert ours.strip()  # it generated something
+
+
+def test_a_glue_task_is_posed_as_an_instruction_to_a_chat_model(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_data import GLUE, needs_glue
+
+    if not GLUE.is_dir():
+        pytest.skip(needs_glue.kwargs["reason"])
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--model",
+        tiny_chat_lm_dir,
+        "--task",
+        "rte",
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        2,
+        "--batch-size",
+        4,
+        "--max-train-samples",
+        16,
+        "--max-eval-samples",
+        24,
+        "--max-length",
+        256,
+        "--rank",
+        2,
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
+    text = run(capsys, *args)
+    assert "accuracy" in text
+    result = json.loads((out / "results.json").read_text())
+    assert (
+        result["labels"] == ["yes", "no"]
+        and json.loads((out / "log.jsonl").read_text().splitlines()[0])["main_metric"] == "accuracy"
+    )
+
+
+def test_language_model_input_that_cannot_train_is_one_line(capsys, tmp_path, tiny_chat_lm_dir):
+    no_answer = chat_file(tmp_path / "q.jsonl", assistant=False)
+    assert "example 1: no assistant turn" in run_cli(capsys, *quick(tiny_chat_lm_dir, no_answer, tmp_path / "r"))
+    plain = save_tiny_llama(tmp_path / "plain-llama", chat_template=None)
+    chat = chat_file(tmp_path / "chat.jsonl")
+    assert "has no chat template" in run_cli(capsys, *quick(plain, chat, tmp_path / "r"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "q", "completion": "word " * 100}) + "\n")
+    assert "more than --max-length 64" in run_cli(capsys, *quick(tiny_chat_lm_dir, long, tmp_path / "r"))
+    assert "cannot load a causal language model from 'no-such-model-xyz'" in run_cli(
+        capsys, *quick("no-such-model-xyz", chat, tmp_path / "r")
+    )
+    assert not (tmp_path / "r").exists()
