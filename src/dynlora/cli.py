@@ -16,20 +16,18 @@ from typing import Any
 
 import torch
 
-from .config import DynamicLoRAConfig
 from .io import new_directory
 from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
-from .training.compare import DEFAULT_METHODS, ComparePlan, run_comparison, summary_table
+from .training.compare import DEFAULT_METHODS, ComparePlan, plan_from, run_comparison, summary_table
 from .training.data import task_spec
 from .training.errors import USER_ERRORS, Interrupted
-from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file, settings_of
+from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file
 from .training.loop import TrainingRun
 from .training.metrics import format_metrics
 from .training.report import write_report
-from .training.settings import QUICK_STEPS, TrainSettings, resumed_settings
+from .training.settings import QUICK_STEPS, SETTINGS, TrainSettings, resumed_settings
 from .training.tasks import ClassifyTask, eval_task
 
-SETTINGS = settings_of(TrainSettings) + settings_of(DynamicLoRAConfig, adapter=True)
 COMPARE_MANAGED = ("task", "method", "seed", "resume")  # compare sets these per run
 
 
@@ -209,43 +207,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csv(value: str | list | None) -> list[str]:
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
 def compare_plan(args: argparse.Namespace) -> ComparePlan:
     """The plan of ``dynlora compare``: a --config plan file, with the command's flags over its ``base``."""
     plan_file = read_config_file(args.config) if args.config else {}
-    plan_keys = {"tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method"}
-    unknown = sorted(set(plan_file) - plan_keys)
-    if unknown:
-        allowed = ", ".join(sorted(plan_keys))
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {args.config}; allowed: {allowed}")
-
-    def typed(data: Any, where: str) -> dict[str, Any]:
-        if not isinstance(data, dict):
-            raise ValueError(f"{args.config}: {where} must be a mapping of settings, got {data!r}")
-        return _file_settings(f"{args.config}: {where}", data)
-
-    base = merge(typed(plan_file.get("base") or {}, "base"), from_args(args, SETTINGS))
-    output_dir = base.pop("output_dir", None) or plan_file.get("output_dir") or "runs/compare"
-    per_task = {t: typed(v or {}, f"per_task.{t}") for t, v in (plan_file.get("per_task") or {}).items()}
-    per_method = {m: typed(v or {}, f"per_method.{m}") for m, v in (plan_file.get("per_method") or {}).items()}
-    seeds = _csv(args.seeds if args.seeds is not None else plan_file.get("seeds", "0,1,2"))
-    if not all(s.lstrip("-").isdigit() for s in seeds):
-        raise ValueError(f"--seeds must be comma-separated whole numbers, got {','.join(seeds)}")
-    return ComparePlan(
-        tasks=[task_spec(t).name for t in _csv(args.tasks or plan_file.get("tasks") or "sst2")],
-        methods=_csv(args.methods or plan_file.get("methods") or ",".join(DEFAULT_METHODS)),
-        seeds=[int(s) for s in seeds],
-        output_dir=output_dir,
-        base=base,
-        per_task=per_task,
-        per_method=per_method,
-    )
+    flags = from_args(args, SETTINGS)
+    return plan_from(plan_file, args.config or "the command line", flags, args.tasks, args.methods, args.seeds)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

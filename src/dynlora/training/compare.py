@@ -21,12 +21,13 @@ from typing import Any
 
 from .base_model import quiet_transformers
 from .checkpoint import latest_checkpoint
-from .fields import merge
+from .data import task_spec
+from .fields import from_mapping, merge
 from .loop import TrainingRun
 from .methods import METHODS
 from .metrics import MAIN_METRICS, run_score
 from .pool import run_in_pool
-from .settings import TrainSettings
+from .settings import SETTINGS, TrainSettings
 
 RESULTS = "results.jsonl"
 DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")
@@ -60,6 +61,53 @@ class ComparePlan:
                         f"in the plan file: per_method: {{{method}: {{method: dynamic, ...}}}}"
                     )
                 TrainSettings.from_settings(settings)
+
+
+PLAN_KEYS = ("tasks", "methods", "seeds", "output_dir", "base", "per_task", "per_method")
+
+
+def _csv(value: str | list | None) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def plan_from(
+    plan_file: dict[str, Any],
+    where: str,
+    flags: dict[str, Any],
+    tasks: str | None = None,
+    methods: str | None = None,
+    seeds: str | None = None,
+) -> ComparePlan:
+    """A plan from a plan file's mapping (``where`` names it in errors), with typed ``flags`` over its ``base`` and
+    the command's ``tasks``/``methods``/``seeds`` over its own."""
+    unknown = sorted(set(plan_file) - set(PLAN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}; allowed: {', '.join(sorted(PLAN_KEYS))}")
+
+    def typed(data: Any, part: str) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: {part} must be a mapping of settings, got {data!r}")
+        return from_mapping(data, SETTINGS, f"{where}: {part}")
+
+    base = merge(typed(plan_file.get("base") or {}, "base"), flags)
+    output_dir = base.pop("output_dir", None) or plan_file.get("output_dir") or "runs/compare"
+    per_task = {t: typed(v or {}, f"per_task.{t}") for t, v in (plan_file.get("per_task") or {}).items()}
+    per_method = {m: typed(v or {}, f"per_method.{m}") for m, v in (plan_file.get("per_method") or {}).items()}
+    seed_list = _csv(seeds if seeds is not None else plan_file.get("seeds", "0,1,2"))
+    if not all(s.lstrip("-").isdigit() for s in seed_list):
+        raise ValueError(f"--seeds must be comma-separated whole numbers, got {','.join(seed_list)}")
+    return ComparePlan(
+        tasks=[task_spec(t).name for t in _csv(tasks or plan_file.get("tasks") or "sst2")],
+        methods=_csv(methods or plan_file.get("methods") or ",".join(DEFAULT_METHODS)),
+        seeds=[int(s) for s in seed_list],
+        output_dir=output_dir,
+        base=base,
+        per_task=per_task,
+        per_method=per_method,
+    )
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import DynamicLoRAConfig, setting
 from .data.glue import TASKS
+from .fields import settings_of
 from .methods import METHODS
 from .tasks import OBJECTIVES
 
@@ -149,3 +150,7 @@ def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -
                 changes.append(f"{name} {old!r} -> {new!r}")
             merged[name] = new
     return TrainSettings.from_settings({**merged, "resume": True}), changes
+
+
+# Every setting of a run, as the command line and config files see them (fields.py).
+SETTINGS = settings_of(TrainSettings) + settings_of(DynamicLoRAConfig, adapter=True)
