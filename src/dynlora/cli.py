@@ -20,6 +20,7 @@ from .io import new_directory
 from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
 from .training.compare import DEFAULT_METHODS, ComparePlan, plan_from, run_comparison, summary_table
 from .training.data import task_spec
+from .training.devices import resolve_device
 from .training.errors import USER_ERRORS, Interrupted
 from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file
 from .training.loop import TrainingRun
@@ -116,6 +117,7 @@ EVAL_SETTINGS = (
     "max_length",
     "max_eval_samples",
     "batch_size",
+    "device",
 )
 
 
@@ -139,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         outputs = model.config.num_labels
         if s.dev_file and not (s.regression or outputs == 1):
             labels = label_names(model, args.adapter)
+    model.to(resolve_device(s.device))
     task = eval_task(s, outputs, labels)
     results = {
         split: task.evaluate(model, tok, eval_set, s.batch_size) for split, eval_set in task.eval_sets(tok, s).items()
@@ -159,7 +162,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         base = load_causal_lm(args.model)
         model, tok = base.model, base.tokenizer
-    model.eval()
+    device = resolve_device(from_args(args, SETTINGS).get("device", "auto"))
+    model.to(device).eval()
     chat = bool(tok.chat_template) if args.chat is None else args.chat
     if chat and not tok.chat_template:
         raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
@@ -172,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         inputs = tok(text, return_tensors="pt", add_special_tokens=False)
     else:
         inputs = tok(args.prompt, return_tensors="pt")
-    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}  # no BERT-style type ids
+    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}  # no type ids
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         model.generate(
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above: sampling")
+    add_flags(p, [s for s in SETTINGS if s.name == "device"])
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", help="PNG plots and a markdown summary of a run or a comparison directory")

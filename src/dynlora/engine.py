@@ -175,13 +175,11 @@ class Engine:
     def synced_scores(self) -> dict[str, float]:
         """Layer scores averaged over processes under torch.distributed, so every process decides the same.
         A collective: every process must call it (the engine does, at each re-allocation)."""
-        scores = self.importance()
+        values = self.scorer.last_layer_score.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            values = torch.tensor([scores[n] for n in self.layers], dtype=torch.float64)
             torch.distributed.all_reduce(values)
             values /= torch.distributed.get_world_size()
-            scores = dict(zip(self.layers, values.tolist(), strict=True))
-        return scores
+        return dict(zip(self.layers, values.tolist(), strict=True))
 
     # --- checkpointing -------------------------------------------------------------------------------------------
 

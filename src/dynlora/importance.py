@@ -29,8 +29,10 @@ from .layer import DynamicLoRALinear
 class ImportanceScorer:
     """EMA of a per-component raw score (see the module doc). Subclasses define :meth:`raw`.
 
-    State is one ``[layers, capacity]`` tensor per statistic, so the per-step update costs a few batched ops
-    plus one small raw-score computation per layer."""
+    State is one ``[layers, capacity]`` tensor per statistic on the layers' device, so the per-step update costs a
+    few batched ops plus one small raw-score computation per layer, and reads nothing back to the host: a step
+    with a non-finite score is masked out, not branched on. Scores reach the host when asked for
+    (:meth:`layer_scores`: at re-allocations and for logging)."""
 
     name = ""
     uses_uncertainty = False
@@ -40,39 +42,52 @@ class ImportanceScorer:
         self.names = list(layers)
         self.row = {n: i for i, n in enumerate(self.names)}
         capacity = max((m.max_rank for m in layers.values()), default=0)
-        self.mean = torch.zeros(len(layers), capacity)
-        self.unc = torch.zeros(len(layers), capacity)
-        self._raw = torch.zeros(len(layers), capacity)
+        device = next(iter(layers.values())).lora_A.device if layers else None
+        self.mean = torch.zeros(len(layers), capacity, device=device)
+        self.unc = torch.zeros(len(layers), capacity, device=device)
         # Layer score kept from the last time the layer was scored, so a layer at rank 0 can still win rank back.
-        self.last_layer_score = torch.zeros(len(layers), dtype=torch.float64)
-        self.skipped_nonfinite = 0
+        self.last_layer_score = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def skipped_nonfinite(self) -> int:
+        """Steps whose scores were not finite and were left out (read from the device)."""
+        return int(self._skipped)
 
     def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
         """Raw score of each active component (shape ``[rank]``), or None when there is nothing to score."""
         raise NotImplementedError
+
+    def _follow(self, device: torch.device) -> None:
+        """Keep the state on the layers' device (a model moved after wrapping takes it along)."""
+        if self.mean.device != device:
+            self.mean, self.unc = self.mean.to(device), self.unc.to(device)
+            self.last_layer_score, self._skipped = self.last_layer_score.to(device), self._skipped.to(device)
 
     @torch.no_grad()
     def update(self, layers: dict[str, DynamicLoRALinear]) -> None:
         """Fold this step's raw scores into the EMAs. Call after backward, before the gradients are zeroed.
         Layers without gradients (frozen, unused this step) are left as they were; a step with any non-finite
         score is skipped whole and counted."""
-        scored = torch.zeros(len(self.names), self.mean.shape[1], dtype=torch.bool)
-        self._raw.zero_()
+        if layers:
+            self._follow(next(iter(layers.values())).lora_A.device)
+        raw = torch.zeros_like(self.mean)
+        scored = torch.zeros_like(self.mean, dtype=torch.bool)
         for name, layer in layers.items():
-            raw = self.raw(layer) if layer.rank > 0 else None
-            if raw is not None:
+            scores = self.raw(layer) if layer.rank > 0 else None
+            if scores is not None:
                 i = self.row[name]
-                self._raw[i, : layer.rank] = raw.detach().float().cpu()
+                raw[i, : layer.rank] = scores.detach().float()
                 scored[i, : layer.rank] = True
-        if not torch.isfinite(self._raw).all():
-            self.skipped_nonfinite += 1
-            return
-        new_mean = torch.where(scored, self.beta1 * self.mean + (1 - self.beta1) * self._raw, self.mean)
-        new_unc = self.beta2 * self.unc + (1 - self.beta2) * (self._raw - new_mean).abs()
+        finite = torch.isfinite(raw).all()
+        scored &= finite
+        new_mean = torch.where(scored, self.beta1 * self.mean + (1 - self.beta1) * raw, self.mean)
+        new_unc = self.beta2 * self.unc + (1 - self.beta2) * (raw - new_mean).abs()
         self.unc = torch.where(scored, new_unc, self.unc)
         self.mean = new_mean
-        rows = scored.any(dim=1)
-        self.last_layer_score[rows] = (self._scores() * scored).sum(dim=1).double()[rows]
+        layer_scores = (self._scores() * scored).sum(dim=1).double()
+        self.last_layer_score = torch.where(scored.any(dim=1), layer_scores, self.last_layer_score)
+        self._skipped += (~finite).long()
 
     def _scores(self) -> torch.Tensor:
         return (self.mean * self.unc).sqrt() if self.uses_uncertainty else self.mean
@@ -97,12 +112,13 @@ class ImportanceScorer:
             state[i, old_rank:new_rank] = 0.0
 
     def state_dict(self) -> dict:
+        """The state on the CPU (a checkpoint loads on any device)."""
         return {
             "name": self.name,
             "names": list(self.names),
-            "mean": self.mean.clone(),
-            "unc": self.unc.clone(),
-            "last_layer_score": self.last_layer_score.clone(),
+            "mean": self.mean.cpu().clone(),
+            "unc": self.unc.cpu().clone(),
+            "last_layer_score": self.last_layer_score.cpu().clone(),
             "skipped_nonfinite": self.skipped_nonfinite,
         }
 
@@ -111,9 +127,10 @@ class ImportanceScorer:
             raise ValueError(f"importance state is from scorer {state['name']!r}, this run uses {self.name!r}")
         if state["names"] != self.names or state["mean"].shape != self.mean.shape:
             raise ValueError("importance state is for other layers than this model's adapters")
-        self.mean, self.unc = state["mean"].clone(), state["unc"].clone()
-        self.last_layer_score = state["last_layer_score"].clone()
-        self.skipped_nonfinite = int(state["skipped_nonfinite"])
+        device = self.mean.device
+        self.mean, self.unc = state["mean"].to(device).clone(), state["unc"].to(device).clone()
+        self.last_layer_score = state["last_layer_score"].to(device).clone()
+        self._skipped = torch.tensor(int(state["skipped_nonfinite"]), device=device)
 
 
 def _active_grads(layer: DynamicLoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,7 +31,11 @@ MODES = ("mergeable", "per_example")
 
 class InputNorm(nn.Module):
     """Running per-feature RMS of a layer's input; :meth:`scale` is the per-feature factor for A's columns,
-    (rms_ref / rms_j)^strength."""
+    (rms_ref / rms_j)^strength.
+
+    Everything stays on the layer's device and nothing is read back to the host: training forwards add to a
+    pending sum, the step's commit folds it in (a non-finite step is dropped by a mask, not a branch) and caches
+    the scale, which the forwards until the next commit use as is."""
 
     def __init__(
         self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6, strength: float = 1.0
@@ -42,35 +46,39 @@ class InputNorm(nn.Module):
         self.momentum, self.max_tokens, self.eps, self.strength = momentum, max_tokens, eps, strength
         self.register_buffer("mean_sq", torch.ones(in_features))
         self.register_buffer("initialized", torch.tensor(False))
-        # Statistics of this step's forwards, not yet committed (not part of the saved state).
-        self.pending_sum = torch.zeros(in_features)
+        # This step's forwards' statistics, not yet committed, and the scale they give: not part of the saved state.
+        self.register_buffer("pending_sum", torch.zeros(in_features), persistent=False)
+        self.register_buffer("cached_scale", torch.ones(in_features), persistent=False)
         self.pending_count = 0
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Accumulate a training batch (a strided subsample of at most ``max_tokens`` tokens)."""
         flat = x.detach().reshape(-1, x.shape[-1])
         flat = flat[:: max(1, flat.shape[0] // self.max_tokens)]
-        self.pending_sum += flat.float().square().sum(dim=0).cpu()
+        self.pending_sum += flat.float().square().sum(dim=0)
         self.pending_count += flat.shape[0]
 
     @torch.no_grad()
-    def commit(self, batch_mean_sq: torch.Tensor) -> None:
-        """Fold one step's mean of x² into the running statistics; a non-finite one is dropped."""
-        if not torch.isfinite(batch_mean_sq).all():
-            return
+    def commit(self, batch_mean_sq: torch.Tensor, valid: torch.Tensor | bool = True) -> None:
+        """Fold one step's mean of x² into the running statistics; a non-finite (or not ``valid``) one is dropped."""
         batch = batch_mean_sq.to(self.mean_sq)
-        if bool(self.initialized):
-            self.mean_sq.lerp_(batch, self.momentum)
-        else:
-            self.mean_sq.copy_(batch)
-            self.initialized.fill_(True)
+        keep = torch.isfinite(batch).all() & valid
+        updated = torch.where(self.initialized, torch.lerp(self.mean_sq, batch, self.momentum), batch)
+        self.mean_sq.copy_(torch.where(keep, updated, self.mean_sq))
+        self.initialized.copy_(self.initialized | keep)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the cached scale from the statistics (after a commit or a load)."""
+        ms = self.mean_sq + self.eps
+        scale = (ms.median() / ms).pow(self.strength / 2)
+        self.cached_scale.copy_(torch.where(self.initialized, scale, torch.ones_like(scale)))
 
     def scale(self) -> torch.Tensor:
-        if not bool(self.initialized):
-            return torch.ones_like(self.mean_sq)
-        ms = self.mean_sq + self.eps
-        return (ms.median() / ms).pow(self.strength / 2)
+        return self.cached_scale
 
 
 def discard_statistics(norms: list[InputNorm]) -> None:
@@ -83,21 +91,22 @@ def discard_statistics(norms: list[InputNorm]) -> None:
 @torch.no_grad()
 def commit_statistics(norms: list[InputNorm]) -> None:
     """Commit every layer's pending statistics; under torch.distributed, averaged over processes in one
-    all-reduce, so all processes keep identical statistics."""
+    all-reduce, so all processes keep identical statistics. Nothing is read back to the host."""
     if not norms:
         return
-    sums = torch.cat([n.pending_sum for n in norms] + [torch.tensor([float(n.pending_count) for n in norms])])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    counts = sums[-len(norms) :]
-    offset = 0
-    for norm, count in zip(norms, counts.tolist(), strict=True):
-        width = norm.pending_sum.numel()
-        if count > 0:
-            norm.commit(sums[offset : offset + width] / count)
-        norm.pending_sum.zero_()
-        norm.pending_count = 0
-        offset += width
+        device = norms[0].pending_sum.device
+        counts = torch.tensor([float(n.pending_count) for n in norms], device=device)
+        packed = torch.cat([n.pending_sum for n in norms] + [counts])
+        torch.distributed.all_reduce(packed)
+        sums, totals = packed[: -len(norms)].split([n.pending_sum.numel() for n in norms]), packed[-len(norms) :]
+        for norm, total_sum, total in zip(norms, sums, totals, strict=True):
+            norm.commit(total_sum / total.clamp(min=1.0), valid=total > 0)
+    else:
+        for norm in norms:
+            if norm.pending_count > 0:
+                norm.commit(norm.pending_sum / norm.pending_count)
+    discard_statistics(norms)
 
 
 class TokenGate(nn.Module):

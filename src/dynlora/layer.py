@@ -83,7 +83,10 @@ class DynamicLoRALinear(nn.Module):
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        # Adapters stay float32 on a half-precision base (as PEFT's autocast_adapter_dtype): their updates are small.
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if half or not weight.is_floating_point() else weight.dtype
+        factory = {"device": weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, **factory))
         self.input_adaptive = input_adaptive

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .data import batches
+from .devices import to_device
 from .metrics import glue_metrics
 
 
@@ -15,10 +16,12 @@ def evaluate(
 ) -> dict[str, float]:
     """GLUE metrics of ``model`` (left in eval mode) on tokenised ``features``."""
     model.eval()
+    device = next(model.parameters()).device
     preds, gold = [], []
     for batch in batches(features, range(len(features)), batch_size, pad_token_id):
         labels = batch.pop("labels")
+        batch = to_device(batch, device)
         logits = model(**batch).logits
-        preds += (logits.squeeze(-1) if regression else logits.argmax(-1)).tolist()
+        preds += (logits.float().squeeze(-1) if regression else logits.argmax(-1)).tolist()
         gold += labels.tolist()
     return glue_metrics(metric_task, preds, gold)

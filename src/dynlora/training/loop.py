@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,15 @@ from .checkpoint import (
     save_checkpoint,
     trainable_tensors,
 )
-from .data import BatchStream
+from .devices import Precision, resolve_device, to_device
 from .errors import Diverged, Interrupted
-from .methods import AdaptedModel, get_method
 from .metrics import run_score
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
 from .run_log import RunLog
 from .settings import TrainSettings
-from .tasks import Task, load_task
+from .setup import build
+from .tasks import Task
 
 
 class TrainingRun:
@@ -50,51 +49,27 @@ class TrainingRun:
     def __init__(self, settings: TrainSettings, task: Task | None = None, base: BaseModel | None = None) -> None:
         self.settings = settings
         self.out = Path(settings.output_dir)
-        self.process_index, self.world = init_distributed()
+        self.device = resolve_device(settings.device)
+        self.precision = Precision(settings.precision, self.device)
+        self.process_index, self.world = init_distributed(self.device)
         self.run_dir = RunDirectory(self.out)
         if self.writer:
             self.run_dir.claim(settings.resume)
         try:
-            self._prepare(task, base)
+            self.task, self.tokenizer, self.stream, self.eval_sets, self.adapted = build(self, task, base)
         except BaseException:
             self.release(failed=True)
             raise
-
-    @property
-    def writer(self) -> bool:
-        """Whether this process writes the run's files (the first process of a distributed run)."""
-        return self.process_index == 0
-
-    def _prepare(self, task: Task | None, base: BaseModel | None) -> None:
-        s = self.settings
-        random.seed(s.seed)
-        torch.manual_seed(s.seed)
-        self.task = task = task if task is not None else load_task(s)
-        base = base if base is not None else task.load_model(s.model)
-        limit = getattr(base.model.config, "max_position_embeddings", None)
-        if limit and s.max_length > limit:
-            raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
-        self.tokenizer = base.tokenizer
-        self.train_features = task.train_features(base, s)
-        self.eval_sets = task.eval_sets(self.tokenizer, s)
-        self.stream = BatchStream(
-            self.train_features, s.batch_size, s.seed, self.tokenizer.pad_token_id, self.process_index, self.world
-        )
-        per_step = s.batch_size * s.grad_accum * self.world
-        self.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(self.train_features) / per_step))
-
-        torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
-        method = get_method(s.method)
-        self.adapted: AdaptedModel = method.wrap(base.model, s.adapter, self.total_steps, self._first_batches)
         self.model = self.adapted.model
         self.forward_model = self.model
         if self.world > 1:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay)
+        self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay)
         from transformers import get_linear_schedule_with_warmup
 
-        warmup = int(s.warmup_ratio * self.total_steps)
+        warmup = int(settings.warmup_ratio * self.total_steps)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
         self.step = 0  # optimizer steps done
@@ -104,10 +79,14 @@ class TrainingRun:
         self.already_finished = False
         self.log = RunLog(self.out, enabled=self.writer)
 
-    def _first_batches(self):
-        """The first epoch's micro-batches without their labels (what a method that starts from data reads)."""
-        for k in range(self.stream.per_epoch):
-            yield {key: value for key, value in self.stream[k].items() if key != "labels"}
+    @property
+    def train_features(self) -> list[dict]:
+        return self.stream.features
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (the first process of a distributed run)."""
+        return self.process_index == 0
 
     def release(self, failed: bool = False) -> None:
         """Give the output directory up; a run that failed before any checkpoint leaves nothing behind."""
@@ -116,10 +95,11 @@ class TrainingRun:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         batch_size = 2 * self.settings.batch_size
-        results = {
-            split: self.task.evaluate(self.model, self.tokenizer, eval_set, batch_size)
-            for split, eval_set in self.eval_sets.items()
-        }
+        with self.precision.autocast():
+            results = {
+                split: self.task.evaluate(self.model, self.tokenizer, eval_set, batch_size)
+                for split, eval_set in self.eval_sets.items()
+            }
         self.model.train()
         return results
 
@@ -278,26 +258,37 @@ class TrainingRun:
         return result
 
     def _train_step(self) -> float | None:
-        """One optimizer step; None when it was skipped for a non-finite loss or gradient."""
-        grad_accum = self.settings.grad_accum
-        total = 0.0
-        for _ in range(grad_accum):
-            batch = self.stream[self.micro]
-            self.micro += 1
-            loss = self.forward_model(**batch).loss / grad_accum
-            loss.backward()
-            total += loss.item()
-        clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if not (math.isfinite(total) and torch.isfinite(norm)):
+        """One optimizer step; None when it was skipped for a non-finite loss or gradient. An fp16 step whose scaled
+        gradients overflowed is tried again on the next batch with a smaller scale (devices.py)."""
+        while True:
+            loss, finite = self._attempt()
+            if finite:
+                self.precision.step(self.optimizer)
+                self.scheduler.step()
+                self.adapted.after_step(self.step + 1)
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss
             self.optimizer.zero_grad(set_to_none=True)
             self.adapted.skip_step()
-            return None
-        self.optimizer.step()
-        self.scheduler.step()
-        self.adapted.after_step(self.step + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
+            if not self.precision.retry_after_overflow(loss):
+                return None
+
+    def _attempt(self) -> tuple[float, bool]:
+        """Forward and backward of a step's micro-batches, gradients clipped: (loss, every gradient finite). One
+        read from the device per step."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.settings.grad_accum):
+            batch = to_device(self.stream[self.micro], self.device)
+            self.micro += 1
+            with self.precision.autocast():
+                loss = self.forward_model(**batch).loss.float() / self.settings.grad_accum
+            self.precision.backward(loss)
+            total += loss.detach()
+        self.precision.unscale(self.optimizer)
+        clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        loss_value, norm_value = torch.stack([total, norm.float().to(total.device)]).tolist()
+        return loss_value, math.isfinite(loss_value) and math.isfinite(norm_value)
 
 
 def _span(ranks: dict[str, int]) -> str:

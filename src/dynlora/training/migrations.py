@@ -10,6 +10,7 @@ settings existed; the method state of Dynamic LoRA under ``allocator``.
 Format 2: the adapter settings the method really uses (``Method.identity``), the engine state under ``engine``.
 Format 3: ``objective`` (what a run trains for) recorded; every earlier run trained a classifier as ``auto`` still
 chooses for it.
+Format 4: ``precision`` recorded; every earlier run computed in float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -56,7 +57,11 @@ def _v2_to_v3(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": {**manifest["identity"], "objective": "auto"}}, state
 
 
-MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {**manifest, "identity": {**manifest["identity"], "precision": "fp32"}}, state
+
+
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def migrate(manifest: dict[str, Any], state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:

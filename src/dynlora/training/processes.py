@@ -33,11 +33,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def init_distributed() -> tuple[int, int]:
-    """(this process's index, number of processes); joins the process group that ``torchrun`` describes."""
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(this process's index, number of processes); joins the process group that ``torchrun`` describes, with NCCL
+    when the tensors are on CUDA and gloo otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     index = torch.distributed.get_rank() if world > 1 else 0
     return index, world
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..config import DynamicLoRAConfig, setting
 from .data.glue import TASKS
+from .devices import DEVICES, PRECISIONS
 from .fields import settings_of
 from .methods import METHODS
 from .tasks import OBJECTIVES
@@ -60,6 +61,14 @@ class TrainSettings:
     warmup_ratio: float = setting(0.06, "fraction of steps of linear learning-rate warm-up")
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
     seed: int = setting(0, "seed of data order, initialisation and dropout")
+    device: str = setting(
+        "auto", "where to compute: auto (CUDA, else MPS, else CPU) | cpu | cuda | mps", choices=DEVICES
+    )
+    precision: str = setting(
+        "fp32",
+        "fp32 | bf16 | fp16 (autocast; fp16 with loss scaling); adapters and optimizer stay float32",
+        choices=PRECISIONS,
+    )
     eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
     save_every: int = setting(0, "checkpoint every N steps (0: only at the end or on interrupt)")
     log_every: int = setting(10, "write a loss record to log.jsonl every N steps")
@@ -123,6 +132,7 @@ RUN_ONLY = frozenset(
         "output_dir",
         "max_eval_samples",
         "max_nonfinite_steps",
+        "device",  # where a run computes: a checkpoint resumes on another device
     }
 )
 

@@ -28,6 +28,7 @@ from .data.glue import Example, TaskSpec, load_glue
 from .data.instruct import conversation, instruction
 from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_format, render_chat
 from .data.splits import command_glue_dir, subset
+from .devices import to_device
 from .errors import DataError
 from .evaluation import evaluate
 from .metrics import glue_metrics, main_metric_name
@@ -125,9 +126,10 @@ class LanguageTask:
 def language_metrics(model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> dict[str, float]:
     """Mean loss over the tokens that carry one, its perplexity, and ``main`` = −loss (higher is better)."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
-        batch = collate(features[start : start + batch_size], pad_token_id)
+        batch = to_device(collate(features[start : start + batch_size], pad_token_id), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
         targets = labels[:, 1:]
@@ -209,7 +211,7 @@ def choose_answers(
     scores = torch.full((len(examples), len(answers)), -math.inf)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = collate([r[2] for r in chunk], tokenizer.pad_token_id)
+        batch = to_device(collate([r[2] for r in chunk], tokenizer.pad_token_id), next(model.parameters()).device)
         labels = batch.pop("labels")[:, 1:]
         logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)
         picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE)

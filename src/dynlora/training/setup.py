@@ -1,0 +1,53 @@
+"""What a training run is built from: its task and data, the base model on its device, the adapter method."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .adapted import AdaptedModel
+from .base_model import BaseModel
+from .data import BatchStream
+from .devices import to_device
+from .methods import get_method
+from .tasks import Task, load_task
+
+
+def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, Any, BatchStream, dict, AdaptedModel]:
+    """(task, tokenizer, training stream, evaluation sets, adapted model) of ``run`` (a TrainingRun: its settings,
+    device and process index), in the order that makes a seed reproduce a run: data and base model first, the
+    adapter's initialisation from a fresh seed. Sets ``run.total_steps``."""
+    s = run.settings
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)
+    task = task if task is not None else load_task(s)
+    base = base if base is not None else task.load_model(s.model)
+    limit = getattr(base.model.config, "max_position_embeddings", None)
+    if limit and s.max_length > limit:
+        raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
+    train = task.train_features(base, s)
+    eval_sets = task.eval_sets(base.tokenizer, s)
+    stream = BatchStream(train, s.batch_size, s.seed, base.tokenizer.pad_token_id, run.process_index, run.world)
+    per_step = s.batch_size * s.grad_accum * run.world
+    run.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / per_step))
+
+    torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
+    base.model.to(run.device)  # before wrapping: the adapters and the engine's state are made where it is
+    batches = first_batches(stream, run.device)
+    adapted = get_method(s.method).wrap(base.model, s.adapter, run.total_steps, batches)
+    return task, base.tokenizer, stream, eval_sets, adapted
+
+
+def first_batches(stream: BatchStream, device: torch.device):
+    """The first epoch's micro-batches without their labels, on ``device`` (what a method that starts from data,
+    EVA, reads)."""
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for k in range(stream.per_epoch):
+            yield to_device({key: value for key, value in stream[k].items() if key != "labels"}, device)
+
+    return batches
