@@ -165,7 +165,7 @@ CHATML = (
 )
 
 
-def save_tiny_llama(path, chat_template: str | None = CHATML) -> str:
+def save_tiny_llama(path, chat_template: str | None = CHATML, hidden: int = 32) -> str:
     """A tiny random Llama with MiniLM's real tokenizer (its [SEP] as end of sequence), as a local model directory;
     with ``chat_template``, the template of SmolLM2's kind."""
     from transformers import AutoTokenizer
@@ -178,8 +178,9 @@ def save_tiny_llama(path, chat_template: str | None = CHATML) -> str:
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tok.chat_template = chat_template
     torch.manual_seed(0)
+    sizes = {"hidden_size": hidden, "intermediate_size": 2 * hidden}
     cfg = LlamaConfig(
-        **{**DECODER, "vocab_size": len(tok), "max_position_embeddings": 256},
+        **{**DECODER, **sizes, "vocab_size": len(tok), "max_position_embeddings": 256},
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.cls_token_id,
     )

@@ -26,9 +26,16 @@ SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of an nn.Linear, or of a GPT-2 Conv1D, whose weight is stored as (in, out)."""
-    w = module.weight
-    return (int(w.shape[0]), int(w.shape[1])) if isinstance(module, Conv1D) else (int(w.shape[1]), int(w.shape[0]))
+    """(in_features, out_features) of an nn.Linear (bitsandbytes' quantised ones included, whose weight is packed), or
+    of a GPT-2 Conv1D, whose weight is stored as (in, out)."""
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes layer (Linear4bit, Linear8bitLt: a QLoRA base), recognised without importing bitsandbytes."""
+    return type(module).__module__.startswith("bitsandbytes")
 
 
 def components(tensor: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
@@ -229,6 +236,16 @@ class DynamicLoRALinear(nn.Module):
             return out_2d.view_as(result)
         return result + (F.linear(h, b) * self.scaling).to(result.dtype)
 
+    def check_mergeable(self) -> None:
+        """A clear error when the update cannot be folded into the base weight."""
+        if is_quantized(self.base_layer):
+            raise RuntimeError(
+                f"the base layer is a quantised {type(self.base_layer).__name__}: dynlora does not merge into "
+                "quantised weights (rounding would change the update); export a PEFT adapter, or merge on the base "
+                "loaded in full precision (dynlora merge does)"
+            )
+        self.mergeable_factors()
+
     def mergeable_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B) with the mergeable input scale folded into A; an error for a per-example gate."""
         if self.token_gate is not None:
@@ -249,6 +266,7 @@ class DynamicLoRALinear(nn.Module):
         """Add the update into the base weight; the forward pass then skips the adapter."""
         if self.merged:
             return
+        self.check_mergeable()
         weight = self.base_layer.weight
         weight.add_(self.delta_weight().to(weight.dtype))
         self.merged = True

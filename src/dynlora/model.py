@@ -47,6 +47,9 @@ class DynamicLoRAModel(nn.Module):
     Build it with :func:`get_dynlora_model` or :meth:`from_pretrained`.
     """
 
+    # Adapters are attached: transformers.Trainer then accepts a quantised (QLoRA) base, as for a PEFT model.
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -230,6 +233,8 @@ class DynamicLoRAModel(nn.Module):
 
     def merge_adapter(self) -> None:
         """Fold every adapter into its base weight (reversible with :meth:`unmerge_adapter`)."""
+        for layer in self._layers.values():  # all or none: refused before any layer changes
+            layer.check_mergeable()
         for layer in self._layers.values():
             layer.merge()
 
@@ -240,6 +245,8 @@ class DynamicLoRAModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge the adapters and return the plain Hugging Face model, with no Dynamic LoRA module left in it."""
         self._check_not_unloaded()
+        for layer in self._layers.values():  # all or none: refused before any layer changes
+            layer.check_mergeable()
         for name, layer in self._layers.items():
             layer.merge()
             replace_module(self.model, name, layer.base_layer)

@@ -6,6 +6,7 @@ is there too when ``dynlora eval/export/merge`` rebuild a model around a saved a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +42,30 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_base(model: str | None, num_labels: int, regression: bool = False) -> BaseModel:
+def quantized_loading(bits: int | None, device: torch.device, compute_dtype: torch.dtype | None) -> dict[str, Any]:
+    """from_pretrained's arguments for a bitsandbytes base (QLoRA): NF4 4-bit or 8-bit weights on ``device``; a
+    classification head and a language model's output layer stay in full precision (one trains, both are what
+    transformers leaves unquantised by default)."""
+    if bits is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"--load-in-{bits}bit needs bitsandbytes: pip install 'dynlora[quantization]'")
+    from transformers import BitsAndBytesConfig
+
+    skip = [*HEAD_MODULE_NAMES, "lm_head"]
+    if bits == 4:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+            llm_int8_skip_modules=skip,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def load_base(model: str | None, num_labels: int, regression: bool = False, **loading: Any) -> BaseModel:
     """The model (with a sequence-classification head of ``num_labels`` outputs) and tokenizer of ``model``: a
     local directory, a hub id, or None for the embedded MiniLM-L6."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -57,6 +81,7 @@ def load_base(model: str | None, num_labels: int, regression: bool = False) -> B
             ignore_mismatched_sizes=True,
             output_loading_info=True,
             problem_type="regression" if regression else "single_label_classification",
+            **loading,
         )
     except OSError as e:
         raise ValueError(f"cannot load a model from {model or path!r}: {str(e).splitlines()[0]}") from e
@@ -74,14 +99,14 @@ def _pad_as_eos(model: nn.Module, tokenizer: Any) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_causal_lm(model: str | None) -> BaseModel:
+def load_causal_lm(model: str | None, **loading: Any) -> BaseModel:
     """A causal language model and its tokenizer: a local directory, a hub id, or None for the shipped SmolLM2."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model or DECODER_NAMES[0])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **loading)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a causal language model from {model or path!r}: {str(e).splitlines()[0]}") from e
     _pad_as_eos(base, tokenizer)

@@ -10,7 +10,8 @@ settings existed; the method state of Dynamic LoRA under ``allocator``.
 Format 2: the adapter settings the method really uses (``Method.identity``), the engine state under ``engine``.
 Format 3: ``objective`` (what a run trains for) recorded; every earlier run trained a classifier as ``auto`` still
 chooses for it.
-Format 4: ``precision`` recorded; every earlier run computed in float32.
+Format 4: ``precision``, ``load_in_4bit`` and ``load_in_8bit`` recorded; every earlier run computed in float32 on
+a full-precision base.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def _v2_to_v3(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
 
 
 def _v3_to_v4(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    return {**manifest, "identity": {**manifest["identity"], "precision": "fp32"}}, state
+    identity = {**manifest["identity"], "precision": "fp32", "load_in_4bit": False, "load_in_8bit": False}
+    return {**manifest, "identity": identity}, state
 
 
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}

@@ -64,6 +64,8 @@ class TrainSettings:
     device: str = setting(
         "auto", "where to compute: auto (CUDA, else MPS, else CPU) | cpu | cuda | mps", choices=DEVICES
     )
+    load_in_4bit: bool = setting(False, "load the base model's linear layers in 4 bits (NF4, bitsandbytes: QLoRA)")
+    load_in_8bit: bool = setting(False, "load the base model's linear layers in 8 bits (bitsandbytes)")
     precision: str = setting(
         "fp32",
         "fp32 | bf16 | fp16 (autocast; fp16 with loss scaling); adapters and optimizer stay float32",
@@ -94,6 +96,8 @@ class TrainSettings:
             raise ValueError("give --max-steps > 0 or --epochs > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
         if self.dev_file and not self.train_file:
             raise ValueError("--dev-file needs --train-file: together they replace the GLUE task's data")
 

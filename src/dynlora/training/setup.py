@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .adapted import AdaptedModel
-from .base_model import BaseModel
+from .base_model import BaseModel, quantized_loading
 from .data import BatchStream
 from .devices import to_device
 from .methods import get_method
@@ -25,7 +25,12 @@ def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, An
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     task = task if task is not None else load_task(s)
-    base = base if base is not None else task.load_model(s.model)
+    bits = 4 if s.load_in_4bit else 8 if s.load_in_8bit else None
+    base = (
+        base
+        if base is not None
+        else task.load_model(s.model, **quantized_loading(bits, run.device, run.precision.dtype))
+    )
     limit = getattr(base.model.config, "max_position_embeddings", None)
     if limit and s.max_length > limit:
         raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
@@ -36,7 +41,8 @@ def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, An
     run.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / per_step))
 
     torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
-    base.model.to(run.device)  # before wrapping: the adapters and the engine's state are made where it is
+    if not getattr(base.model, "is_quantized", False):  # a quantised base was loaded onto its device
+        base.model.to(run.device)  # before wrapping: the adapters and the engine's state are made where it is
     batches = first_batches(stream, run.device)
     adapted = get_method(s.method).wrap(base.model, s.adapter, run.total_steps, batches)
     return task, base.tokenizer, stream, eval_sets, adapted

@@ -41,7 +41,9 @@ class Task(Protocol):
     labels: tuple[str, ...] | None  # class names in id order (classifiers)
     main_metric: str  # what the "main" score of an evaluation is, in words
 
-    def load_model(self, model: str | None) -> BaseModel: ...
+    def load_model(self, model: str | None, **loading: Any) -> BaseModel:
+        """The base model and tokenizer; ``loading``: from_pretrained's arguments for a quantised base."""
+        ...
 
     def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
         """Tokenised training examples (a task may also set up ``base``'s head from them)."""
@@ -67,8 +69,8 @@ class ClassifyTask:
     def main_metric(self) -> str:
         return main_metric_name(self.data.metric_task)
 
-    def load_model(self, model: str | None) -> BaseModel:
-        base = load_base(model, self.data.num_labels, self.data.regression)
+    def load_model(self, model: str | None, **loading: Any) -> BaseModel:
+        base = load_base(model, self.data.num_labels, self.data.regression, **loading)
         if self.labels is not None:  # the names travel with the head: adapter, merged model, results
             base.model.config.id2label = dict(enumerate(self.labels))
             base.model.config.label2id = {name: i for i, name in enumerate(self.labels)}
@@ -101,8 +103,8 @@ class LanguageTask:
     def name(self) -> str:
         return self.train_file
 
-    def load_model(self, model: str | None) -> BaseModel:
-        base = load_causal_lm(model)
+    def load_model(self, model: str | None, **loading: Any) -> BaseModel:
+        base = load_causal_lm(model, **loading)
         if "chat" in (lm_format(self.train_file), lm_format(self.dev_file)) and not has_chat_template(base.tokenizer):
             raise DataError(
                 f"{self.train_file} is chat data, and the model {model or 'smollm2'} has no chat template to render "
@@ -157,8 +159,8 @@ class InstructTask:
     def main_metric(self) -> str:
         return main_metric_name(self.spec.name)
 
-    def load_model(self, model: str | None) -> BaseModel:
-        base = load_causal_lm(model)
+    def load_model(self, model: str | None, **loading: Any) -> BaseModel:
+        base = load_causal_lm(model, **loading)
         if not has_chat_template(base.tokenizer):
             raise DataError(
                 f"the model {model or 'smollm2'} has no chat template: a GLUE task is posed to a chat model as an "
