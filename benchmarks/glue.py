@@ -92,6 +92,25 @@ def contrast_table(results: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def run_timed(arguments: list[str], out: Path, record: dict | None = None) -> int:
+    """Run ``dynlora ARGUMENTS`` (a resumable comparison) and append its wall time to OUT/wall_time.jsonl; a Ctrl-C
+    reaches the comparison too, which checkpoints and stops, and the time is still recorded."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *arguments, "--no-progress"])
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = proc.wait()
+    with open(out / "wall_time.jsonl", "a") as f:
+        f.write(
+            json.dumps({"started": started, "seconds": time.time() - started, "exit": code, **(record or {})}) + "\n"
+        )
+    if code != 0:
+        print(f"the comparison stopped (exit {code}); what finished is written below. Run again to resume.")
+    return code
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2: one per core here)")
@@ -103,19 +122,8 @@ def main() -> None:
     plan = yaml.safe_load(PLAN.read_text())
     command = f"dynlora compare --config {PLAN.relative_to(HERE.parent)} --jobs {args.jobs} --output-dir {out}"
     if not args.no_run:
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.time()
         only = ["--methods", args.methods] if args.methods else []
-        proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *command.split()[1:], *only, "--no-progress"])
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the comparison got the same Ctrl-C: let it checkpoint and stop, then record
-            code = proc.wait()
-        with open(out / "wall_time.jsonl", "a") as f:
-            record = {"started": started, "seconds": time.time() - started, "exit": code, "methods": args.methods}
-            f.write(json.dumps(record) + "\n")
-        if code != 0:
-            print(f"the comparison stopped (exit {code}); what finished is written below. Run again to resume.")
+        run_timed(command.split()[1:] + only, out, {"methods": args.methods})
 
     results = read_results(out / "results.jsonl")
     if not results:

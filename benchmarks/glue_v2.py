@@ -18,13 +18,12 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 import yaml
+from glue import run_timed
 from matplotlib.figure import Figure
 from step_time import write_section
 
@@ -147,15 +146,7 @@ def main() -> None:
     plan = yaml.safe_load(PLAN.read_text())
     command = f"dynlora compare --config {PLAN.relative_to(HERE.parent)} --jobs {args.jobs} --output-dir {out}"
     if not args.no_run:
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "dynlora.cli", *command.split()[1:], "--no-progress"])
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the comparison got the same Ctrl-C: let it checkpoint and stop, then record
-            code = proc.wait()
-        with open(out / "wall_time.jsonl", "a") as f:
-            f.write(json.dumps({"started": started, "seconds": time.time() - started, "exit": code}) + "\n")
+        run_timed(command.split()[1:], out)
 
     results = read_results(out / "results.jsonl")
     if not results:

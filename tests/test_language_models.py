@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 from test_cli_errors import run_cli
+from test_user_faults import ok as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dynlora.cli import main
 from dynlora.training.data.glue import Example, task_spec
 from dynlora.training.data.instruct import conversation
 from dynlora.training.data.lm import IGNORE, chat_features, completion_features, text_features
@@ -128,13 +128,6 @@ def quick(model: str, train: Path, out: Path, *extra) -> list:
         3,
         *extra,
     ]
-
-
-def run(capsys, *args) -> str:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return out.out
 
 
 def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(capsys, tmp_path, tiny_chat_lm_dir):

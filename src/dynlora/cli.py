@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -330,8 +331,21 @@ def _negative_values_attached(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the command prints it: one line, no source excerpt (``--debug`` keeps Python's format)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_negative_values_attached(sys.argv[1:] if argv is None else list(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_negative_values_attached(argv))
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except Interrupted as e:

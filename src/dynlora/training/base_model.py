@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ class BaseModel:
 
 
 def quiet_transformers() -> None:
-    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here."""
+    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here; so is
+    bitsandbytes' note, at import (peft imports it), that an optional CPU kernel package is missing."""
     import transformers
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
