@@ -200,3 +200,45 @@ def test_language_model_input_that_cannot_train_is_one_line(capsys, tmp_path, ti
         capsys, *quick("no-such-model-xyz", chat, tmp_path / "r")
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_runs_methods_side_by_side_on_an_instruction_task(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_data import GLUE, needs_glue
+
+    if not GLUE.is_dir():
+        pytest.skip(needs_glue.kwargs["reason"])
+    out = tmp_path / "cmp"
+    text = run(
+        capsys,
+        "compare",
+        "--tasks",
+        "rte",
+        "--methods",
+        "dynamic,peft-lora",
+        "--seeds",
+        0,
+        "--model",
+        tiny_chat_lm_dir,
+        "--data-dir",
+        GLUE,
+        "--max-steps",
+        2,
+        "--batch-size",
+        4,
+        "--max-train-samples",
+        8,
+        "--max-eval-samples",
+        8,
+        "--max-length",
+        256,
+        "--rank",
+        2,
+        "--output-dir",
+        out,
+        "--no-progress",
+    )
+    assert "| dynamic |" in text and "| peft-lora |" in text and "rte (accuracy)" in text
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in results} == {"dynamic", "peft-lora"} and all(
+        r["labels"] == ["yes", "no"] for r in results
+    )
