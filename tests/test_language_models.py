@@ -199,6 +199,9 @@ def test_language_model_input_that_cannot_train_is_one_line(capsys, tmp_path, ti
     assert "cannot load a causal language model from 'no-such-model-xyz'" in run_cli(
         capsys, *quick("no-such-model-xyz", chat, tmp_path / "r")
     )
+    assert "cannot load a model from 'no-such-model-xyz'" in run_cli(
+        capsys, "train", "--model", "no-such-model-xyz", "--task", "rte", "--output-dir", tmp_path / "r"
+    )
     assert not (tmp_path / "r").exists()
 
 

@@ -227,7 +227,11 @@ def _model_is_causal_lm(model: str | None) -> bool:
         return False  # the encoder default
     from transformers import AutoConfig
 
-    architectures = getattr(AutoConfig.from_pretrained(resolve_model_path(model)), "architectures", None) or []
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a model from {model!r}: {str(e).splitlines()[0]}") from e
+    architectures = getattr(config, "architectures", None) or []
     return bool(architectures) and all(is_causal_lm(a) for a in architectures)
 
 
