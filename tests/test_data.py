@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynlora.training.data import (
     DataError,
@@ -186,6 +187,19 @@ def test_dynamic_padding_and_deterministic_order():
     assert pairs[0]["token_type_ids"][-2:] == [1, 1] and isinstance(pairs[0]["labels"], float)
     assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
     assert [len(b["labels"]) for b in batches(features, list(range(6)), 4, 0)] == [4, 2]
+
+
+def test_each_process_gets_its_rows_of_the_one_process_batch_padded_alike():
+    from dynlora.training.data import BatchStream
+
+    lengths = [3, 9, 4, 5, 7, 2, 6, 8, 3, 4, 5, 6]
+    features = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": i % 2} for i, n in enumerate(lengths)]
+    alone = BatchStream(features, 4, seed=0, pad_token_id=0)
+    shards = [BatchStream(features, 2, seed=0, pad_token_id=0, process_index=p, world=2) for p in (0, 1)]
+    for k in range(2 * alone.per_epoch):  # two epochs
+        whole, parts = alone[k], [shard[k] for shard in shards]
+        for key, tensor in whole.items():
+            assert torch.equal(tensor[0::2], parts[0][key]) and torch.equal(tensor[1::2], parts[1][key]), (k, key)
 
 
 def test_no_data_anywhere_is_a_clear_error(tmp_path, monkeypatch):

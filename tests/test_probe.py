@@ -153,6 +153,17 @@ def test_top_directions_capture_nearly_the_optimal_energy_of_any_spectrum():
         assert (grad @ rows.T).square().sum() / best > 0.98
 
 
+def test_top_directions_have_a_fixed_sign_so_a_summed_gradient_starts_the_same_components():
+    """Over two processes the measured gradient is twice one process's, rounded differently: same rows."""
+    noise = torch.Generator().manual_seed(1)
+    for seed in range(20):
+        grad = torch.randn(48, 40, generator=torch.Generator().manual_seed(seed))
+        rows = top_directions(grad, 6)
+        assert (rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)) > 0).all()  # largest entry positive
+        summed = 2 * grad + 1e-6 * torch.randn(48, 40, generator=noise)
+        torch.testing.assert_close(top_directions(summed, 6), rows, atol=1e-4, rtol=1e-3)
+
+
 def test_every_architecture_starts_along_its_own_weight_gradient(arch):
     """BERT, GPT-2 (Conv1D, weight stored in × out), Llama and Qwen2 (grouped-query v_proj: out ≠ in)."""
     model = get_dynlora_model(build(arch), DynamicLoRAConfig(rank=2, reallocate=False, input_adaptive=None))

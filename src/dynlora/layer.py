@@ -218,7 +218,9 @@ class DynamicLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged or self.rank == 0 or self.disabled:
+        # At rank 0 a training forward still runs the (empty) adapter path: its parameters stay in the graph with
+        # zero gradients, so DDP and multi-process gradient averaging need no "unused parameters" handling.
+        if self.merged or self.disabled or (self.rank == 0 and not self.training):
             return result
         a, b = self.active_factors()
         if self.input_norm is not None:
@@ -230,9 +232,7 @@ class DynamicLoRALinear(nn.Module):
             h = self.token_gate(h)
         if h.dtype == result.dtype:
             # One GEMM adds s·h·Bᵀ into the base output: no separate scale pass, no extra full-width tensor.
-            out_2d = torch.addmm(
-                result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling
-            )
+            out_2d = torch.addmm(result.reshape(-1, self.out_features), h.flatten(0, -2), b.t(), alpha=self.scaling)
             return out_2d.view_as(result)
         return result + (F.linear(h, b) * self.scaling).to(result.dtype)
 

@@ -117,4 +117,7 @@ def top_directions(grad: torch.Tensor, k: int, taken: torch.Tensor | None = None
     for _ in range(iters):
         basis, _ = torch.linalg.qr(g.T @ (g @ basis))
     _, _, vh = torch.linalg.svd(g @ basis, full_matrices=False)  # Rayleigh-Ritz in the found subspace
-    return (vh @ basis.T)[:k]
+    rows = (vh @ basis.T)[:k]
+    # A singular vector's sign is arbitrary; fix it (largest entry positive) so that G and c·G (a gradient summed
+    # over processes instead of averaged) give the same rows.
+    return rows * rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)).sign()

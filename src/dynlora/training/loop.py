@@ -4,7 +4,9 @@ Plain PyTorch: AdamW, linear warm-up/decay, gradient accumulation and clipping, 
 end, best-adapter tracking, a JSONL log, and checkpoints that make ``resume=True`` continue *exactly* (the data
 order is a function of (seed, epoch); RNG, optimizer, scheduler and method state are saved at optimizer-step
 boundaries). SIGINT/SIGTERM finish the current step, save, and exit with a message saying how to resume. Under
-``torchrun`` every process trains on its shard of each batch (DDP, gloo on CPU).
+``torchrun`` every process trains on its shard of each global batch and the trainable parameters' gradients are
+averaged after each backward pass; with ``--fsdp`` the frozen base is sharded over the processes too
+(dynlora/distributed.py).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import average_gradients, shard_frozen
 from ..io import replace_directory, write_json
 from .base_model import BaseModel
 from .checkpoint import (
@@ -61,10 +65,10 @@ class TrainingRun:
             self.release(failed=True)
             raise
         self.model = self.adapted.model
-        self.forward_model = self.model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if settings.fsdp and self.world > 1:
+            shard_frozen(self.model)
+        elif settings.fsdp and self.writer:
+            warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay)
         from transformers import get_linear_schedule_with_warmup
@@ -281,9 +285,11 @@ class TrainingRun:
             batch = to_device(self.stream[self.micro], self.device)
             self.micro += 1
             with self.precision.autocast():
-                loss = self.forward_model(**batch).loss.float() / self.settings.grad_accum
+                loss = self.model(**batch).loss.float() / self.settings.grad_accum
             self.precision.backward(loss)
             total += loss.detach()
+        if self.world > 1:
+            average_gradients(self.params)
         self.precision.unscale(self.optimizer)
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)

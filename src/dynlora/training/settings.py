@@ -71,6 +71,10 @@ class TrainSettings:
         "fp32 | bf16 | fp16 (autocast; fp16 with loss scaling); adapters and optimizer stay float32",
         choices=PRECISIONS,
     )
+    fsdp: bool = setting(
+        False,
+        "under torchrun: shard the frozen base model over the processes (FSDP2); the adapters stay whole on each",
+    )
     eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
     save_every: int = setting(0, "checkpoint every N steps (0: only at the end or on interrupt)")
     log_every: int = setting(10, "write a loss record to log.jsonl every N steps")
@@ -98,6 +102,11 @@ class TrainSettings:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
+        if self.fsdp and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError(
+                "--fsdp does not shard bitsandbytes' quantised weights: drop --fsdp (a 4-bit base is small) or "
+                "--load-in-4bit/--load-in-8bit"
+            )
         if self.dev_file and not self.train_file:
             raise ValueError("--dev-file needs --train-file: together they replace the GLUE task's data")
 
@@ -137,6 +146,7 @@ RUN_ONLY = frozenset(
         "max_eval_samples",
         "max_nonfinite_steps",
         "device",  # where a run computes: a checkpoint resumes on another device
+        "fsdp",  # how the frozen base is laid out over processes: the trainable state is the same either way
     }
 )
 

@@ -20,10 +20,10 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[di
     return [{**{k: encoded[k][i] for k in keys}, "labels": e.label} for i, e in enumerate(examples)]
 
 
-def collate(features: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence of this batch (right padding); token labels (a language model's) pad with
-    IGNORE, so padding carries no loss."""
-    width = max(len(f["input_ids"]) for f in features)
+def collate(features: Sequence[dict], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad to ``width``, by default the longest sequence of this batch (right padding); token labels (a language
+    model's) pad with IGNORE, so padding carries no loss."""
+    width = width or max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
         if key == "labels" and isinstance(features[0]["labels"], list):
@@ -74,5 +74,8 @@ class BatchStream:
         epoch, b = divmod(k, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.features), self.seed, epoch))
-        chunk = self._order[1][b * self.size : (b + 1) * self.size][self.process_index :: self.world]
-        return collate([self.features[i] for i in chunk], self.pad_token_id)
+        chunk = [self.features[i] for i in self._order[1][b * self.size : (b + 1) * self.size]]
+        # Every process pads to the global batch's width: its shard is then rows of the batch one process would
+        # see, and the input statistics (which see padding) are the same whatever the number of processes.
+        width = max(len(f["input_ids"]) for f in chunk)
+        return collate(chunk[self.process_index :: self.world], self.pad_token_id, width)
