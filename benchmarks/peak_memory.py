@@ -27,15 +27,12 @@ HERE = Path(__file__).resolve().parent
 def measure_one(name: str, steps: int, batch: int, seq: int) -> None:
     """Child process: build one configuration, train, print the peak RSS in MiB."""
     import peft  # noqa: F401  imported by every configuration, so its own footprint is not charged to PEFT's
-    import torch
     import transformers
-    from step_time import TRAIN_CONFIGS, make_step
+    from step_time import SETUPS, make_step
 
     transformers.logging.set_verbosity_error()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
-    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,))}
-    step = make_step(TRAIN_CONFIGS[name](), data)
+    setup = SETUPS["minilm"]
+    step = make_step(setup.train_configs()[name](), setup.batch(batch, seq))
     for _ in range(steps):
         step()
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux reports KiB
@@ -54,11 +51,12 @@ def main() -> None:
         measure_one(args.one, args.steps, args.batch, args.seq)
         return
 
-    from step_time import TRAIN_CONFIGS, write_section
+    from step_time import SETUPS, write_section
 
-    samples: dict[str, list[float]] = {name: [] for name in TRAIN_CONFIGS}
+    configs = SETUPS["minilm"].train_configs()
+    samples: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):  # round by round, so a drift of the machine hits every configuration alike
-        for name in TRAIN_CONFIGS:
+        for name in configs:
             child = [
                 sys.executable,
                 __file__,

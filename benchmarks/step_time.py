@@ -1,14 +1,16 @@
 """Training step time of adapter methods as ratios to the frozen limit, and merged inference vs the base model.
 
-    python benchmarks/step_time.py [--rounds 15] [--batch 32] [--seq 64]
+    python benchmarks/step_time.py [--model minilm|smollm2] [--rounds 15] [--batch 32] [--seq 64]
 
-MiniLM-L6 sequence classification on CPU, one fixed batch of random token ids. Configurations are interleaved
-round by round (one step of each per round) so machine noise hits them alike; each figure is the median over
-rounds after warm-up. A step is forward + backward + AdamW step + zero_grad.
+Two setups, each on one fixed batch of random token ids on the CPU:
+- ``minilm`` (default): MiniLM-L6 sequence classification, adapters on query/value (12 layers), head trainable;
+- ``smollm2``: the shipped SmolLM2-135M as a causal LM, adapters on all 7 projections of its 30 layers (210).
+Configurations are interleaved round by round (one step of each per round) so machine noise hits them alike; each
+figure is the median over rounds after warm-up. A step is forward + backward + AdamW step + zero_grad.
 
 - frozen limit: the same model with no adapter, backward through every layer (input gradients only), no weight
   gradients but the classifier head's. No adapter method can be faster than this.
-- dynlora LoRA r=8 (static), PEFT LoRA r=8, all on query/value with the head trainable.
+- dynlora LoRA r=8 (static), PEFT LoRA r=8, on the same layers.
 - Dynamic LoRA (same budget as LoRA r=8), input gate off and on ("mergeable"): update_and_allocate every step.
 - PEFT AdaLoRA init_r=12 -> target_r=8, with its update_and_allocate every step (its orthogonality loss is in its
   forward).
@@ -17,7 +19,7 @@ over a run with the default schedule; the engine's per-step cost is also timed d
 is far below the noise of a step-time median.
 Merged inference: dynlora's merge_and_unload() model vs the untouched base model, eval forward under no_grad.
 
-Writes benchmarks/results/step_time.json and the step-time section of benchmarks/RESULTS.md.
+Writes benchmarks/results/step_time[_smollm2].json and the setup's step-time section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -29,76 +31,96 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
+from dynlora.shipped_models import decoder_model_path
 
 HERE = Path(__file__).resolve().parent
+QV = ["query", "value"]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load_base() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+@dataclass
+class Setup:
+    """A model to time: how to load it, which layers the adapters go on, its trainable head, its batch."""
+
+    title: str
+    targets: list[str]
+    head: list[str] | None
+    causal_lm: bool
+
+    def load(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        if self.causal_lm:
+            return AutoModelForCausalLM.from_pretrained(str(decoder_model_path()))
+        return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+
+    def batch(self, size: int, seq: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1000, 30000, (size, seq), generator=torch.Generator().manual_seed(0))
+        labels = ids if self.causal_lm else torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(1))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def config(self, **overrides) -> DynamicLoRAConfig:
+        return DynamicLoRAConfig(rank=8, alpha=16, target_modules=self.targets, **overrides)
+
+    def frozen_limit(self) -> torch.nn.Module:
+        model = self.load()
+        model.requires_grad_(False)
+        for name in self.head or []:
+            getattr(model, name).requires_grad_(True)
+        # The embedding output requires grad so backward still runs through every layer, as with adapters.
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
+        return model
+
+    def dynlora_lora(self) -> torch.nn.Module:
+        return get_dynlora_model(self.load(), self.config(reallocate=False, input_adaptive=None, init="lora"))
+
+    def dynamic(self, gate: str | None, **overrides) -> torch.nn.Module:
+        return get_dynlora_model(self.load(), self.config(input_adaptive=gate, **overrides))
+
+    def peft_lora(self) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=self.targets, modules_to_save=self.head)
+        return get_peft_model(self.load(), cfg)
+
+    def peft_adalora(self) -> torch.nn.Module:
+        from peft import AdaLoraConfig, get_peft_model
+
+        cfg = AdaLoraConfig(
+            init_r=12,
+            target_r=8,
+            lora_alpha=16,
+            target_modules=self.targets,
+            total_step=1000,
+            tinit=0,
+            tfinal=0,
+            deltaT=10,
+            modules_to_save=self.head,
+        )
+        return get_peft_model(self.load(), cfg)
+
+    def train_configs(self) -> dict[str, Callable[[], torch.nn.Module]]:
+        return {
+            "frozen limit": self.frozen_limit,
+            "dynlora LoRA r=8": self.dynlora_lora,
+            "Dynamic LoRA, gate off": lambda: self.dynamic(None),
+            "Dynamic LoRA, gate on": lambda: self.dynamic("mergeable"),
+            "PEFT LoRA r=8": self.peft_lora,
+            "PEFT AdaLoRA 12->8": self.peft_adalora,
+        }
 
 
-def frozen_limit() -> torch.nn.Module:
-    model = load_base()
-    model.requires_grad_(False)
-    model.classifier.requires_grad_(True)
-    # Make the embedding output require grad so backward still runs through every layer, as with adapters.
-    model.bert.embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_())
-    return model
-
-
-def dynlora_lora() -> torch.nn.Module:
-    return get_dynlora_model(
-        load_base(), DynamicLoRAConfig(rank=8, alpha=16, reallocate=False, input_adaptive=None, init="lora")
-    )
-
-
-def dynamic(gate: str | None) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        return get_dynlora_model(load_base(), DynamicLoRAConfig(rank=8, alpha=16, input_adaptive=gate))
-
-    return build
-
-
-def peft_lora() -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
-    return get_peft_model(load_base(), cfg)
-
-
-def peft_adalora() -> torch.nn.Module:
-    from peft import AdaLoraConfig, get_peft_model
-
-    cfg = AdaLoraConfig(
-        init_r=12,
-        target_r=8,
-        lora_alpha=16,
-        target_modules=["query", "value"],
-        total_step=1000,
-        tinit=0,
-        tfinal=0,
-        deltaT=10,
-        modules_to_save=["classifier"],
-    )
-    return get_peft_model(load_base(), cfg)
-
-
-TRAIN_CONFIGS: dict[str, Callable[[], torch.nn.Module]] = {
-    "frozen limit": frozen_limit,
-    "dynlora LoRA r=8": dynlora_lora,
-    "Dynamic LoRA, gate off": dynamic(None),
-    "Dynamic LoRA, gate on": dynamic("mergeable"),
-    "PEFT LoRA r=8": peft_lora,
-    "PEFT AdaLoRA 12->8": peft_adalora,
+SETUPS = {
+    "minilm": Setup("MiniLM-L6, query/value: 12 adapted layers", QV, ["classifier"], causal_lm=False),
+    "smollm2": Setup("SmolLM2-135M, all 7 projections of 30 layers: 210 adapted layers", PROJECTIONS, None, True),
 }
 # A long run's step count for binding the schedule: no re-allocation falls inside the timed steps.
 BIND_STEPS = 100_000
@@ -106,7 +128,9 @@ BIND_STEPS = 100_000
 
 def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # The frozen limit of a language model trains nothing: a dummy parameter keeps the step's shape.
+    params = [p for p in model.parameters() if p.requires_grad] or [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
     after_step: Callable[[int], object] = lambda _step: None  # noqa: E731
     if hasattr(model, "update_and_allocate") and hasattr(model, "bind_optimizer"):  # dynlora
         model.bind_optimizer(optimizer, BIND_STEPS)
@@ -126,10 +150,10 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callabl
     return step
 
 
-def engine_costs(batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
+def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
     """Median seconds of update_and_allocate on an ordinary step, of one re-allocation, and what a whole
-    re-allocation step costs more than an ordinary one, for MiniLM q/v."""
-    model = dynamic("mergeable")()
+    re-allocation step costs more than an ordinary one."""
+    model = setup.dynamic("mergeable")
     step = make_step(model, batch)
     for _ in range(3):  # gradients and Adam state exist, B is non-zero
         step()
@@ -147,8 +171,8 @@ def engine_costs(batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float
     # A re-allocation step whole: with the default init="gradient" its forward/backward also measures ∂L/∂W of
     # every layer (probe.py), and grown components are pointed along it. Timed as the step-median difference of a
     # model that re-allocates at every step and one that never does in the window.
-    every = get_dynlora_model(load_base(), DynamicLoRAConfig(rank=8, alpha=16, warmup=1, interval=1, final=BIND_STEPS))
-    pair = {"every step": make_step(every, batch), "never": make_step(dynamic("mergeable")(), batch)}
+    every = setup.dynamic("mergeable", warmup=1, interval=1, final=BIND_STEPS)
+    pair = {"every step": make_step(every, batch), "never": make_step(setup.dynamic("mergeable"), batch)}
     steps = interleaved_medians(pair, rounds, warmup=3)
     return {
         "update_s": statistics.median(updates),
@@ -193,6 +217,7 @@ def write_section(results_md: Path, name: str, body: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SETUPS), default="minilm", help="which setup (module doc)")
     parser.add_argument("--rounds", type=int, default=15, help="measured steps per configuration (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
@@ -203,26 +228,24 @@ def main() -> None:
     transformers.logging.set_verbosity_error()  # the head is newly initialised on purpose: no load report
     transformers.utils.logging.disable_progress_bar()
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (args.batch, args.seq), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (args.batch,))}
-
-    steps = {name: make_step(build(), batch) for name, build in TRAIN_CONFIGS.items()}
+    setup = SETUPS[args.model]
+    batch = setup.batch(args.batch, args.seq)
+    steps = {name: make_step(build(), batch) for name, build in setup.train_configs().items()}
     train = interleaved_medians(steps, args.rounds, args.warmup)
     limit = train["frozen limit"]
     static = train["dynlora LoRA r=8"]
-    engine = engine_costs(batch, args.rounds)
+    engine = engine_costs(setup, batch, args.rounds)
     # A run of T steps with the default schedule re-allocates at 0.1, 0.15, ..., 0.8 of T: 15 times; its first step
     # also measures the gradient (init="gradient"). Each such step costs what a re-allocation step costs more.
     special_per_step = 16 / args.run_steps
     engine_fraction = (engine["update_s"] + special_per_step * max(engine["reallocation_step_extra_s"], 0)) / static
 
-    merged = dynlora_lora()
+    merged = setup.dynlora_lora()
     with torch.no_grad():  # a non-zero adapter, so the merge really changes the weights
         for layer in merged.lora_layers().values():
             layer.lora_B.normal_(std=0.01)
     infer = interleaved_medians(
-        {"base model": make_infer(load_base(), batch), "dynlora merged": make_infer(merged.merge_and_unload(), batch)},
+        {"base model": make_infer(setup.load(), batch), "dynlora merged": make_infer(merged.merge_and_unload(), batch)},
         args.rounds,
         args.warmup,
     )
@@ -278,9 +301,11 @@ def main() -> None:
     }
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "step_time.json").write_text(json.dumps(record, indent=2) + "\n")
+    name = "step_time" if args.model == "minilm" else f"step_time_{args.model}"
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {t / limit:.3f}× |" for name, t in train.items())
-    body = f"""## Training step time (MiniLM-L6, batch {args.batch}×{args.seq}, CPU)
+    verdict = "met" if engine_fraction <= 0.005 else "**not met**"
+    body = f"""## Training step time ({setup.title}; batch {args.batch}×{args.seq}, CPU)
 
 `{record["command"]}` — {env["date"]}, {env["machine"]}; torch {env["torch"]}, transformers {env["transformers"]},
 peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.warmup} warm-up steps.
@@ -297,13 +322,13 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
   re-allocation step costs {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one (measuring
   ∂L/∂W of every layer in its backward, the re-allocation itself {engine["reallocation_s"] * 1000:.1f} ms). Over a
   {args.run_steps}-step run with the default schedule (15 re-allocations, and the first step's measurement) that is
-  **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %).
+  **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %: {verdict}).
 - merged dynlora model inference / base model inference: **{infer_ratio:.3f}×** (target: equal within noise)
 
 Repeated runs move a median by about ±1.5 % on this 2-core machine: compare ratios taken within one run.
 
-Raw figures: [results/step_time.json](results/step_time.json)."""
-    write_section(HERE / "RESULTS.md", "step_time", body)
+Raw figures: [results/{name}.json](results/{name}.json)."""
+    write_section(HERE / "RESULTS.md", name, body)
 
 
 if __name__ == "__main__":
