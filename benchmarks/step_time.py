@@ -55,17 +55,21 @@ class Setup:
     targets: list[str]
     head: list[str] | None
     causal_lm: bool
+    device: str = "cpu"
 
     def load(self) -> torch.nn.Module:
         torch.manual_seed(0)
         if self.causal_lm:
-            return AutoModelForCausalLM.from_pretrained(str(decoder_model_path()))
-        return AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+            model = AutoModelForCausalLM.from_pretrained(str(decoder_model_path()))
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+        return model.to(self.device)  # before the adapters are made: they are made where the weights are
 
     def batch(self, size: int, seq: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(1000, 30000, (size, seq), generator=torch.Generator().manual_seed(0))
         labels = ids if self.causal_lm else torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(1))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def config(self, **overrides) -> DynamicLoRAConfig:
         return DynamicLoRAConfig(rank=8, alpha=16, target_modules=self.targets, **overrides)
@@ -126,10 +130,14 @@ SETUPS = {
 BIND_STEPS = 100_000
 
 
-def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+def make_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: torch.dtype | None = None
+) -> Callable[[], None]:
+    """One training step of ``model`` on ``batch`` (forward and backward under autocast to ``autocast`` if given)."""
     model.train()
     # The frozen limit of a language model trains nothing: a dummy parameter keeps the step's shape.
-    params = [p for p in model.parameters() if p.requires_grad] or [torch.nn.Parameter(torch.zeros(1))]
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad] or [torch.nn.Parameter(torch.zeros(1, device=device))]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     after_step: Callable[[int], object] = lambda _step: None  # noqa: E731
     if hasattr(model, "update_and_allocate") and hasattr(model, "bind_optimizer"):  # dynlora
@@ -142,7 +150,9 @@ def make_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callabl
     def step() -> None:
         nonlocal count
         count += 1
-        model(**batch).loss.backward()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         after_step(count)
         optimizer.zero_grad(set_to_none=True)
