@@ -171,6 +171,8 @@ def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> d
     updates, reallocs = [], []
     layers = list(model.lora_layers())
     for i in range(rounds):
+        with torch.no_grad():
+            model(**batch)  # a training forward: input statistics for the step's commit, as in a real step
         t0 = time.perf_counter()
         model.update_and_allocate(10)  # not a re-allocation step of a 100k-step schedule
         updates.append(time.perf_counter() - t0)

@@ -61,51 +61,69 @@ class InputNorm(nn.Module):
         self.pending_count += flat.shape[0]
 
     @torch.no_grad()
-    def commit(self, batch_mean_sq: torch.Tensor, valid: torch.Tensor | bool = True) -> None:
-        """Fold one step's mean of x² into the running statistics; a non-finite (or not ``valid``) one is dropped."""
-        batch = batch_mean_sq.to(self.mean_sq)
-        keep = torch.isfinite(batch).all() & valid
-        updated = torch.where(self.initialized, torch.lerp(self.mean_sq, batch, self.momentum), batch)
-        self.mean_sq.copy_(torch.where(keep, updated, self.mean_sq))
-        self.initialized.copy_(self.initialized | keep)
-        self.refresh()
-
-    @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the cached scale from the statistics (after a commit or a load)."""
-        ms = self.mean_sq + self.eps
-        scale = (ms.median() / ms).pow(self.strength / 2)
-        self.cached_scale.copy_(torch.where(self.initialized, scale, torch.ones_like(scale)))
+        """Recompute the cached scale from the statistics (after a load)."""
+        self.cached_scale.copy_(_scales(self.mean_sq[None], self.initialized[None], self.eps, self.strength)[0])
 
     def scale(self) -> torch.Tensor:
         return self.cached_scale
 
 
+def _scales(mean_sq: torch.Tensor, initialized: torch.Tensor, eps: float, strength: float) -> torch.Tensor:
+    """Per-feature scales ``[n, d]`` of ``n`` layers' statistics: (median rms² / rms²)^(s/2), 1 before any."""
+    ms = mean_sq + eps
+    scale = (ms.median(dim=1, keepdim=True).values / ms).pow(strength / 2)
+    return torch.where(initialized[:, None], scale, torch.ones_like(scale))
+
+
+@torch.no_grad()
+def _commit_group(norms: list[InputNorm], sums: torch.Tensor, counts: torch.Tensor) -> None:
+    """Fold one step's statistics (``sums [n, d]`` of x² over ``counts [n]`` tokens) into ``n`` layers of one width
+    at once; a layer with no tokens or a non-finite mean keeps its statistics."""
+    first = norms[0]
+    batch = sums / counts.clamp(min=1.0)[:, None]
+    mean_sq = torch.stack([n.mean_sq for n in norms])
+    initialized = torch.stack([n.initialized for n in norms])
+    keep = torch.isfinite(batch).all(dim=1) & (counts > 0)
+    updated = torch.where(initialized[:, None], torch.lerp(mean_sq, batch, first.momentum), batch)
+    mean_sq = torch.where(keep[:, None], updated, mean_sq)
+    initialized = initialized | keep
+    scales = _scales(mean_sq, initialized, first.eps, first.strength)
+    torch._foreach_copy_([n.mean_sq for n in norms], list(mean_sq.unbind(0)))
+    torch._foreach_copy_([n.initialized for n in norms], list(initialized.unbind(0)))
+    torch._foreach_copy_([n.cached_scale for n in norms], list(scales.unbind(0)))
+
+
 def discard_statistics(norms: list[InputNorm]) -> None:
     """Forget the pending statistics of a step that was skipped (e.g. a non-finite loss)."""
+    if norms:
+        torch._foreach_zero_([n.pending_sum for n in norms])
     for norm in norms:
-        norm.pending_sum.zero_()
         norm.pending_count = 0
 
 
 @torch.no_grad()
 def commit_statistics(norms: list[InputNorm]) -> None:
-    """Commit every layer's pending statistics; under torch.distributed, averaged over processes in one
-    all-reduce, so all processes keep identical statistics. Nothing is read back to the host."""
-    if not norms:
+    """Commit every layer's pending statistics: layers of one input width (and settings) together, in a few batched
+    operations rather than a dozen per layer (the 210 layers of a 30-block LLM are 2 widths). Under
+    torch.distributed the sums and token counts are summed over processes first in one all-reduce, so all processes
+    keep identical statistics. Nothing is read back to the host."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not norms or not (distributed or any(n.pending_count for n in norms)):
         return
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        device = norms[0].pending_sum.device
-        counts = torch.tensor([float(n.pending_count) for n in norms], device=device)
-        packed = torch.cat([n.pending_sum for n in norms] + [counts])
+    device = norms[0].pending_sum.device
+    counts = torch.tensor([float(n.pending_count) for n in norms], device=device)
+    sums = [n.pending_sum for n in norms]
+    if distributed:
+        packed = torch.cat([*sums, counts])
         torch.distributed.all_reduce(packed)
-        sums, totals = packed[: -len(norms)].split([n.pending_sum.numel() for n in norms]), packed[-len(norms) :]
-        for norm, total_sum, total in zip(norms, sums, totals, strict=True):
-            norm.commit(total_sum / total.clamp(min=1.0), valid=total > 0)
-    else:
-        for norm in norms:
-            if norm.pending_count > 0:
-                norm.commit(norm.pending_sum / norm.pending_count)
+        sums, counts = list(packed[: -len(norms)].split([n.pending_sum.numel() for n in norms])), packed[-len(norms) :]
+    groups: dict[tuple, list[int]] = {}
+    for i, n in enumerate(norms):
+        groups.setdefault((n.pending_sum.numel(), n.momentum, n.eps, n.strength), []).append(i)
+    for index in groups.values():
+        rows = torch.tensor(index, device=device)
+        _commit_group([norms[i] for i in index], torch.stack([sums[i] for i in index]), counts[rows])
     discard_statistics(norms)
 
 
