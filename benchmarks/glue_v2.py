@@ -98,6 +98,53 @@ def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[
     return rows, chart
 
 
+def training_seconds(run: Path) -> float:
+    """A run's training time from its log: the last elapsed time of each session (a resumed run starts a new
+    one)."""
+    total, last = 0.0, 0.0
+    for record in read_log(run) if (run / "log.jsonl").is_file() else []:
+        if "elapsed" in record:
+            if record["elapsed"] < last:
+                total += last
+            last = record["elapsed"]
+    return total + last
+
+
+def last_epoch_gains(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> list[str]:
+    """Per task and method, how much the dev metric moved over the last epoch (mean over finished seeds): a run
+    at its plateau moves by less than the seeds' spread."""
+    lines = []
+    for task in tasks:
+        cells = []
+        for method in methods:
+            gains = []
+            for seed in seeds:
+                log = out / task / method / f"seed{seed}"
+                if (log / "results.json").is_file():
+                    evals = [100 * run_score(r["metrics"]) for r in read_log(log) if r.get("event") == "eval"]
+                    if len(evals) >= 2:
+                        gains.append(evals[-1] - evals[-2])
+            if gains:
+                cells.append(f"{method} {statistics.mean(gains):+.1f}")
+        if cells:
+            lines.append(f"- {task}: {', '.join(cells)}")
+    return lines
+
+
+def screening(score: dict, plan: dict) -> list[str]:
+    """The screening rows (per_method entries outside the plan's methods), each run on the seeds it finished,
+    against dynamic and lora on the same task and seed."""
+    rows = []
+    screens = [m for m in plan.get("per_method", {}) if m not in plan["methods"]]
+    for (task, method, seed), value in sorted(score.items()):
+        if method not in screens:
+            continue
+        refs = [ref for ref in ("dynamic", "lora") if (task, ref, seed) in score]
+        against = [f"{value - score[(task, ref, seed)]:+.2f} vs {ref}" for ref in refs]
+        rows.append(f"| {task} | {method} | {seed} | {value:.2f} | {'; '.join(against)} |")
+    return rows
+
+
 def curves(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> Figure:
     """Dev main metric × 100 after each epoch, mean over the seeds that reached it, per task and method."""
     fig = Figure(figsize=(4 * len(tasks), 3.2))
@@ -170,18 +217,23 @@ def main() -> None:
         else []
     )
     hours = sum(w["seconds"] for w in walls) / 3600
+    # Runs started outside this script (the screening rows, `dynlora compare` by hand) have no wall-time record:
+    # their own logs say how long each trained.
+    run_hours = sum(training_seconds(out / r["task"] / r["method"] / f"seed{r['seed']}") for r in results) / 3600
     expected = len(tasks) * len(methods) * len(seeds)
     status = "complete" if len(results) >= expected else f"**partial**: {len(results)} of {expected} runs"
     import peft
     import torch
     import transformers
 
+    gains = last_epoch_gains(out, done, methods, seeds)
     body = f"""## GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer; {status})
 
 `python benchmarks/glue_v2.py --jobs {args.jobs}` (= `{command}`) — protocol in [README.md](README.md) ("Protocol
 v2"), plan in [glue_v2_plan.yaml](glue_v2_plan.yaml). Updated {date.today().isoformat()}; {platform.machine()},
 {os.cpu_count()} cores, CPU only; python {platform.python_version()}, torch {torch.__version__}, transformers
-{transformers.__version__}, peft {peft.__version__}. Wall time so far: {hours:.2f} h.
+{transformers.__version__}, peft {peft.__version__}. Wall time of this script's invocations: {hours:.2f} h; training
+time of the finished runs (their logs, screening included): {run_hours:.2f} h.
 
 Final model's dev main metric × 100, mean ± std over seeds (n = seeds finished); the average only for methods
 that finished every task of the table. params: trainable parameters (PEFT AdaLoRA's is its starting size; EVA
@@ -197,6 +249,11 @@ is rough; it says how far the seeds disagree, not more.
 
 Dev curves (one evaluation per epoch, mean over seeds): ![curves](results/glue_v2_curves.png)
 
+Change over the last epoch (mean over seeds, points × 100): a run at its plateau moves less than the seeds'
+spread; a larger gain means the run was still learning when it stopped.
+
+{chr(10).join(gains) or "- none finished yet"}
+
 {"Paired differences: ![differences](results/glue_v2_differences.png)" if chart else ""}
 
 Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](results/glue_v2_final_ranks.png)
@@ -204,6 +261,22 @@ Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](re
 Raw per-run results: [results/glue_v2.jsonl](results/glue_v2.jsonl)."""
     write_section(HERE / "RESULTS.md", "glue_v2", body)
     print(body)
+    screened = screening(score, plan)
+    if screened:
+        screen_body = f"""## Protocol v2 screening: candidate changes to Dynamic LoRA (one seed, CoLA)
+
+Rows of [glue_v2_plan.yaml](glue_v2_plan.yaml)'s `per_method` outside the main methods, run on one seed first as
+the issue asks (`dynlora compare --config benchmarks/glue_v2_plan.yaml --tasks cola --seeds 0 --methods ...`, same
+output directory). One seed decides nothing: a row that looks better is confirmed on every seed before it
+becomes a default. Final model's dev main metric × 100, and its difference to `dynamic` and `lora` on the same
+seed (same data order, same head init).
+
+| task | row | seed | score | difference |
+|---|---|---|---|---|
+{chr(10).join(screened)}
+"""
+        write_section(HERE / "RESULTS.md", "glue_v2_screen", screen_body)
+        print(screen_body)
 
 
 if __name__ == "__main__":
