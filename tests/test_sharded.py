@@ -91,22 +91,28 @@ def test_blocks_are_what_transformers_keeps_whole():
     assert [type(b).__name__ for b in blocks] == ["LlamaDecoderLayer"] * 2
 
 
+TORCHRUN = ("-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "-m", "dynlora.cli")
+
+
+def train_command(model: str, steps: int) -> list:
+    """`dynlora train` of a tiny Llama classifier on RTE whose allocation drives a layer to rank 0."""
+    command = ["train", "--task", "rte", "--model", model, "--objective", "classify", "--data-dir", GLUE]
+    command += ["--max-steps", steps, "--max-train-samples", 64, "--max-eval-samples", 32, "--max-length", 64]
+    return command + ["--rank", 4, "--min-rank", 0, "--temperature", 0.3, "--no-progress"]
+
+
 @needs_glue
 def test_dynlora_train_under_torchrun_and_accelerate_with_and_without_fsdp_equals_one_process(tmp_path):
     """The command: one process at batch 8 and two at batch 4 each (torchrun with --fsdp and without, accelerate
     launch with the shipped config) make the same re-allocations (a layer reaches rank 0), end with the same adapter
     and score the same on dev."""
-    model = save_tiny_llama(tmp_path / "llama", chat_template=None)
-    common = ["train", "--task", "rte", "--model", model, "--objective", "classify", "--data-dir", GLUE]
-    common += ["--max-steps", 8, "--max-train-samples", 64, "--max-eval-samples", 32, "--max-length", 64]
-    common += ["--rank", 4, "--min-rank", 0, "--temperature", 0.3, "--no-progress"]
-    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "-m", "dynlora.cli")
+    common = train_command(save_tiny_llama(tmp_path / "llama", chat_template=None), steps=8)
     accelerate = ("-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "accelerate.yaml"))
     accelerate += ("-m", "dynlora.cli")
     runs = {
         "one": dynlora(*common, "--batch-size", 8, "--output-dir", tmp_path / "one"),
-        "two": dynlora(*common, "--batch-size", 4, "--output-dir", tmp_path / "two", module=torchrun),
-        "fsdp": dynlora(*common, "--batch-size", 4, "--fsdp", "--output-dir", tmp_path / "fsdp", module=torchrun),
+        "two": dynlora(*common, "--batch-size", 4, "--output-dir", tmp_path / "two", module=TORCHRUN),
+        "fsdp": dynlora(*common, "--batch-size", 4, "--fsdp", "--output-dir", tmp_path / "fsdp", module=TORCHRUN),
         "accelerate": dynlora(
             *common, "--batch-size", 4, "--fsdp", "--output-dir", tmp_path / "accelerate", module=accelerate
         ),
@@ -125,3 +131,41 @@ def test_dynlora_train_under_torchrun_and_accelerate_with_and_without_fsdp_equal
     for name, tensor in adapters["one"].items():
         for other in ("two", "fsdp", "accelerate"):
             torch.testing.assert_close(adapters[other][name], tensor, rtol=1e-4, atol=1e-4, msg=f"{other} {name}")
+
+
+@needs_glue
+def test_sigterm_stops_every_fsdp_process_after_the_same_step_and_the_run_resumes_exactly(tmp_path):
+    """torchrun passes SIGTERM on to its processes, each at its own moment: they agree on the step to stop after,
+    save one checkpoint, one of them says how to resume, and the resumed run ends as an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import ENV, wait_until_training
+
+    command = [*train_command(save_tiny_llama(tmp_path / "llama", chat_template=None), steps=60), "--fsdp"]
+    straight = dynlora(*command, "--batch-size", 4, "--output-dir", tmp_path / "straight", module=TORCHRUN)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        [sys.executable, *TORCHRUN, *map(str, command), "--batch-size", "4", "--output-dir", str(out)],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_until_training(proc, [out / "log.jsonl"])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert err.count("interrupted at step") == 1, err[-3000:]
+    assert f"torchrun --nproc_per_node {WORLD} -m dynlora.cli train --output-dir {out} --resume" in err
+    step = int((out / "checkpoints" / "LATEST").read_text().strip().split("-")[1])
+    assert 0 < step < 60
+
+    resumed = dynlora("train", "--output-dir", out, "--resume", "--no-progress", module=TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = [json.loads((d / "results.json").read_text()) for d in (tmp_path / "straight", out)]
+    assert finished[0]["metrics"] == finished[1]["metrics"] and finished[0]["ranks"] == finished[1]["ranks"]
+    adapters = [load_file(glob.glob(str(d / "adapter" / "*.safetensors"))[0]) for d in (tmp_path / "straight", out)]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

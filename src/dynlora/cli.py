@@ -92,7 +92,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{run.adapted.trainable_parameters():,} trainable parameters "
         f"({'adapter + new task head' if isinstance(run.task, ClassifyTask) else 'adapter'}) -> {settings.output_dir}"
     )
-    result = run.run()
+    try:
+        result = run.run()
+    except Interrupted:
+        if run.writer:
+            raise
+        return 130  # the first process says how to resume
     if not run.writer:
         return 0
     if run.already_finished:

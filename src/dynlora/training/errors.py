@@ -31,14 +31,15 @@ class Diverged(RuntimeError):
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
-    def __init__(self, step: int, out: Path) -> None:
-        super().__init__(
-            f"interrupted at step {step}; checkpoint saved. Resume with: dynlora train --output-dir {out} --resume"
-        )
-        self.step, self.out = step, out
+    def __init__(self, step: int, out: Path, processes: int = 1) -> None:
+        command = f"dynlora train --output-dir {out} --resume"
+        if processes > 1:
+            command = f"torchrun --nproc_per_node {processes} -m dynlora.cli train --output-dir {out} --resume"
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: {command}")
+        self.step, self.out, self.processes = step, out, processes
 
     def __reduce__(self):  # crosses process boundaries intact (dynlora compare --jobs)
-        return Interrupted, (self.step, self.out)
+        return Interrupted, (self.step, self.out, self.processes)
 
 
 # OSError: a full disk or a denied permission is the environment, not a bug: one line (--debug shows more).

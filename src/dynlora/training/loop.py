@@ -82,6 +82,8 @@ class TrainingRun:
         self.best: dict[str, Any] | None = None
         self.already_finished = False
         self.log = RunLog(self.out, enabled=self.writer)
+        self.stop = StopFlag()
+        self.stop_agreed = False
 
     @property
     def train_features(self) -> list[dict]:
@@ -193,7 +195,7 @@ class TrainingRun:
         self.model.train()
         self._events_seen, self._started = len(self.adapted.allocation_events()), time.time()
         interrupted, in_a_row = False, 0
-        with StopFlag() as stop:
+        with StopFlag() as self.stop:
             while self.step < self.total_steps:
                 loss = self._train_step()
                 if loss is None:
@@ -209,14 +211,14 @@ class TrainingRun:
                 self.step += 1
                 bar.update(1)
                 self._after_step(loss, bar)
-                if stop.requested:
+                if self.stop_agreed or (self.world == 1 and self.stop.requested):
                     interrupted = True
                     break
         bar.close()
         self.log.flush()
         if interrupted:
             self.save()
-            raise Interrupted(self.step, self.out)
+            raise Interrupted(self.step, self.out, self.world)
         return self._finish()
 
     def _after_step(self, loss: float, bar) -> None:
@@ -278,8 +280,8 @@ class TrainingRun:
                 return None
 
     def _attempt(self) -> tuple[float, bool]:
-        """Forward and backward of a step's micro-batches, gradients clipped: (loss, every gradient finite). One
-        read from the device per step."""
+        """Forward and backward of a step's micro-batches, gradients clipped: (loss, every gradient finite), and
+        whether to stop after this step (``stop_agreed``). One read from the device per step."""
         total = torch.zeros((), device=self.device)
         for _ in range(self.settings.grad_accum):
             batch = to_device(self.stream[self.micro], self.device)
@@ -293,7 +295,14 @@ class TrainingRun:
         self.precision.unscale(self.optimizer)
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        loss_value, norm_value = torch.stack([total, norm.float().to(total.device)]).tolist()
+        values = torch.stack([total, norm.float().to(total.device), total.new_tensor(float(self.stop.requested))])
+        if self.world > 1:
+            # One small all-reduce: the loss logged is the global batch's, and a stop asked of any process (a signal
+            # reaches each at its own moment) stops all of them after the same step.
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        loss_value, norm_value, stop = values.tolist()
+        self.stop_agreed = stop > 0
         return loss_value, math.isfinite(loss_value) and math.isfinite(norm_value)
 
 
