@@ -32,35 +32,13 @@ from pathlib import Path
 import torch
 import transformers
 from step_time import SETUPS, make_step, write_section
-from torch.overrides import TorchFunctionMode
+
+from dynlora.diagnostics import HostReads
 
 HERE = Path(__file__).resolve().parent
-HOST_READS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.cpu,
-    torch.Tensor.numpy,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-}
 METHODS = ["frozen limit", "dynlora LoRA r=8", "Dynamic LoRA, gate on", "PEFT LoRA r=8", "PEFT AdaLoRA 12->8"]
 SYNC_STEPS = 20
 BATCH = {"minilm": (32, 128), "smollm2": (8, 256)}
-
-
-class HostReads(TorchFunctionMode):
-    """Counts calls that copy a tensor's value to the host."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in HOST_READS
-        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,19 +14,8 @@ from test_engine import data
 from torch.overrides import TorchFunctionMode
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
+from dynlora.diagnostics import HOST_READS
 
-HOST_READS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.cpu,
-    torch.Tensor.numpy,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-    torch.Tensor.__index__,
-}
 FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.arange, torch.randn, torch.rand}
 
 
