@@ -40,6 +40,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
+from dynlora.allocator import Schedule
 from dynlora.shipped_models import decoder_model_path
 
 HERE = Path(__file__).resolve().parent
@@ -161,36 +162,60 @@ def make_step(
 
 
 def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
-    """Median seconds of update_and_allocate on an ordinary step, of one re-allocation, and what a whole
-    re-allocation step costs more than an ordinary one."""
+    """Median seconds of update_and_allocate on an ordinary step and on a scored one (importance is scored in the
+    steps leading to a re-allocation), of one re-allocation, and what a whole re-allocation step costs more than
+    an ordinary one."""
     model = setup.dynamic("mergeable")
     step = make_step(model, batch)
     for _ in range(3):  # gradients and Adam state exist, B is non-zero
         step()
     model(**batch).loss.backward()
-    updates, reallocs = [], []
+    schedule = model.engine.schedule
+    ordinary, scored = 10, schedule.warmup - 1  # neither re-allocates; only the second is scored
+    assert not schedule.is_scored(ordinary) and schedule.is_scored(scored)
+    times: dict[str, list[float]] = {"update_s": [], "scored_update_s": [], "reallocation_s": []}
     layers = list(model.lora_layers())
     for i in range(rounds):
-        with torch.no_grad():
-            model(**batch)  # a training forward: input statistics for the step's commit, as in a real step
-        t0 = time.perf_counter()
-        model.update_and_allocate(10)  # not a re-allocation step of a 100k-step schedule
-        updates.append(time.perf_counter() - t0)
+        for key, at in (("update_s", ordinary), ("scored_update_s", scored)):
+            with torch.no_grad():
+                model(**batch)  # a training forward: input statistics for the step's commit, as in a real step
+            t0 = time.perf_counter()
+            model.update_and_allocate(at)
+            times[key].append(time.perf_counter() - t0)
         targets = {n: (6 if (j + i) % 2 else 10) for j, n in enumerate(layers)}  # half shrink, half grow
         t0 = time.perf_counter()
         model.engine.resize(targets)
-        reallocs.append(time.perf_counter() - t0)
-    # A re-allocation step whole: with the default init="gradient" its forward/backward also measures ∂L/∂W of
-    # every layer (probe.py), and grown components are pointed along it. Timed as the step-median difference of a
-    # model that re-allocates at every step and one that never does in the window.
+        times["reallocation_s"].append(time.perf_counter() - t0)
+    # A re-allocation step whole: with init="gradient" its forward/backward also measures ∂L/∂W of every layer
+    # (probe.py), and grown components are pointed along it. Timed as the step-median difference of a model that
+    # re-allocates at every step and one that never does in the window.
     every = setup.dynamic("mergeable", warmup=1, interval=1, final=BIND_STEPS)
     pair = {"every step": make_step(every, batch), "never": make_step(setup.dynamic("mergeable"), batch)}
     steps = interleaved_medians(pair, rounds, warmup=3)
     return {
-        "update_s": statistics.median(updates),
-        "reallocation_s": statistics.median(reallocs),
+        **{key: statistics.median(ts) for key, ts in times.items()},
         "reallocation_step_extra_s": steps["every step"] - steps["never"],
     }
+
+
+def engine_seconds_per_run(setup: Setup, engine: dict[str, float], run_steps: int) -> tuple[float, dict[str, int]]:
+    """The engine's total seconds over a run of ``run_steps`` with the default settings, and the step counts: every
+    step commits input statistics, the scored ones also update importance, re-allocation steps (and, with
+    init="gradient", the first step, which measures ∂L/∂W) cost what a re-allocation step costs more."""
+    config = setup.config()
+    schedule = Schedule.resolve(config, run_steps)
+    counts = {
+        "steps": run_steps,
+        "scored": sum(schedule.is_scored(t) for t in range(1, run_steps + 1)),
+        "reallocations": sum(schedule.is_reallocation(t) for t in range(1, run_steps + 1)),
+    }
+    special = counts["reallocations"] + (config.init == "gradient")
+    seconds = (
+        run_steps * engine["update_s"]
+        + (counts["scored"] - counts["reallocations"]) * max(engine["scored_update_s"] - engine["update_s"], 0)
+        + special * max(engine["reallocation_step_extra_s"], 0)
+    )
+    return seconds, counts
 
 
 def make_infer(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -247,10 +272,8 @@ def main() -> None:
     limit = train["frozen limit"]
     static = train["dynlora LoRA r=8"]
     engine = engine_costs(setup, batch, args.rounds)
-    # A run of T steps with the default schedule re-allocates at 0.1, 0.15, ..., 0.8 of T: 15 times; its first step
-    # also measures the gradient (init="gradient"). Each such step costs what a re-allocation step costs more.
-    special_per_step = 16 / args.run_steps
-    engine_fraction = (engine["update_s"] + special_per_step * max(engine["reallocation_step_extra_s"], 0)) / static
+    engine_run_s, run_counts = engine_seconds_per_run(setup, engine, args.run_steps)
+    engine_fraction = engine_run_s / args.run_steps / static
 
     merged = setup.dynlora_lora()
     with torch.no_grad():  # a non-zero adapter, so the merge really changes the weights
@@ -276,7 +299,8 @@ def main() -> None:
         f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}"
     )
     lines.append(
-        f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step; a re-allocation step costs "
+        f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step, "
+        f"{engine['scored_update_s'] * 1000:.2f} ms on a scored step; a re-allocation step costs "
         f"{engine['reallocation_step_extra_s'] * 1000:+.0f} ms more (of it the re-allocation itself "
         f"{engine['reallocation_s'] * 1000:.1f} ms) -> {engine_fraction:.3%} of a static LoRA step over a "
         f"{args.run_steps}-step run"
@@ -307,6 +331,7 @@ def main() -> None:
         "dynamic_over_static_measured": measured,
         "engine_s": engine,
         "engine_fraction_of_static_step": engine_fraction,
+        "engine_run_step_counts": run_counts,
         "run_steps_for_amortisation": args.run_steps,
         "inference_median_s": infer,
         "merged_over_base_inference": infer_ratio,
@@ -317,6 +342,8 @@ def main() -> None:
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {t / limit:.3f}× |" for name, t in train.items())
     verdict = "met" if engine_fraction <= 0.005 else "**not met**"
+    gradient_init = setup.config().init == "gradient"
+    probe_note = " (it measures ∂L/∂W of every layer in its backward, as the first step does)" if gradient_init else ""
     body = f"""## Training step time ({setup.title}; batch {args.batch}×{args.seq}, CPU)
 
 `{record["command"]}` — {env["date"]}, {env["machine"]}; torch {env["torch"]}, transformers {env["transformers"]},
@@ -330,10 +357,11 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 - Dynamic LoRA / PEFT AdaLoRA step time: gate off **{dyn_vs_ada["off"]:.3f}×**, gate on **{dyn_vs_ada["on"]:.3f}×**
   (target < 1)
 - Dynamic LoRA's overhead over static LoRA. Step medians (noise ~±1 %): gate off {measured["off"]:+.2%}, gate on
-  {measured["on"]:+.2%}. Timed directly: update_and_allocate {engine["update_s"] * 1000:.2f} ms per step; a
-  re-allocation step costs {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one (measuring
-  ∂L/∂W of every layer in its backward, the re-allocation itself {engine["reallocation_s"] * 1000:.1f} ms). Over a
-  {args.run_steps}-step run with the default schedule (15 re-allocations, and the first step's measurement) that is
+  {measured["on"]:+.2%}. Timed directly: update_and_allocate {engine["update_s"] * 1000:.2f} ms on an ordinary step
+  (input statistics), {engine["scored_update_s"] * 1000:.2f} ms on a scored one (and importance); a re-allocation step
+  costs {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one{probe_note} (the
+  re-allocation itself {engine["reallocation_s"] * 1000:.1f} ms). Over a {args.run_steps}-step run with the default
+  settings ({run_counts["scored"]} scored steps, {run_counts["reallocations"]} re-allocations) that is
   **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %: {verdict}).
 - merged dynlora model inference / base model inference: **{infer_ratio:.3f}×** (target: equal within noise)
 

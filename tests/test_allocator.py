@@ -73,6 +73,38 @@ def test_schedule_from_fractions_and_steps():
     assert [t for t in range(1, 1001) if s.is_reallocation(t)] == [3, 7, 11]
 
 
+@pytest.mark.parametrize(
+    ("warmup", "interval", "final", "total"), [(10, 10, 50, 100), (0, 7, 60, 80), (30, 50, 900, 1000)]
+)
+def test_importance_is_scored_on_the_window_before_each_reallocation_and_never_after_the_last(
+    warmup, interval, final, total
+):
+    s = Schedule.resolve(DynamicLoRAConfig(warmup=warmup, interval=interval, final=final), total)
+    assert 0.85**s.window <= 0.01 < 0.85 ** (s.window - 1)  # the default betas: 29 steps
+    reallocations = [t for t in range(1, total + 1) if s.is_reallocation(t)]
+    scored = [t for t in range(1, total + 1) if s.is_scored(t)]
+    assert scored == [t for t in range(1, total + 1) if any(0 <= r - t < s.window for r in reallocations)]
+    assert set(reallocations) <= set(scored) and max(scored) == reallocations[-1]
+
+
+def test_windowed_scores_decide_as_scoring_every_step():
+    """The EMA forgets the steps before the window to within 1 %: same scores at each re-allocation."""
+    rng = random.Random(0)
+    raws = [[rng.uniform(0.5, 2.0) * (1 + layer) for layer in range(3)] for _ in range(200)]
+    s = Schedule.resolve(DynamicLoRAConfig(warmup=40, interval=30, final=160), 200)
+
+    def ema(steps):
+        mean = [0.0, 0.0, 0.0]
+        for t in steps:
+            mean = [0.85 * m + 0.15 * r for m, r in zip(mean, raws[t - 1], strict=True)]
+        return mean
+
+    for r in (t for t in range(1, 201) if s.is_reallocation(t)):
+        every = ema(range(1, r + 1))
+        windowed = ema([t for t in range(1, r + 1) if s.is_scored(t)])
+        assert windowed == pytest.approx(every, rel=0.01)
+
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="beyond the run"):
         Schedule.resolve(DynamicLoRAConfig(final=500), 100)

@@ -5,6 +5,7 @@ import torch
 from conftest import VOCAB, build
 
 from dynlora import DynamicLoRAConfig, DynamicLoRAModel, get_dynlora_model
+from dynlora.importance import SCORERS
 from dynlora.optim_state import rebase_state
 
 # Every linear layer of the encoder blocks (not the pooler): 6 per block.
@@ -65,6 +66,26 @@ def test_every_scorer_drives_an_allocation(scorer):
     train(model, opt, 1, 10, 20)
     assert model.allocation_events() and model.engine.total_cost() <= model.engine.budget
     assert all(torch.isfinite(torch.tensor(list(model.importance().values()))))
+
+
+@pytest.mark.parametrize("scorer", ["sensitivity", "gradient", "update_norm"])
+def test_the_shape_batched_scorer_gives_the_per_layer_scores(scorer):
+    """On an accelerator the layers of one shape are scored together at full capacity (importance.py)."""
+    model, opt = make(engine_config(importance=scorer, min_rank=0))
+    train(model, opt, 1, 8, 20)
+    layers = model.lora_layers()
+    first, second = list(layers)[:2]
+    layers[first].set_rank(0)
+    model(**data(99)).loss.backward()
+    layers[second].lora_B.grad = None  # a layer that took no part in this step
+    assert len(set(model.rank_pattern().values())) >= 3  # ranks differ within each shape
+    one, batched = (SCORERS[scorer](layers, 0.85, 0.85, batched=b) for b in (False, True))
+    for _ in range(2):
+        one.update(layers)
+        batched.update(layers)
+    assert one.mean.abs().sum() > 0
+    for state in ("mean", "unc", "last_layer_score"):
+        torch.testing.assert_close(getattr(batched, state), getattr(one, state), rtol=1e-5, atol=1e-9)
 
 
 def test_max_rank_change_moves_every_layer_at_most_that_far_per_reallocation():

@@ -24,13 +24,25 @@ def _steps(value: float | int, total: int) -> int:
     return int(value) if isinstance(value, int) else int(round(value * total))
 
 
+def score_window(beta1: float, beta2: float, tolerance: float = 0.01) -> int:
+    """Steps of importance EMA a re-allocation depends on: a score taken w steps earlier weighs β^w, and the
+    smallest w with max(β1, β2)^w <= ``tolerance`` bounds what the steps before the window contribute (≤ 1 %)."""
+    beta = max(beta1, beta2)
+    return 1 if beta <= 0 else max(1, math.ceil(math.log(tolerance) / math.log(beta)))
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """Re-allocate at warmup, warmup + interval, ... while <= final; steps count optimizer steps from 1."""
+    """Re-allocate at warmup, warmup + interval, ... while <= final; steps count optimizer steps from 1.
+
+    Importance is scored only on the ``window`` steps that end at each re-allocation (:func:`score_window`): the
+    EMA forgets older steps to within 1 %, so scoring the others, and anything after ``final``, would cost every
+    step and change no decision."""
 
     warmup: int
     interval: int
     final: int
+    window: int = 1
 
     @classmethod
     def resolve(cls, config: DynamicLoRAConfig, total_steps: int) -> Schedule:
@@ -45,10 +57,21 @@ class Schedule:
             )
         if warmup > final:
             raise ValueError(f"warmup ({warmup} steps) is after final ({final} steps): no re-allocation would happen")
-        return cls(warmup, interval, final)
+        return cls(warmup, interval, final, score_window(config.beta1, config.beta2))
 
     def is_reallocation(self, step: int) -> bool:
         return self.warmup <= step <= self.final and (step - self.warmup) % self.interval == 0 and step > 0
+
+    def next_reallocation(self, step: int) -> int | None:
+        """The first re-allocation at or after ``step`` (>= 1), or None when none is left."""
+        ahead = max(0, step - self.warmup)
+        upcoming = self.warmup + -(-ahead // self.interval) * self.interval
+        return upcoming if upcoming <= self.final else None
+
+    def is_scored(self, step: int) -> bool:
+        """Whether importance is scored after ``step``: it is one of the ``window`` steps up to a re-allocation."""
+        upcoming = self.next_reallocation(step)
+        return upcoming is not None and upcoming - step < self.window
 
 
 def allocate(

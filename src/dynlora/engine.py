@@ -1,7 +1,8 @@
 """The Dynamic LoRA engine: what happens after each optimizer step.
 
     step s:  commit input statistics → (init="gradient") read the probes' ∂L/∂W → on step 1, start every
-             layer's components along it → update importance → on the schedule, re-allocate ranks
+             layer's components along it → in the steps leading to a re-allocation, update importance → on the
+             schedule, re-allocate ranks
 
 One object owns everything that changes ranks or starts components: the bound optimizer (its state follows every
 change), the :class:`~dynlora.allocator.Schedule`, the importance scorer, the :class:`~dynlora.allocator.RankAllocator`
@@ -90,7 +91,7 @@ class Engine:
                 )
         self.started = True
         reallocated = False
-        if self.scorer is not None:
+        if self.scorer is not None and self.schedule.is_scored(step):
             self.scorer.update(self.layers)
             if self.schedule.is_reallocation(step):
                 reallocated = self._reallocate(step, weight_grads)

@@ -21,6 +21,8 @@ Scorers (selected by ``DynamicLoRAConfig.importance``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .layer import DynamicLoRALinear
@@ -29,16 +31,27 @@ from .layer import DynamicLoRALinear
 class ImportanceScorer:
     """EMA of a per-component raw score (see the module doc). Subclasses define :meth:`raw`.
 
-    State is one ``[layers, capacity]`` tensor per statistic on the layers' device, so the per-step update costs a
-    few batched ops plus one small raw-score computation per layer, and reads nothing back to the host: a step
-    with a non-finite score is masked out, not branched on. Scores reach the host when asked for
-    (:meth:`layer_scores`: at re-allocations and for logging)."""
+    State is one ``[layers, capacity]`` tensor per statistic on the layers' device, and an update reads nothing back
+    to the host: a step with a non-finite score is masked out, not branched on. Scores reach the host when asked for
+    (:meth:`layer_scores`: at re-allocations and for logging).
+
+    Raw scores are computed one layer at a time at its active rank on the CPU, where the memory traffic is what
+    costs, and on an accelerator for all layers of one shape at once at full capacity (inactive components have
+    zero gradients, and are masked), where each of ~10 small ops per layer would otherwise be a kernel launch
+    (:meth:`raw` takes either: its reductions run over the last two dimensions). ``batched`` forces either way."""
 
     name = ""
     uses_uncertainty = False
+    needs_grad = True
 
-    def __init__(self, layers: dict[str, DynamicLoRALinear], beta1: float = 0.85, beta2: float = 0.85) -> None:
-        self.beta1, self.beta2 = beta1, beta2
+    def __init__(
+        self,
+        layers: dict[str, DynamicLoRALinear],
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        batched: bool | None = None,
+    ) -> None:
+        self.beta1, self.beta2, self.batched = beta1, beta2, batched
         self.names = list(layers)
         self.row = {n: i for i, n in enumerate(self.names)}
         capacity = max((m.max_rank for m in layers.values()), default=0)
@@ -48,15 +61,79 @@ class ImportanceScorer:
         # Layer score kept from the last time the layer was scored, so a layer at rank 0 can still win rank back.
         self.last_layer_score = torch.zeros(len(layers), dtype=torch.float64, device=device)
         self._skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._cache: dict[tuple, Any] = {}
 
     @property
     def skipped_nonfinite(self) -> int:
         """Steps whose scores were not finite and were left out (read from the device)."""
         return int(self._skipped)
 
-    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
-        """Raw score of each active component (shape ``[rank]``), or None when there is nothing to score."""
+    def raw(self, a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, scaling) -> torch.Tensor:
+        """Raw score of each component from A ``[..., r, in]``, B ``[..., out, r]``, their gradients and the
+        layers' scaling (a number, or ``[n, 1]`` for a batch of layers): shape ``[..., r]``."""
         raise NotImplementedError
+
+    def _layer_raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
+        """One layer's raw scores at its active rank, or None when it has nothing to score."""
+        if layer.rank == 0 or (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None)):
+            return None  # e.g. a parameter that took no part in this step's loss (PEFT #1721)
+        r = layer.rank
+        a, b = layer.active_factors()
+        ga = layer.lora_A.grad[:r] if self.needs_grad else None
+        gb = layer.lora_B.grad[:, :r] if self.needs_grad else None
+        return self.raw(a, b, ga, gb, layer.scaling)
+
+    def _raw_per_layer(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = torch.zeros_like(self.mean)
+        scored = torch.zeros_like(self.mean, dtype=torch.bool)
+        for name, layer in layers.items():
+            scores = self._layer_raw(layer)
+            if scores is not None:
+                i = self.row[name]
+                raw[i, : layer.rank] = scores.detach().float()
+                scored[i, : layer.rank] = True
+        return raw, scored
+
+    def _raw_batched(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All layers of one (A, B) shape in one computation at full capacity; a layer without gradients is left
+        out of its group this step."""
+        device = self.mean.device
+        raw = torch.zeros_like(self.mean)
+        groups: dict[tuple, list[str]] = {}
+        for name, layer in layers.items():
+            if layer.rank > 0 and not (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None)):
+                groups.setdefault((layer.lora_A.shape, layer.lora_B.shape), []).append(name)
+        for (a_shape, _), names in groups.items():
+            members = [layers[n] for n in names]
+            a = torch.stack([m.lora_A.detach() for m in members])
+            b = torch.stack([m.lora_B.detach() for m in members])
+            ga = torch.stack([m.lora_A.grad for m in members]) if self.needs_grad else None
+            gb = torch.stack([m.lora_B.grad for m in members]) if self.needs_grad else None
+            rows, scaling = self._group(tuple(names), members, device)
+            raw[rows, : a_shape[0]] = self.raw(a, b, ga, gb, scaling).float()
+        included = {n for names in groups.values() for n in names}
+        ranks = tuple(layers[n].rank if n in included else 0 for n in self.names)
+        return raw, self._mask(ranks, device)
+
+    def _group(
+        self, names: tuple[str, ...], members: list[DynamicLoRALinear], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's row indices and scalings ``[n, 1]``, made once on the device."""
+        key = ("group", names, device)
+        if key not in self._cache:
+            rows = torch.tensor([self.row[n] for n in names], device=device)
+            self._cache[key] = rows, torch.tensor([[m.scaling] for m in members], device=device)
+        return self._cache[key]
+
+    def _mask(self, ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``[layers, capacity]``: component i of layer l is scored when i < rank_l; made again only when the ranks
+        change."""
+        key = ("mask", ranks, device)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "mask"}
+            capacity = self.mean.shape[1]
+            self._cache[key] = torch.arange(capacity, device=device) < torch.tensor(ranks, device=device)[:, None]
+        return self._cache[key]
 
     def _follow(self, device: torch.device) -> None:
         """Keep the state on the layers' device (a model moved after wrapping takes it along)."""
@@ -71,14 +148,8 @@ class ImportanceScorer:
         score is skipped whole and counted."""
         if layers:
             self._follow(next(iter(layers.values())).lora_A.device)
-        raw = torch.zeros_like(self.mean)
-        scored = torch.zeros_like(self.mean, dtype=torch.bool)
-        for name, layer in layers.items():
-            scores = self.raw(layer) if layer.rank > 0 else None
-            if scores is not None:
-                i = self.row[name]
-                raw[i, : layer.rank] = scores.detach().float()
-                scored[i, : layer.rank] = True
+        batched = self.mean.device.type != "cpu" if self.batched is None else self.batched
+        raw, scored = self._raw_batched(layers) if batched else self._raw_per_layer(layers)
         finite = torch.isfinite(raw).all()
         scored &= finite
         new_mean = torch.where(scored, self.beta1 * self.mean + (1 - self.beta1) * raw, self.mean)
@@ -133,43 +204,27 @@ class ImportanceScorer:
         self._skipped = torch.tensor(int(state["skipped_nonfinite"]), device=device)
 
 
-def _active_grads(layer: DynamicLoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if layer.lora_A.grad is None or layer.lora_B.grad is None:
-        return None  # e.g. a parameter that took no part in this step's loss (PEFT #1721)
-    r = layer.rank
-    return layer.lora_A.grad[:r], layer.lora_B.grad[:, :r]
-
-
 class SensitivityScorer(ImportanceScorer):
     name = "sensitivity"
     uses_uncertainty = True
 
-    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
-        grads = _active_grads(layer)
-        if grads is None:
-            return None
-        a, b = layer.active_factors()
-        ga, gb = grads
-        return (a * ga).abs().mean(dim=1) + (b * gb).abs().mean(dim=0)
+    def raw(self, a, b, ga, gb, scaling):
+        return (a * ga).abs().mean(dim=-1) + (b * gb).abs().mean(dim=-2)
 
 
 class GradientScorer(ImportanceScorer):
     name = "gradient"
 
-    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
-        grads = _active_grads(layer)
-        if grads is None:
-            return None
-        ga, gb = grads
-        return (ga.square().sum(dim=1) + gb.square().sum(dim=0)).sqrt()
+    def raw(self, a, b, ga, gb, scaling):
+        return (ga.square().sum(dim=-1) + gb.square().sum(dim=-2)).sqrt()
 
 
 class UpdateNormScorer(ImportanceScorer):
     name = "update_norm"
+    needs_grad = False
 
-    def raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
-        a, b = layer.active_factors()
-        return a.norm(dim=1) * b.norm(dim=0) * layer.scaling
+    def raw(self, a, b, ga, gb, scaling):
+        return a.norm(dim=-1) * b.norm(dim=-2) * scaling
 
 
 SCORERS: dict[str, type[ImportanceScorer]] = {
