@@ -1,12 +1,16 @@
-"""The GLUE quality benchmark, protocol v2: benchmarks/glue_v2_plan.yaml through `dynlora compare`, then RESULTS.md.
+"""The quality benchmark, protocol v2: a plan through `dynlora compare`, then its section of RESULTS.md.
 
-    python benchmarks/glue_v2.py [--jobs 1] [--output-dir runs/glue-v2] [--no-run]
+    python benchmarks/glue_v2.py [--plan benchmarks/glue_v2_plan.yaml] [--jobs 1] [--output-dir DIR] [--no-run]
+
+Plans (TABLES): glue_v2_plan.yaml, the encoder table (MiniLM-L6, every linear layer, into runs/glue-v2), and
+decoder_plan.yaml, the decoder table (SmolLM2-135M, SST-2 as an instruction, into runs/decoder; its floor is the
+untrained model's zero-shot score, measured once by `dynlora eval` and kept in the output directory).
 
 Resumable (start the same command again and only what is missing runs); each invocation's wall time is appended
 to OUTPUT_DIR/wall_time.jsonl. Then, from whatever has finished (marked partial until every run has): the table
 (final dev main metric × 100, mean ± std over seeds), the per-epoch dev curves, the final ranks of Dynamic LoRA,
 and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds, against the
-targets of benchmarks/README.md. Raw per-run results: benchmarks/results/glue_v2.jsonl.
+targets of benchmarks/README.md. Raw per-run results: benchmarks/results/<table>.jsonl.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -33,7 +39,15 @@ from dynlora.training.report import write_report
 from dynlora.training.run_log import read_log
 
 HERE = Path(__file__).resolve().parent
-PLAN = HERE / "glue_v2_plan.yaml"
+# plan file -> (table name: RESULTS.md section and results files, title, default output directory)
+TABLES = {
+    "glue_v2_plan.yaml": ("glue_v2", "GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer", "runs/glue-v2"),
+    "decoder_plan.yaml": (
+        "decoder",
+        "Decoder: SmolLM2-135M-Instruct, SST-2 posed as an instruction, all 7 projections of its 30 layers",
+        "runs/decoder",
+    ),
+}
 BASELINES = ("lora", "peft-adalora", "peft-eva", "peft-rslora", "peft-loraplus")
 PEFT_TRICKS = ("peft-eva", "peft-rslora", "peft-loraplus")
 TARGETS = {"lora": 1.0, "peft-adalora": 0.0, "best of EVA / rsLoRA / LoRA+": 0.0}
@@ -145,6 +159,26 @@ def screening(score: dict, plan: dict) -> list[str]:
     return rows
 
 
+def zero_shot(plan: dict, out: Path) -> float:
+    """The untrained model's dev accuracy × 100 on the plan's task (`dynlora eval` without an adapter; the decoder
+    table's task is scored by accuracy), measured once and kept in OUTPUT_DIR/zero_shot.json."""
+    known = zero_shot_recorded(out)
+    if known is not None:
+        return known
+    base = plan["base"]
+    command = ["dynlora", "eval", "--model", base["model"], "--task", plan["tasks"][0]]
+    command += ["--batch-size", str(base["batch_size"]), "--max-length", str(base["max_length"])]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    main_metric = float(re.search(r"validation: accuracy ([0-9.]+)", printed).group(1))
+    (out / "zero_shot.json").write_text(json.dumps({"command": " ".join(command), "main": main_metric}) + "\n")
+    return 100 * main_metric
+
+
+def zero_shot_recorded(out: Path) -> float | None:
+    path = out / "zero_shot.json"
+    return 100 * json.loads(path.read_text())["main"] if path.is_file() else None
+
+
 def curves(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> Figure:
     """Dev main metric × 100 after each epoch, mean over the seeds that reached it, per task and method."""
     fig = Figure(figsize=(4 * len(tasks), 3.2))
@@ -162,7 +196,7 @@ def curves(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) ->
                 steps = sorted(by_step)
                 ax.plot(steps, [statistics.mean(by_step[s]) for s in steps], "o-", markersize=3, label=method)
         ax.set_title(task, fontsize=9)
-        ax.set_xlabel("optimizer step (one evaluation per epoch)", fontsize=7)
+        ax.set_xlabel("optimizer step", fontsize=7)
         ax.set_ylabel("dev main metric × 100", fontsize=7)
     axes[0].legend(fontsize=6)
     fig.tight_layout()
@@ -185,32 +219,39 @@ def interval_chart(chart: dict) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default=str(HERE / "glue_v2_plan.yaml"), help=f"one of {', '.join(TABLES)}")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1: leaves a core free)")
-    parser.add_argument("--output-dir", default="runs/glue-v2", help="run directories and results.jsonl")
+    parser.add_argument("--output-dir", help="run directories and results.jsonl (default: the plan's, TABLES)")
     parser.add_argument("--no-run", action="store_true", help="only write RESULTS.md from what has finished")
     args = parser.parse_args()
-    out = Path(args.output_dir)
-    plan = yaml.safe_load(PLAN.read_text())
-    command = f"dynlora compare --config {PLAN.relative_to(HERE.parent)} --jobs {args.jobs} --output-dir {out}"
+    plan_path = Path(args.plan).resolve()
+    if plan_path.name not in TABLES:
+        sys.exit(f"error: --plan must be one of {', '.join(TABLES)} in {HERE}, got {args.plan}")
+    name, title, default_out = TABLES[plan_path.name]
+    out = Path(args.output_dir or default_out)
+    plan = yaml.safe_load(plan_path.read_text())
+    command = f"dynlora compare --config {plan_path.relative_to(HERE.parent)} --jobs {args.jobs} --output-dir {out}"
     if not args.no_run:
         run_timed(command.split()[1:], out)
+    # The untrained model's score, the floor of a decoder table: measured once (~2 min), even with --no-run.
+    floor = zero_shot(plan, out) if plan["base"].get("objective") == "instruct" else None
 
     results = read_results(out / "results.jsonl")
     if not results:
         sys.exit(f"error: no finished runs in {out}/results.jsonl yet; run without --no-run first")
     (HERE / "results").mkdir(exist_ok=True)
-    shutil.copyfile(out / "results.jsonl", HERE / "results" / "glue_v2.jsonl")
+    shutil.copyfile(out / "results.jsonl", HERE / "results" / f"{name}.jsonl")
     write_report(out)
     if (out / "final_ranks.png").is_file():
-        shutil.copyfile(out / "final_ranks.png", HERE / "results" / "glue_v2_final_ranks.png")
+        shutil.copyfile(out / "final_ranks.png", HERE / "results" / f"{name}_final_ranks.png")
     tasks, methods, seeds = plan["tasks"], plan["methods"], plan["seeds"]
     done = [t for t in tasks if any(r["task"] == t for r in results)]
-    curves(out, done, methods, seeds).savefig(HERE / "results" / "glue_v2_curves.png", dpi=110)
+    curves(out, done, methods, seeds).savefig(HERE / "results" / f"{name}_curves.png", dpi=110)
     score = scores(results)
     complete = [t for t in tasks if all((t, m, s) in score for m in methods for s in seeds)]
     lines, chart = margin_lines(score, complete, seeds) if complete else (["- no task has finished every run"], {})
     if chart:
-        interval_chart(chart).savefig(HERE / "results" / "glue_v2_differences.png", dpi=110)
+        interval_chart(chart).savefig(HERE / "results" / f"{name}_differences.png", dpi=110)
     walls = (
         [json.loads(x) for x in (out / "wall_time.jsonl").read_text().splitlines()]
         if (out / "wall_time.jsonl").is_file()
@@ -227,12 +268,14 @@ def main() -> None:
     import transformers
 
     gains = last_epoch_gains(out, done, methods, seeds)
-    body = f"""## GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer; {status})
+    floor_line = f"\nUntrained model, zero-shot (the floor): **{floor:.2f}**.\n" if floor is not None else ""
+    body = f"""## {title}; {status})
 
-`python benchmarks/glue_v2.py --jobs {args.jobs}` (= `{command}`) — protocol in [README.md](README.md) ("Protocol
-v2"), plan in [glue_v2_plan.yaml](glue_v2_plan.yaml). Updated {date.today().isoformat()}; {platform.machine()},
-{os.cpu_count()} cores, CPU only; python {platform.python_version()}, torch {torch.__version__}, transformers
-{transformers.__version__}, peft {peft.__version__}. Wall time of this script's invocations: {hours:.2f} h; training
+`python benchmarks/glue_v2.py --plan benchmarks/{plan_path.name} --jobs {args.jobs}` (= `{command}`) — protocol
+in [README.md](README.md) ("Protocol v2"), plan in [{plan_path.name}]({plan_path.name}). Updated
+{date.today().isoformat()}; {platform.machine()}, {os.cpu_count()} cores, CPU only; python
+{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, peft
+{peft.__version__}. Wall time of this script's invocations: {hours:.2f} h; training
 time of the finished runs (their logs, screening included): {run_hours:.2f} h.
 
 Final model's dev main metric × 100, mean ± std over seeds (n = seeds finished); the average only for methods
@@ -240,36 +283,38 @@ that finished every task of the table. params: trainable parameters (PEFT AdaLoR
 redistributes ranks, so its count differs a little on layers of different sizes).
 
 {summary_table(results, done, methods)}
-
+{floor_line}
 Targets, on the average over the tasks where every run has finished ({", ".join(complete) or "none yet"}): the
 mean paired difference (paired by seed) and its 95 % bootstrap interval over seeds. With 3 seeds such an interval
 is rough; it says how far the seeds disagree, not more.
 
 {chr(10).join(lines)}
 
-Dev curves (one evaluation per epoch, mean over seeds): ![curves](results/glue_v2_curves.png)
+Dev curves (mean over seeds): ![curves](results/{name}_curves.png)
 
 Change over the last epoch (mean over seeds, points × 100): a run at its plateau moves less than the seeds'
 spread; a larger gain means the run was still learning when it stopped.
 
 {chr(10).join(gains) or "- none finished yet"}
 
-{"Paired differences: ![differences](results/glue_v2_differences.png)" if chart else ""}
+{f"Paired differences: ![differences](results/{name}_differences.png)" if chart else ""}
 
-Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](results/glue_v2_final_ranks.png)
+Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](results/{name}_final_ranks.png)
 
-Raw per-run results: [results/glue_v2.jsonl](results/glue_v2.jsonl)."""
-    write_section(HERE / "RESULTS.md", "glue_v2", body)
+Raw per-run results: [results/{name}.jsonl](results/{name}.jsonl)."""
+    write_section(HERE / "RESULTS.md", name, body)
     print(body)
     screened = screening(score, plan)
-    if screened:
+    if screened and name == "glue_v2":
         screen_body = f"""## Protocol v2 screening: candidate changes to Dynamic LoRA (one seed, CoLA)
 
 Rows of [glue_v2_plan.yaml](glue_v2_plan.yaml)'s `per_method` outside the main methods, run on one seed first as
 the issue asks (`dynlora compare --config benchmarks/glue_v2_plan.yaml --tasks cola --seeds 0 --methods ...`, same
 output directory). One seed decides nothing: a row that looks better is confirmed on every seed before it
 becomes a default. Final model's dev main metric × 100, and its difference to `dynamic` and `lora` on the same
-seed (same data order, same head init).
+seed (same data order, same head init). `dynamic-gradinit` is the former default, components started along the
+first step's loss gradient: confirmed on three seeds that it loses to the random start, it made way for
+`init: lora` as the default (docs/method.md, section 5).
 
 | task | row | seed | score | difference |
 |---|---|---|---|---|

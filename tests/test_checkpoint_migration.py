@@ -39,6 +39,8 @@ def settings(method: str, run: Path, model_dir: str, **changes) -> TrainSettings
     """The settings the fixture's run was written with (its config.json), as this dynlora reads them."""
     data = run.parent / "data"
     adapter = {"rank": 2, "target_modules": ["query", "value"], "warmup": 2, "interval": 1, "final": 5}
+    if method == "dynamic":
+        adapter["init"] = "gradient"  # dynlora 0.1's default, recorded in the fixture's manifests
     return TrainSettings(
         model=model_dir,
         method=method,
@@ -113,8 +115,8 @@ def _write_v1(root: Path, identity: dict, method_state: dict) -> None:
     ("method", "adapter", "ours", "resumes"),
     [
         ("lora", {}, {}, True),  # static LoRA did then what it does now: random A, static, no input scaling
-        ("dynamic", {}, {}, False),  # Dynamic LoRA started random then; its default now starts along the gradient
-        ("dynamic", {}, {"init": "lora"}, True),  # the first design, asked for by name
+        ("dynamic", {}, {}, True),  # Dynamic LoRA started random then, as its default does again
+        ("dynamic", {}, {"init": "gradient"}, False),  # the gradient start did not exist then
         ("dynamic", {"init": "gradient", "reallocate": False}, {"init": "gradient", "reallocate": False}, True),
         ("peft-lora", {"temperature": 3.0}, {}, True),  # PEFT never used the engine's settings
     ],

@@ -166,7 +166,9 @@ def test_top_directions_have_a_fixed_sign_so_a_summed_gradient_starts_the_same_c
 
 def test_every_architecture_starts_along_its_own_weight_gradient(arch):
     """BERT, GPT-2 (Conv1D, weight stored in × out), Llama and Qwen2 (grouped-query v_proj: out ≠ in)."""
-    model = get_dynlora_model(build(arch), DynamicLoRAConfig(rank=2, reallocate=False, input_adaptive=None))
+    model = get_dynlora_model(
+        build(arch), DynamicLoRAConfig(rank=2, reallocate=False, input_adaptive=None, init="gradient")
+    )
     model.train()
     ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(4, dtype=torch.long) if arch == "bert" else ids  # classification or next-token loss

@@ -104,9 +104,9 @@ class DynamicLoRAConfig:
         engine=True,
     )
     init: str = setting(
-        "gradient",
-        "where components start: gradient (A along the top directions of the layer's loss gradient "
-        "dL/dW, measured on the first step) | lora (A random, as LoRA); B starts at zero either way",
+        "lora",
+        "where components start: lora (A random, as LoRA) | gradient (A along the top directions of the layer's "
+        "loss gradient dL/dW, measured on the first step and on re-allocation steps); B starts at zero either way",
         choices=INITS,
     )
 

@@ -207,8 +207,9 @@ class DynamicLoRAModel(nn.Module):
 
     def update_and_allocate(self, step: int) -> bool:
         """Call after each ``optimizer.step()``, before ``zero_grad()``, with the number of optimizer steps done
-        (1, 2, ...): commits the mergeable input adaptation's statistics, updates the importance scores and
-        re-allocates ranks when the schedule says so. Returns whether ranks were re-allocated.
+        (1, 2, ...): commits the mergeable input adaptation's statistics, updates the importance scores in the
+        steps leading to a re-allocation and re-allocates ranks when the schedule says so. Returns whether ranks
+        were re-allocated.
 
         With ``init="gradient"`` the first step's loss gradient of each layer's weight sets where its components
         start (the adapters' own update of that step is replaced), and a re-allocation step's sets where grown
