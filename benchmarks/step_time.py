@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
 from dynlora.allocator import Schedule
+from dynlora.input_adaptation import folds_at
 from dynlora.shipped_models import decoder_model_path
 
 HERE = Path(__file__).resolve().parent
@@ -162,21 +163,22 @@ def make_step(
 
 
 def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
-    """Median seconds of update_and_allocate on an ordinary step and on a scored one (importance is scored in the
-    steps leading to a re-allocation), of one re-allocation, and what a whole re-allocation step costs more than
-    an ordinary one."""
+    """Median seconds of update_and_allocate on an ordinary step, on a step that folds the input statistics in and
+    on one that scores importance (the steps leading to a re-allocation), of one re-allocation, and what a whole
+    re-allocation step costs more than an ordinary one."""
     model = setup.dynamic("mergeable")
     step = make_step(model, batch)
     for _ in range(3):  # gradients and Adam state exist, B is non-zero
         step()
     model(**batch).loss.backward()
-    schedule = model.engine.schedule
-    ordinary, scored = 10, schedule.warmup - 1  # neither re-allocates; only the second is scored
-    assert not schedule.is_scored(ordinary) and schedule.is_scored(scored)
-    times: dict[str, list[float]] = {"update_s": [], "scored_update_s": [], "reallocation_s": []}
+    schedule, every = model.engine.schedule, model.engine.config.input_norm_every
+    ordinary, fold, scored = every + 1, 2 * every, schedule.warmup - 1  # none re-allocates
+    assert not (schedule.is_scored(ordinary) or schedule.is_scored(fold)) and schedule.is_scored(scored)
+    assert not folds_at(ordinary, every) and folds_at(fold, every) and not folds_at(scored, every)
+    times: dict[str, list[float]] = {"update_s": [], "fold_update_s": [], "scored_update_s": [], "reallocation_s": []}
     layers = list(model.lora_layers())
     for i in range(rounds):
-        for key, at in (("update_s", ordinary), ("scored_update_s", scored)):
+        for key, at in (("update_s", ordinary), ("fold_update_s", fold), ("scored_update_s", scored)):
             with torch.no_grad():
                 model(**batch)  # a training forward: input statistics for the step's commit, as in a real step
             t0 = time.perf_counter()
@@ -189,8 +191,8 @@ def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> d
     # A re-allocation step whole: with init="gradient" its forward/backward also measures ∂L/∂W of every layer
     # (probe.py), and grown components are pointed along it. Timed as the step-median difference of a model that
     # re-allocates at every step and one that never does in the window.
-    every = setup.dynamic("mergeable", warmup=1, interval=1, final=BIND_STEPS)
-    pair = {"every step": make_step(every, batch), "never": make_step(setup.dynamic("mergeable"), batch)}
+    always = setup.dynamic("mergeable", warmup=1, interval=1, final=BIND_STEPS)
+    pair = {"every step": make_step(always, batch), "never": make_step(setup.dynamic("mergeable"), batch)}
     steps = interleaved_medians(pair, rounds, warmup=3)
     return {
         **{key: statistics.median(ts) for key, ts in times.items()},
@@ -200,19 +202,24 @@ def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> d
 
 def engine_seconds_per_run(setup: Setup, engine: dict[str, float], run_steps: int) -> tuple[float, dict[str, int]]:
     """The engine's total seconds over a run of ``run_steps`` with the default settings, and the step counts: every
-    step commits input statistics, the scored ones also update importance, re-allocation steps (and, with
-    init="gradient", the first step, which measures ∂L/∂W) cost what a re-allocation step costs more."""
+    step gathers input statistics, the fold steps fold them in, the scored ones update importance, re-allocation
+    steps (and, with init="gradient", the first step, which measures ∂L/∂W) cost what a re-allocation step costs
+    more."""
     config = setup.config()
     schedule = Schedule.resolve(config, run_steps)
+    steps = range(1, run_steps + 1)
     counts = {
         "steps": run_steps,
-        "scored": sum(schedule.is_scored(t) for t in range(1, run_steps + 1)),
-        "reallocations": sum(schedule.is_reallocation(t) for t in range(1, run_steps + 1)),
+        "folds": sum(folds_at(t, config.input_norm_every) for t in steps),
+        "scored": sum(schedule.is_scored(t) for t in steps),
+        "reallocations": sum(schedule.is_reallocation(t) for t in steps),
     }
     special = counts["reallocations"] + (config.init == "gradient")
+    more = {key: max(engine[key] - engine["update_s"], 0) for key in ("fold_update_s", "scored_update_s")}
     seconds = (
         run_steps * engine["update_s"]
-        + (counts["scored"] - counts["reallocations"]) * max(engine["scored_update_s"] - engine["update_s"], 0)
+        + counts["folds"] * more["fold_update_s"]
+        + (counts["scored"] - counts["reallocations"]) * more["scored_update_s"]
         + special * max(engine["reallocation_step_extra_s"], 0)
     )
     return seconds, counts
@@ -299,8 +306,8 @@ def main() -> None:
         f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}"
     )
     lines.append(
-        f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step, "
-        f"{engine['scored_update_s'] * 1000:.2f} ms on a scored step; a re-allocation step costs "
+        f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step, {engine['fold_update_s'] * 1000:.2f} ms "
+        f"on a fold step, {engine['scored_update_s'] * 1000:.2f} ms on a scored step; a re-allocation step costs "
         f"{engine['reallocation_step_extra_s'] * 1000:+.0f} ms more (of it the re-allocation itself "
         f"{engine['reallocation_s'] * 1000:.1f} ms) -> {engine_fraction:.3%} of a static LoRA step over a "
         f"{args.run_steps}-step run"
@@ -358,11 +365,12 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
   (target < 1)
 - Dynamic LoRA's overhead over static LoRA. Step medians (noise ~±1 %): gate off {measured["off"]:+.2%}, gate on
   {measured["on"]:+.2%}. Timed directly: update_and_allocate {engine["update_s"] * 1000:.2f} ms on an ordinary step
-  (input statistics), {engine["scored_update_s"] * 1000:.2f} ms on a scored one (and importance); a re-allocation step
-  costs {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one{probe_note} (the
-  re-allocation itself {engine["reallocation_s"] * 1000:.1f} ms). Over a {args.run_steps}-step run with the default
-  settings ({run_counts["scored"]} scored steps, {run_counts["reallocations"]} re-allocations) that is
-  **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %: {verdict}).
+  (gathering input statistics), {engine["fold_update_s"] * 1000:.2f} ms on one that folds them in,
+  {engine["scored_update_s"] * 1000:.2f} ms on one that scores importance; a re-allocation step costs
+  {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one{probe_note} (the re-allocation itself
+  {engine["reallocation_s"] * 1000:.1f} ms). Over a {args.run_steps}-step run with the default settings
+  ({run_counts["folds"]} folds, {run_counts["scored"]} scored steps, {run_counts["reallocations"]} re-allocations)
+  that is **{engine_fraction:.3%}** of a static LoRA step (target ≤ 0.5 %: {verdict}).
 - merged dynlora model inference / base model inference: **{infer_ratio:.3f}×** (target: equal within noise)
 
 Repeated runs move a median by about ±1.5 % on this 2-core machine: compare ratios taken within one run.

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dynlora.input_adaptation import InputNorm
 from dynlora.training.checkpoint import load_checkpoint, save_checkpoint
 from dynlora.training.errors import CheckpointError
 from dynlora.training.loop import train
@@ -39,8 +40,8 @@ def settings(method: str, run: Path, model_dir: str, **changes) -> TrainSettings
     """The settings the fixture's run was written with (its config.json), as this dynlora reads them."""
     data = run.parent / "data"
     adapter = {"rank": 2, "target_modules": ["query", "value"], "warmup": 2, "interval": 1, "final": 5}
-    if method == "dynamic":
-        adapter["init"] = "gradient"  # dynlora 0.1's default, recorded in the fixture's manifests
+    if method == "dynamic":  # dynlora 0.1's defaults: the gradient start (recorded), a fold every step (not)
+        adapter.update(init="gradient", input_norm_every=1)
     return TrainSettings(
         model=model_dir,
         method=method,
@@ -66,8 +67,8 @@ def test_a_format_1_checkpoint_resumes_to_what_dynlora_0_1_finished_with(tiny_mo
     assert result["ranks"] == expected["ranks"] and result["steps"] == expected["steps"] == 6
     weights = "adapter_model.safetensors" if method.startswith("peft") else "dynlora_model.safetensors"
     ours, theirs = load_file(run / "adapter" / weights), load_file(FIXTURE / method / "expected" / weights)
-    assert ours.keys() == theirs.keys()
-    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    assert {k for k in ours if not InputNorm.is_unfolded(k)} == theirs.keys()  # 0.1 kept no unfolded statistics
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
     manifest = json.loads(next(run.glob("checkpoints/step-*/manifest.json")).read_text())
     assert manifest["format_version"] == CHECKPOINT_VERSION  # what the resumed run wrote
 
@@ -111,25 +112,34 @@ def _write_v1(root: Path, identity: dict, method_state: dict) -> None:
     manifest.write_text(json.dumps(data))
 
 
+EVERY_STEP = {"input_norm_every": 1}  # format 1 folded input statistics in after every step
+
+
 @pytest.mark.parametrize(
-    ("method", "adapter", "ours", "resumes"),
+    ("method", "adapter", "ours", "refusal"),
     [
-        ("lora", {}, {}, True),  # static LoRA did then what it does now: random A, static, no input scaling
-        ("dynamic", {}, {}, True),  # Dynamic LoRA started random then, as its default does again
-        ("dynamic", {}, {"init": "gradient"}, False),  # the gradient start did not exist then
-        ("dynamic", {"init": "gradient", "reallocate": False}, {"init": "gradient", "reallocate": False}, True),
-        ("peft-lora", {"temperature": 3.0}, {}, True),  # PEFT never used the engine's settings
+        ("lora", {}, {}, None),  # static LoRA did then what it does now: random A, static, no input scaling
+        ("dynamic", {}, EVERY_STEP, None),  # Dynamic LoRA started random then, as its default does again
+        ("dynamic", {}, {"init": "gradient", **EVERY_STEP}, r"adapter\.init was 'lora', now 'gradient'"),
+        ("dynamic", {}, {}, r"adapter\.input_norm_every was 1, now 10"),
+        (
+            "dynamic",
+            {"init": "gradient", "reallocate": False},
+            {"init": "gradient", "reallocate": False, **EVERY_STEP},
+            None,
+        ),
+        ("peft-lora", {"temperature": 3.0}, {}, None),  # PEFT never used the engine's settings
     ],
 )
 def test_settings_a_format_1_checkpoint_did_not_record_resume_at_what_the_library_did_then(
-    tmp_path, method, adapter, ours, resumes
+    tmp_path, method, adapter, ours, refusal
 ):
     _write_v1(tmp_path, _v1_identity(method, **adapter), {"allocator": {}} if method == "dynamic" else {})
     identity = TrainSettings(method=method, adapter=ours).identity()
-    if resumes:
+    if refusal is None:
         assert load_checkpoint(tmp_path, identity)[2] == 1
     else:
-        with pytest.raises(CheckpointError, match=r"another run: adapter\.init was 'lora', now 'gradient'"):
+        with pytest.raises(CheckpointError, match=f"another run: {refusal}"):
             load_checkpoint(tmp_path, identity)
 
 

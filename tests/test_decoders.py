@@ -190,7 +190,7 @@ def test_with_and_without_reentrant_gradient_checkpointing_a_run_trains_the_same
 def test_a_layer_no_trainable_path_reaches_is_still_measured_along_its_own_weight_gradient():
     """T5's encoder once all its adapters are at rank 0: nothing below the decoder trains, yet a layer there that
     grows back must start along its own ∂L/∂W, not at random."""
-    model = get_dynlora_model(lm("t5"), DynamicLoRAConfig(rank=2, target_modules="all-linear"))
+    model = get_dynlora_model(lm("t5"), DynamicLoRAConfig(rank=2, target_modules="all-linear", init="gradient"))
     model.set_ranks({n: 0 for n in model.lora_layers() if n.startswith("encoder.")})
     model.train()
     rows = Rows("t5", n=8)

@@ -65,6 +65,62 @@ def test_forwards_within_a_step_see_the_same_scale():
     assert torch.equal(first, second)
 
 
+def test_statistics_fold_in_every_n_steps_with_the_time_constant_of_n_per_step_updates():
+    """Between folds the scale stays put; a fold merges every token of its block, rms² ← lerp(rms², block mean,
+    1 − (1 − m)^n), n the steps since the last fold (the first step folds alone)."""
+    layer = DynamicLoRALinear(nn.Linear(5, 3), rank=2, alpha=2, input_adaptive="mergeable")
+    norm = layer.input_norm
+    layer.train()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 5, generator=g) * torch.tensor([1.0, 2.0, 30.0, 0.5, 1.0]) for _ in range(8)]
+    expected, start = None, 1
+    for step, x in enumerate(batches, start=1):
+        layer(x)
+        before = norm.scale().clone()
+        commit_statistics([norm], step, every=4)
+        if step not in (1, 4, 8):
+            assert torch.equal(norm.scale(), before)  # not a fold: the forwards keep their scale
+            continue
+        block = torch.cat(batches[start - 1 : step]).square().mean(0)  # every token since the last fold
+        n = step - start + 1
+        expected = block if expected is None else torch.lerp(expected, block, 1 - (1 - norm.momentum) ** n)
+        torch.testing.assert_close(norm.mean_sq, expected)
+        start = step + 1
+    assert float(norm.block_count) == 0 and not norm.block_sum.any()  # the last step folded: nothing left over
+
+
+def test_a_saved_adapter_and_its_engine_state_resume_exactly_between_two_folds(tmp_path):
+    """The statistics gathered since the last fold are saved with the adapter (and in checkpoints)."""
+    config = engine_config(input_norm_every=5)
+    straight, opt = make(config)
+    train(straight, opt, 1, 20, 20)
+    first, opt1 = make(config)
+    train(first, opt1, 1, 7, 20)  # steps 6-7 are gathered, not folded in
+    assert float(next(iter(first.lora_layers().values())).input_norm.block_count) > 0
+    first.save_pretrained(tmp_path)
+    resumed = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=5e-3)
+    opt2.load_state_dict(opt1.state_dict())
+    resumed.bind_optimizer(opt2, 20)
+    resumed.engine.load_state_dict(first.engine.state_dict())
+    resumed.train()
+    for step in range(8, 21):
+        resumed(**data(step)).loss.backward()
+        opt2.step()
+        resumed.update_and_allocate(step)
+        opt2.zero_grad()
+    a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_state_written_before_statistics_were_folded_in_blocks_loads_as_an_empty_block():
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("block_sum", "block_count"))}
+    model.load_state_dict(state)  # strict: every other key must be there
+    with pytest.raises(RuntimeError, match="missing"):
+        model.load_state_dict({k: v for k, v in state.items() if not k.endswith("mean_sq")})
+
+
 def test_nonfinite_statistics_are_dropped():
     layer = DynamicLoRALinear(nn.Linear(3, 3), rank=1, alpha=1, input_adaptive="mergeable")
     layer.train()

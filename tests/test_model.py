@@ -166,7 +166,8 @@ def test_saved_files_hold_only_adapter_and_head(tmp_path):
     model.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "dynlora_model.safetensors")).keys()
     assert all(".lora_" in k or ".input_norm." in k or k.startswith("classifier.") for k in keys)
-    assert len(keys) == 4 * (2 + 2) + 2  # per layer: A, B, the gate's statistics and its flag; the head
+    # Per layer: A, B, the gate's average, its flag and the block not yet folded in (sum, tokens); the head.
+    assert len(keys) == 4 * (2 + 2 + 2) + 2
 
 
 def test_load_errors(tmp_path):

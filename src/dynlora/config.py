@@ -103,6 +103,12 @@ class DynamicLoRAConfig:
         "how far mergeable input normalisation evens out feature sizes: scale (rms_ref / rms)^s, s in (0, 1]",
         engine=True,
     )
+    input_norm_every: int = setting(
+        10,
+        "steps between folds of the mergeable input adaptation's statistics into its running average; every "
+        "step's tokens count either way, the scale changes at folds only (1: every step)",
+        engine=True,
+    )
     init: str = setting(
         "lora",
         "where components start: lora (A random, as LoRA) | gradient (A along the top directions of the layer's "
@@ -131,6 +137,10 @@ class DynamicLoRAConfig:
         _check(
             _number(self.input_norm_strength) and 0.0 < self.input_norm_strength <= 1.0,
             f"input_norm_strength must be in (0, 1], got {self.input_norm_strength!r}",
+        )
+        _check(
+            _whole(self.input_norm_every) and self.input_norm_every >= 1,
+            f"input_norm_every must be a whole number of steps >= 1, got {self.input_norm_every!r}",
         )
         _check(self.init in INITS, f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
         _check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")

@@ -1,8 +1,8 @@
 """The Dynamic LoRA engine: what happens after each optimizer step.
 
-    step s:  commit input statistics → (init="gradient") read the probes' ∂L/∂W → on step 1, start every
-             layer's components along it → in the steps leading to a re-allocation, update importance → on the
-             schedule, re-allocate ranks
+    step s:  commit input statistics (folded in every input_norm_every steps) → (init="gradient") read the
+             probes' ∂L/∂W → on step 1, start every layer's components along it → in the steps leading to a
+             re-allocation, update importance → on the schedule, re-allocate ranks
 
 One object owns everything that changes ranks or starts components: the bound optimizer (its state follows every
 change), the :class:`~dynlora.allocator.Schedule`, the importance scorer, the :class:`~dynlora.allocator.RankAllocator`
@@ -77,7 +77,7 @@ class Engine:
         re-allocated."""
         if self.allocator is not None and self.schedule is None:
             raise RuntimeError("bind the optimizer first: model.bind_optimizer(optimizer, total_steps)")
-        commit_statistics(self.input_norms)
+        commit_statistics(self.input_norms, step, self.config.input_norm_every)
         weight_grads = self._take_weight_gradients()
         if step == 1 and not self.started:
             for name, weight_grad in weight_grads.items():

@@ -7,9 +7,14 @@ layer's input, g_j = rms_ref / rms_j with rms_j² an EMA of E[x_j²] over traini
 i.e. the adapter sees features of equal typical size while a typical feature keeps its own (a mean reference would
 be dominated by the outliers and blow every other feature up). ``strength`` s in (0, 1] takes g^s instead: s = 1
 equalises the features, s = 0.5 only halves their spread on a log scale. Training forwards only *accumulate* batch
-statistics; they are committed once per optimizer step (``update_and_allocate``; under torch.distributed with one
-all-reduce for all layers), so every forward of a step, including the recomputation of gradient checkpointing,
-sees the same scale, and every process the same statistics. Transformer activations have a few outlier
+statistics. After each optimizer step (``update_and_allocate``) they join the block of steps not yet folded in,
+and every ``every`` steps (``DynamicLoRAConfig.input_norm_every``; and after the first step) the block is folded
+into the average at once, rms² ← lerp(rms², block mean, 1 − (1 − m)^n) for a block of n steps: the time constant
+of n per-step updates at 1/n of their cost (a fold of 210 layers is ~10 ms on a CPU). Under torch.distributed each
+step's statistics are summed over processes (one all-reduce for all layers) before they join the block. So every
+forward between two folds, including the recomputation of gradient checkpointing, sees the same scale, and every
+process the same statistics. Checkpoints and saved adapters carry the block, so training continues from them
+exactly; merge and export use the average only. Transformer activations have a few outlier
 features orders of magnitude larger than the rest; without this they dominate A x and so which directions the
 adapter can learn. The scale is applied to A, not x (A_eff = A·diag(g): O(r·d) per step instead of O(d) per
 token), only changes in training (statistics are frozen in eval), and folds into A at merge/export: zero
@@ -34,8 +39,19 @@ class InputNorm(nn.Module):
     (rms_ref / rms_j)^strength.
 
     Everything stays on the layer's device and nothing is read back to the host: training forwards add to a
-    pending sum, the step's commit folds it in (a non-finite step is dropped by a mask, not a branch) and caches
-    the scale, which the forwards until the next commit use as is."""
+    pending sum, each step's commit moves it into the block, a fold merges the block into the average (a
+    non-finite block is dropped by a mask, not a branch) and caches the scale, which the forwards until the next
+    fold use as is."""
+
+    # Statistics gathered since the last fold: saved with the rest so training continues exactly from a checkpoint
+    # or a saved adapter; absent (states written before dynlora kept them) means empty.
+    TRAINING_STATE = ("block_sum", "block_count")
+
+    @classmethod
+    def is_unfolded(cls, key: str) -> bool:
+        """Whether a state-dict key holds statistics not folded in yet (states written before dynlora kept them
+        lack these keys, and load as an empty block)."""
+        return ".input_norm." in key and key.rsplit(".", 1)[-1] in cls.TRAINING_STATE
 
     def __init__(
         self, in_features: int, momentum: float = 0.01, max_tokens: int = 512, eps: float = 1e-6, strength: float = 1.0
@@ -50,6 +66,9 @@ class InputNorm(nn.Module):
         self.register_buffer("pending_sum", torch.zeros(in_features), persistent=False)
         self.register_buffer("cached_scale", torch.ones(in_features), persistent=False)
         self.pending_count = 0
+        self.register_buffer("block_sum", torch.zeros(in_features))
+        self.register_buffer("block_count", torch.zeros(()))
+        self.register_load_state_dict_pre_hook(_empty_block_when_absent)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     @torch.no_grad()
@@ -69,6 +88,21 @@ class InputNorm(nn.Module):
         return self.cached_scale
 
 
+def _empty_block_when_absent(module: InputNorm, state_dict: dict, prefix: str, *_args) -> None:
+    for key in InputNorm.TRAINING_STATE:
+        state_dict.setdefault(prefix + key, torch.zeros_like(getattr(module, key)))
+
+
+def folds_at(step: int, every: int) -> bool:
+    """Whether the block is folded after optimizer step ``step``: the first, then every ``every``-th."""
+    return step == 1 or step % every == 0
+
+
+def _block_steps(step: int, every: int) -> int:
+    """Steps in the block folded after ``step``: those since the previous fold."""
+    return step - (0 if step == 1 else max(1, step - every))
+
+
 def _scales(mean_sq: torch.Tensor, initialized: torch.Tensor, eps: float, strength: float) -> torch.Tensor:
     """Per-feature scales ``[n, d]`` of ``n`` layers' statistics: (median rms² / rms²)^(s/2), 1 before any."""
     ms = mean_sq + eps
@@ -77,15 +111,16 @@ def _scales(mean_sq: torch.Tensor, initialized: torch.Tensor, eps: float, streng
 
 
 @torch.no_grad()
-def _commit_group(norms: list[InputNorm], sums: torch.Tensor, counts: torch.Tensor) -> None:
-    """Fold one step's statistics (``sums [n, d]`` of x² over ``counts [n]`` tokens) into ``n`` layers of one width
-    at once; a layer with no tokens or a non-finite mean keeps its statistics."""
+def _fold_group(norms: list[InputNorm], sums: torch.Tensor, counts: torch.Tensor, steps: int) -> None:
+    """Fold a block of ``steps`` steps' statistics (``sums [n, d]`` of x² over ``counts [n]`` tokens) into ``n``
+    layers of one width at once; a layer with no tokens or a non-finite mean keeps its statistics."""
     first = norms[0]
+    momentum = first.momentum if steps == 1 else 1.0 - (1.0 - first.momentum) ** steps
     batch = sums / counts.clamp(min=1.0)[:, None]
     mean_sq = torch.stack([n.mean_sq for n in norms])
     initialized = torch.stack([n.initialized for n in norms])
     keep = torch.isfinite(batch).all(dim=1) & (counts > 0)
-    updated = torch.where(initialized[:, None], torch.lerp(mean_sq, batch, first.momentum), batch)
+    updated = torch.where(initialized[:, None], torch.lerp(mean_sq, batch, momentum), batch)
     mean_sq = torch.where(keep[:, None], updated, mean_sq)
     initialized = initialized | keep
     scales = _scales(mean_sq, initialized, first.eps, first.strength)
@@ -103,28 +138,40 @@ def discard_statistics(norms: list[InputNorm]) -> None:
 
 
 @torch.no_grad()
-def commit_statistics(norms: list[InputNorm]) -> None:
-    """Commit every layer's pending statistics: layers of one input width (and settings) together, in a few batched
+def commit_statistics(norms: list[InputNorm], step: int = 1, every: int = 1) -> None:
+    """After optimizer step ``step``: move every layer's pending statistics into its block, and on a fold step
+    (:func:`folds_at`) fold the blocks in: layers of one input width (and settings) together, in a few batched
     operations rather than a dozen per layer (the 210 layers of a 30-block LLM are 2 widths). Under
-    torch.distributed the sums and token counts are summed over processes first in one all-reduce, so all processes
-    keep identical statistics. Nothing is read back to the host."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not norms or not (distributed or any(n.pending_count for n in norms)):
+    torch.distributed each step's sums and token counts are summed over processes in one all-reduce before they
+    join the block, so every process holds the same block (and a checkpoint written by one resumes all). Nothing
+    is read back to the host."""
+    if not norms:
         return
-    device = norms[0].pending_sum.device
-    counts = torch.tensor([float(n.pending_count) for n in norms], device=device)
-    sums = [n.pending_sum for n in norms]
-    if distributed:
-        packed = torch.cat([*sums, counts])
-        torch.distributed.all_reduce(packed)
-        sums, counts = list(packed[: -len(norms)].split([n.pending_sum.numel() for n in norms])), packed[-len(norms) :]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    device = norms[0].block_sum.device
+    if distributed or any(n.pending_count for n in norms):
+        sums, counts = [n.pending_sum for n in norms], [float(n.pending_count) for n in norms]
+        if distributed:
+            packed = torch.cat([*sums, torch.tensor(counts, device=device)])
+            torch.distributed.all_reduce(packed)
+            sums = list(packed[: -len(norms)].split([n.pending_sum.numel() for n in norms]))
+            counts = list(packed[-len(norms) :].unbind(0))
+        torch._foreach_add_([n.block_sum for n in norms], sums)
+        torch._foreach_add_([n.block_count for n in norms], counts)
+        discard_statistics(norms)
+    if not folds_at(step, every):
+        return
+    counts = torch.stack([n.block_count for n in norms])
+    sums = [n.block_sum for n in norms]
     groups: dict[tuple, list[int]] = {}
     for i, n in enumerate(norms):
         groups.setdefault((n.pending_sum.numel(), n.momentum, n.eps, n.strength), []).append(i)
+    steps = _block_steps(step, every)
     for index in groups.values():
         rows = torch.tensor(index, device=device)
-        _commit_group([norms[i] for i in index], torch.stack([sums[i] for i in index]), counts[rows])
-    discard_statistics(norms)
+        _fold_group([norms[i] for i in index], torch.stack([sums[i] for i in index]), counts[rows], steps)
+    torch._foreach_zero_([n.block_sum for n in norms])
+    torch._foreach_zero_([n.block_count for n in norms])
 
 
 class TokenGate(nn.Module):

@@ -21,6 +21,7 @@ from torch import nn
 from .config import DynamicLoRAConfig
 from .engine import Engine
 from .export import export_peft
+from .input_adaptation import InputNorm
 from .layer import DynamicLoRALinear
 from .serialization import (
     adapter_tensors,
@@ -190,9 +191,11 @@ class DynamicLoRAModel(nn.Module):
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load what :meth:`state_dict` wrote (the base model's own weights are not expected); ``strict``: exactly
-        those keys."""
+        those keys, except that input statistics not yet folded in may be absent (states written before
+        dynlora kept them): they are then empty."""
         expected = self._training_state_names()
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+        missing = sorted(k for k in expected - set(state_dict) if not InputNorm.is_unfolded(k))
+        unexpected = sorted(set(state_dict) - expected)
         if strict and (missing or unexpected):
             raise RuntimeError(f"training state does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
         super().load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=assign)

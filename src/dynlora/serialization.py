@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import DynamicLoRAConfig
+from .input_adaptation import InputNorm
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear, components
 
@@ -51,7 +52,8 @@ def adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, save
 def load_adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, saved: list[str], state: dict) -> None:
     """Load tensors written by :func:`adapter_tensors` (the active ranks must already be set)."""
     expected = adapter_tensors(layers, model, saved)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) if not InputNorm.is_unfolded(k))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for key, value in state.items():

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import average_gradients, shard_frozen
+from ..input_adaptation import InputNorm
 from ..io import replace_directory, write_json
 from .base_model import BaseModel
 from .checkpoint import (
@@ -121,7 +122,7 @@ class TrainingRun:
 
     def restore(self) -> None:
         tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity())
-        missing = set(trainable_tensors(self.model)) - set(tensors)
+        missing = {k for k in set(trainable_tensors(self.model)) - set(tensors) if not InputNorm.is_unfolded(k)}
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
         self.model.load_state_dict(tensors, strict=False)

@@ -12,6 +12,8 @@ Format 3: ``objective`` (what a run trains for) recorded; every earlier run trai
 chooses for it.
 Format 4: ``precision``, ``load_in_4bit`` and ``load_in_8bit`` recorded; every earlier run computed in float32 on
 a full-precision base.
+Format 5: ``input_norm_every`` recorded for Dynamic LoRA; every earlier run folded its input statistics in after
+every step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 4
+CHECKPOINT_VERSION = 5
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -63,7 +65,20 @@ def _v3_to_v4(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": identity}, state
 
 
-MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+def _v4_to_v5(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    identity = manifest["identity"]
+    if identity["method"] != "dynamic":  # only Dynamic LoRA's identity holds the engine's settings
+        return manifest, state
+    identity = {**identity, "adapter": {**identity["adapter"], "input_norm_every": 1}}
+    return {**manifest, "identity": identity}, state
+
+
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+    4: _v4_to_v5,
+}
 
 
 def migrate(manifest: dict[str, Any], state: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
