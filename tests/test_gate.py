@@ -103,12 +103,7 @@ def test_a_saved_adapter_and_its_engine_state_resume_exactly_between_two_folds(t
     opt2.load_state_dict(opt1.state_dict())
     resumed.bind_optimizer(opt2, 20)
     resumed.engine.load_state_dict(first.engine.state_dict())
-    resumed.train()
-    for step in range(8, 21):
-        resumed(**data(step)).loss.backward()
-        opt2.step()
-        resumed.update_and_allocate(step)
-        opt2.zero_grad()
+    train(resumed, opt2, 8, 20, 20)
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
