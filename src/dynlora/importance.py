@@ -35,10 +35,12 @@ class ImportanceScorer:
     to the host: a step with a non-finite score is masked out, not branched on. Scores reach the host when asked for
     (:meth:`layer_scores`: at re-allocations and for logging).
 
-    Raw scores are computed one layer at a time at its active rank on the CPU, where the memory traffic is what
-    costs, and on an accelerator for all layers of one shape at once at full capacity (inactive components have
-    zero gradients, and are masked), where each of ~10 small ops per layer would otherwise be a kernel launch
-    (:meth:`raw` takes either: its reductions run over the last two dimensions). ``batched`` forces either way."""
+    A raw score is :meth:`parts` (a reduction over each component's row of A and column of B) then
+    :meth:`combine`. On the CPU the parts are taken one layer at a time, where stacking layers would cost more
+    memory traffic than it saves, and combined for all layers at once; on an accelerator all layers of one shape
+    go together, where each of a few small ops per layer would otherwise be a kernel launch. Either way over the
+    whole capacity (a slice costs as much as the arithmetic on these sizes), inactive components masked.
+    ``batched`` forces either way."""
 
     name = ""
     uses_uncertainty = False
@@ -68,31 +70,40 @@ class ImportanceScorer:
         """Steps whose scores were not finite and were left out (read from the device)."""
         return int(self._skipped)
 
-    def raw(self, a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, scaling) -> torch.Tensor:
-        """Raw score of each component from A ``[..., r, in]``, B ``[..., out, r]``, their gradients and the
-        layers' scaling (a number, or ``[n, 1]`` for a batch of layers): shape ``[..., r]``."""
+    def parts(self, a: torch.Tensor, b: torch.Tensor, ga, gb) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each component's raw score needs of A ``[..., r, in]`` (a reduction over its row) and of
+        B ``[..., out, r]`` (over its column), from them and their gradients: two ``[..., r]``."""
         raise NotImplementedError
 
-    def _layer_raw(self, layer: DynamicLoRALinear) -> torch.Tensor | None:
-        """One layer's raw scores at its active rank, or None when it has nothing to score."""
-        if layer.rank == 0 or (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None)):
-            return None  # e.g. a parameter that took no part in this step's loss (PEFT #1721)
-        r = layer.rank
-        a, b = layer.active_factors()
-        ga = layer.lora_A.grad[:r] if self.needs_grad else None
-        gb = layer.lora_B.grad[:, :r] if self.needs_grad else None
-        return self.raw(a, b, ga, gb, layer.scaling)
+    def combine(self, pa: torch.Tensor, pb: torch.Tensor, fan_in, fan_out, scaling) -> torch.Tensor:
+        """The raw scores from :meth:`parts`, with each component's layer sizes and scaling (broadcastable)."""
+        raise NotImplementedError
+
+    def _scorable(self, layer: DynamicLoRALinear) -> bool:
+        # A layer without gradients took no part in this step's loss (PEFT #1721).
+        return layer.rank > 0 and not (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None))
 
     def _raw_per_layer(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each layer's scores over its whole capacity (no slicing: on a CPU each slice costs as much as the
+        arithmetic; inactive components are masked), written into the ``[layers, capacity]`` table in one copy."""
+        part_a, part_b, ranks = [], [], []
+        for name in self.names:
+            layer = layers.get(name)
+            if layer is not None and self._scorable(layer):
+                a, b = layer.lora_A, layer.lora_B
+                pa, pb = self.parts(a, b, a.grad, b.grad) if self.needs_grad else self.parts(a, b, None, None)
+                part_a.append(pa)
+                part_b.append(pb)
+                ranks.append(layer.rank)
+            else:
+                ranks.append(0)
         raw = torch.zeros_like(self.mean)
-        scored = torch.zeros_like(self.mean, dtype=torch.bool)
-        for name, layer in layers.items():
-            scores = self._layer_raw(layer)
-            if scores is not None:
-                i = self.row[name]
-                raw[i, : layer.rank] = scores.detach().float()
-                scored[i, : layer.rank] = True
-        return raw, scored
+        if part_a:
+            capacities = tuple(layers[n].max_rank if r else 0 for n, r in zip(self.names, ranks, strict=True))
+            flat, fan_in, fan_out, scaling = self._components(capacities, layers, raw.device)
+            scores = self.combine(torch.cat(part_a), torch.cat(part_b), fan_in, fan_out, scaling)
+            raw.view(-1).index_copy_(0, flat, scores.float())
+        return raw, self._mask(tuple(ranks), raw.device)
 
     def _raw_batched(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers of one (A, B) shape in one computation at full capacity; a layer without gradients is left
@@ -101,7 +112,7 @@ class ImportanceScorer:
         raw = torch.zeros_like(self.mean)
         groups: dict[tuple, list[str]] = {}
         for name, layer in layers.items():
-            if layer.rank > 0 and not (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None)):
+            if self._scorable(layer):
                 groups.setdefault((layer.lora_A.shape, layer.lora_B.shape), []).append(name)
         for (a_shape, _), names in groups.items():
             members = [layers[n] for n in names]
@@ -110,7 +121,8 @@ class ImportanceScorer:
             ga = torch.stack([m.lora_A.grad for m in members]) if self.needs_grad else None
             gb = torch.stack([m.lora_B.grad for m in members]) if self.needs_grad else None
             rows, scaling = self._group(tuple(names), members, device)
-            raw[rows, : a_shape[0]] = self.raw(a, b, ga, gb, scaling).float()
+            pa, pb = self.parts(a, b, ga, gb)
+            raw[rows, : a_shape[0]] = self.combine(pa, pb, a_shape[1], b.shape[1], scaling).float()
         included = {n for names in groups.values() for n in names}
         ranks = tuple(layers[n].rank if n in included else 0 for n in self.names)
         return raw, self._mask(ranks, device)
@@ -123,6 +135,24 @@ class ImportanceScorer:
         if key not in self._cache:
             rows = torch.tensor([self.row[n] for n in names], device=device)
             self._cache[key] = rows, torch.tensor([[m.scaling] for m in members], device=device)
+        return self._cache[key]
+
+    def _components(
+        self, capacities: tuple[int, ...], layers: dict[str, DynamicLoRALinear], device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """For the scored layers' components in order (``capacities[l]`` of layer l, 0 when not scored): their flat
+        indices in the table and their layers' fan-in, fan-out and scaling; made when the scored set changes."""
+        key = ("components", capacities, device)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "components"}
+            capacity = self.mean.shape[1]
+            rows = torch.arange(capacity, device=device) < torch.tensor(capacities, device=device)[:, None]
+            scored = [(layers[n], c) for n, c in zip(self.names, capacities, strict=True) if c]
+            fan_in, fan_out, scaling = (
+                torch.tensor([v for m, c in scored for v in [f(m)] * c], device=device)
+                for f in (lambda m: float(m.in_features), lambda m: float(m.out_features), lambda m: m.scaling)
+            )
+            self._cache[key] = rows.view(-1).nonzero().view(-1), fan_in, fan_out, scaling
         return self._cache[key]
 
     def _mask(self, ranks: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -208,23 +238,32 @@ class SensitivityScorer(ImportanceScorer):
     name = "sensitivity"
     uses_uncertainty = True
 
-    def raw(self, a, b, ga, gb, scaling):
-        return (a * ga).abs().mean(dim=-1) + (b * gb).abs().mean(dim=-2)
+    def parts(self, a, b, ga, gb):
+        return (a * ga).abs_().sum(dim=-1), (b * gb).abs_().sum(dim=-2)
+
+    def combine(self, pa, pb, fan_in, fan_out, scaling):
+        return pa / fan_in + pb / fan_out  # the means over A's row and B's column
 
 
 class GradientScorer(ImportanceScorer):
     name = "gradient"
 
-    def raw(self, a, b, ga, gb, scaling):
-        return (ga.square().sum(dim=-1) + gb.square().sum(dim=-2)).sqrt()
+    def parts(self, a, b, ga, gb):
+        return ga.square().sum(dim=-1), gb.square().sum(dim=-2)
+
+    def combine(self, pa, pb, fan_in, fan_out, scaling):
+        return (pa + pb).sqrt()
 
 
 class UpdateNormScorer(ImportanceScorer):
     name = "update_norm"
     needs_grad = False
 
-    def raw(self, a, b, ga, gb, scaling):
-        return a.norm(dim=-1) * b.norm(dim=-2) * scaling
+    def parts(self, a, b, ga, gb):
+        return a.norm(dim=-1), b.norm(dim=-2)
+
+    def combine(self, pa, pb, fan_in, fan_out, scaling):
+        return pa * pb * scaling
 
 
 SCORERS: dict[str, type[ImportanceScorer]] = {
