@@ -7,7 +7,7 @@ from test_engine import data, engine_config, make, train
 from torch import nn
 
 from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
-from dynlora.input_adaptation import commit_statistics
+from dynlora.input_adaptation import InputStatistics
 
 
 def logits(model, inputs):
@@ -24,7 +24,7 @@ def test_mergeable_scale_starts_at_one_and_evens_out_feature_sizes():
     layer.train()
     layer(x)
     assert torch.equal(layer.input_norm.scale(), torch.ones(6))  # accumulated, not yet committed
-    commit_statistics([layer.input_norm])
+    InputStatistics([layer.input_norm]).commit()
     scale = layer.input_norm.scale()
     assert scale[2] < 0.02  # the outlier is brought down to the typical size ...
     assert ((scale[[0, 1, 3, 4, 5]] - 1).abs() < 0.4).all()  # ... which the typical features keep
@@ -41,7 +41,7 @@ def test_input_norm_strength_is_an_exponent_of_the_scale(tmp_path):
     for layer in layers:
         layer.train()
         layer(x)
-        commit_statistics([layer.input_norm])
+        InputStatistics([layer.input_norm]).commit()
     full, half = (layer.input_norm.scale() for layer in layers)
     assert torch.allclose(half, full.sqrt())
     assert 0.05 < half[2] < 0.2  # the outlier is brought only part of the way down
@@ -70,6 +70,7 @@ def test_statistics_fold_in_every_n_steps_with_the_time_constant_of_n_per_step_u
     1 − (1 − m)^n), n the steps since the last fold (the first step folds alone)."""
     layer = DynamicLoRALinear(nn.Linear(5, 3), rank=2, alpha=2, input_adaptive="mergeable")
     norm = layer.input_norm
+    statistics = InputStatistics([norm])
     layer.train()
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(8, 5, generator=g) * torch.tensor([1.0, 2.0, 30.0, 0.5, 1.0]) for _ in range(8)]
@@ -77,7 +78,7 @@ def test_statistics_fold_in_every_n_steps_with_the_time_constant_of_n_per_step_u
     for step, x in enumerate(batches, start=1):
         layer(x)
         before = norm.scale().clone()
-        commit_statistics([norm], step, every=4)
+        statistics.commit(step, every=4)
         if step not in (1, 4, 8):
             assert torch.equal(norm.scale(), before)  # not a fold: the forwards keep their scale
             continue
@@ -87,6 +88,63 @@ def test_statistics_fold_in_every_n_steps_with_the_time_constant_of_n_per_step_u
         torch.testing.assert_close(norm.mean_sq, expected)
         start = step + 1
     assert float(norm.block_count) == 0 and not norm.block_sum.any()  # the last step folded: nothing left over
+
+
+def _observed_layers(widths: list[int], seed: int = 0) -> list[DynamicLoRALinear]:
+    torch.manual_seed(seed)
+    layers = [DynamicLoRALinear(nn.Linear(w, 3), rank=2, alpha=2, input_adaptive="mergeable") for w in widths]
+    for layer in layers:
+        layer.train()
+    return layers
+
+
+def _observe(layers: list[DynamicLoRALinear], step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    for layer in layers:
+        layer(torch.randn(6, layer.in_features, generator=g) * torch.linspace(0.5, 9.0, layer.in_features))
+
+
+def test_layers_committed_together_keep_the_statistics_each_would_keep_alone():
+    """Layers of one width share row tensors; the result is each layer's own EMA, whatever the grouping."""
+    together, alone = _observed_layers([5, 7, 5, 7, 5]), _observed_layers([5, 7, 5, 7, 5])
+    grouped = InputStatistics([m.input_norm for m in together])
+    separate = [InputStatistics([m.input_norm]) for m in alone]
+    assert len(grouped.groups) == 2
+    for step in range(1, 8):
+        _observe(together, step)
+        _observe(alone, step)
+        grouped.commit(step, every=3)
+        for statistics in separate:
+            statistics.commit(step, every=3)
+    for a, b in zip(together, alone, strict=True):
+        assert torch.equal(a.input_norm.mean_sq, b.input_norm.mean_sq)
+        assert torch.equal(a.input_norm.scale(), b.input_norm.scale())
+        assert torch.equal(a.input_norm.block_sum, b.input_norm.block_sum)  # step 7 is gathered, not folded
+
+
+def test_statistics_follow_buffers_that_a_load_by_assignment_replaced():
+    layers = _observed_layers([5, 5])
+    statistics = InputStatistics([m.input_norm for m in layers])
+    _observe(layers, 1)
+    statistics.commit(1)
+    fresh = _observed_layers([5, 5], seed=1)[0].input_norm.state_dict()
+    layers[0].input_norm.load_state_dict(fresh, assign=True)  # its buffers are new tensors, not rows any more
+    _observe(layers, 2)
+    statistics.commit(2, every=1)
+    assert bool(layers[0].input_norm.initialized)  # the fold reached the module's own buffers
+    assert not torch.equal(layers[0].input_norm.scale(), torch.ones(5))
+
+
+def test_one_layers_saved_statistics_do_not_carry_the_other_layers_rows(tmp_path):
+    """torch.save writes a view's whole storage: a layer's state dict must own its tensors."""
+    layers = _observed_layers([64] * 50)
+    statistics = InputStatistics([m.input_norm for m in layers])
+    _observe(layers, 1)
+    statistics.commit(1)
+    torch.save(layers[0].input_norm.state_dict(), tmp_path / "grouped.pt")
+    torch.save(_observed_layers([64])[0].input_norm.state_dict(), tmp_path / "alone.pt")
+    grouped, alone = ((tmp_path / f"{n}.pt").stat().st_size for n in ("grouped", "alone"))
+    assert grouped < 1.2 * alone  # the whole group's rows would be 50 times the data
 
 
 def test_a_saved_adapter_and_its_engine_state_resume_exactly_between_two_folds(tmp_path):
@@ -120,7 +178,7 @@ def test_nonfinite_statistics_are_dropped():
     layer = DynamicLoRALinear(nn.Linear(3, 3), rank=1, alpha=1, input_adaptive="mergeable")
     layer.train()
     layer(torch.tensor([[1.0, float("inf"), 2.0]]))
-    commit_statistics([layer.input_norm])
+    InputStatistics([layer.input_norm]).commit()
     assert not bool(layer.input_norm.initialized)
     assert torch.isfinite(layer.input_norm.scale()).all()
 

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dynlora import DynamicLoRALinear, allocate
-from dynlora.input_adaptation import commit_statistics
+from dynlora.input_adaptation import InputStatistics
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -30,7 +30,7 @@ def layers(draw):
     if layer.input_norm is not None:  # statistics from a batch, then frozen (eval)
         layer.train()
         layer(torch.randn(16, d_in) * torch.rand(d_in) * 10)
-        commit_statistics([layer.input_norm])
+        InputStatistics([layer.input_norm]).commit()
     return layer.eval()
 
 

@@ -28,7 +28,7 @@ import torch
 from .allocator import RankAllocator, Schedule
 from .config import DynamicLoRAConfig
 from .importance import make_scorer
-from .input_adaptation import commit_statistics, discard_statistics
+from .input_adaptation import InputStatistics
 from .layer import DynamicLoRALinear
 from .optim_state import clear_state, init_grown_state, rebase_state
 from .probe import GradientProbe, synced_gradients, top_directions
@@ -55,7 +55,7 @@ class Engine:
         self.config = config
         self.allocator = RankAllocator(layers, config) if config.reallocate else None
         self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2) if config.reallocate else None
-        self.input_norms = [m.input_norm for m in layers.values() if m.input_norm is not None]
+        self.input_statistics = InputStatistics([m.input_norm for m in layers.values() if m.input_norm is not None])
         self.probes = {n: GradientProbe(m) for n, m in layers.items()} if config.init == "gradient" else {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -77,7 +77,7 @@ class Engine:
         re-allocated."""
         if self.allocator is not None and self.schedule is None:
             raise RuntimeError("bind the optimizer first: model.bind_optimizer(optimizer, total_steps)")
-        commit_statistics(self.input_norms, step, self.config.input_norm_every)
+        self.input_statistics.commit(step, self.config.input_norm_every)
         weight_grads = self._take_weight_gradients()
         if step == 1 and not self.started:
             for name, weight_grad in weight_grads.items():
@@ -100,7 +100,7 @@ class Engine:
 
     def skip(self) -> None:
         """A step whose update was skipped: drop its input statistics and measured gradients."""
-        discard_statistics(self.input_norms)
+        self.input_statistics.discard()
         for probe in self.probes.values():
             if probe.armed:
                 probe.arm()  # the step is tried again with the next batch: measure it afresh
