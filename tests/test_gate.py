@@ -126,11 +126,14 @@ def test_statistics_follow_buffers_that_a_load_by_assignment_replaced():
     layers = _observed_layers([5, 5])
     statistics = InputStatistics([m.input_norm for m in layers])
     _observe(layers, 1)
-    statistics.commit(1)
+    statistics.commit(1, every=3)
     fresh = _observed_layers([5, 5], seed=1)[0].input_norm.state_dict()
     layers[0].input_norm.load_state_dict(fresh, assign=True)  # its buffers are new tensors, not rows any more
     _observe(layers, 2)
-    statistics.commit(2, every=1)
+    statistics.commit(2, every=3)  # not a fold: the step joins the block
+    assert float(layers[0].input_norm.block_count) == 6
+    _observe(layers, 3)
+    statistics.commit(3, every=3)
     assert bool(layers[0].input_norm.initialized)  # the fold reached the module's own buffers
     assert not torch.equal(layers[0].input_norm.scale(), torch.ones(5))
 

@@ -66,7 +66,7 @@ class InputNorm(nn.Module):
         # This step's forwards' statistics, not yet committed, and the scale they give: not part of the saved state.
         self.register_buffer("pending_sum", torch.zeros(in_features), persistent=False)
         self.register_buffer("cached_scale", torch.ones(in_features), persistent=False)
-        self.pending_count = 0
+        self.pending_tokens = _Tally()  # a plain counter: nn.Module's attribute setter is slow per forward
         self.register_buffer("block_sum", torch.zeros(in_features))
         self.register_buffer("block_count", torch.zeros(()))
         self.register_load_state_dict_pre_hook(_empty_block_when_absent)
@@ -79,7 +79,7 @@ class InputNorm(nn.Module):
         flat = x.detach().reshape(-1, x.shape[-1])
         flat = flat[:: max(1, flat.shape[0] // self.max_tokens)]
         self.pending_sum += flat.float().square().sum(dim=0)
-        self.pending_count += flat.shape[0]
+        self.pending_tokens.value += flat.shape[0]
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -88,6 +88,13 @@ class InputNorm(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.cached_scale
+
+
+class _Tally:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 def _empty_block_when_absent(module: InputNorm, state_dict: dict, prefix: str, *_args) -> None:
@@ -138,12 +145,15 @@ class InputStatistics:
         self._rows: dict[tuple, dict[str, torch.Tensor]] = {}
         self._grouped()
 
-    def _grouped(self) -> list[tuple[tuple, list[InputNorm], dict[str, torch.Tensor]]]:
-        """Each group's settings, layers and row tensors, grouping again the layers whose buffers were replaced."""
+    def _grouped(self, every_buffer: bool = True) -> list[tuple[tuple, list[InputNorm], dict[str, torch.Tensor]]]:
+        """Each group's settings, layers and row tensors, grouping again the layers whose buffers were replaced
+        (a move replaces them all, a load by assignment the saved ones; an ordinary step checks the two it
+        writes)."""
         out = []
+        checked = self.BUFFERS if every_buffer else ("pending_sum", "block_sum")
         for key, norms in self.groups.items():
             rows = self._rows.get(key)
-            if rows is None or any(n._buffers[b]._base is not rows[b] for b in self.BUFFERS for n in norms):
+            if rows is None or any(n._buffers[b]._base is not rows[b] for b in checked for n in norms):
                 rows = {b: torch.stack([n._buffers[b] for n in norms]) for b in self.BUFFERS}
                 for i, norm in enumerate(norms):
                     for b in self.BUFFERS:
@@ -161,7 +171,7 @@ class InputStatistics:
         for _key, norms, rows in groups:
             rows["pending_sum"].zero_()
             for norm in norms:
-                norm.pending_count = 0
+                norm.pending_tokens.value = 0
 
     @torch.no_grad()
     def commit(self, step: int = 1, every: int = 1) -> None:
@@ -169,14 +179,17 @@ class InputStatistics:
         (:func:`folds_at`) fold the blocks in. Under torch.distributed each step's sums and token counts are summed
         over processes in one all-reduce before they join the block, so every process holds the same block (and a
         checkpoint written by one resumes all)."""
-        groups = self._grouped()
+        fold = folds_at(step, every)
+        groups = self._grouped(every_buffer=fold)
         if not groups:
             return
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed or any(n.pending_count for _key, norms, _rows in groups for n in norms):
+        if distributed or any(n.pending_tokens.value for _key, norms, _rows in groups for n in norms):
             device = groups[0][2]["block_sum"].device
             sums = [rows["pending_sum"] for _key, _norms, rows in groups]
-            counts = [torch.tensor([float(n.pending_count) for n in norms], device=device) for _k, norms, _r in groups]
+            counts = [
+                torch.tensor([float(n.pending_tokens.value) for n in norms], device=device) for _k, norms, _r in groups
+            ]
             if distributed:
                 packed = torch.cat([t.view(-1) for t in sums + counts])
                 torch.distributed.all_reduce(packed)
@@ -187,7 +200,7 @@ class InputStatistics:
                 rows["block_sum"] += s
                 rows["block_count"] += c
             self._discard(groups)
-        if folds_at(step, every):
+        if fold:
             for (_width, momentum, eps, strength), _norms, rows in groups:
                 _fold(rows, momentum, eps, strength, _block_steps(step, every))
 
