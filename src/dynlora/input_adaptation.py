@@ -183,23 +183,21 @@ class InputStatistics:
         groups = self._grouped(every_buffer=fold)
         if not groups:
             return
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed or any(n.pending_tokens.value for _key, norms, _rows in groups for n in norms):
-            device = groups[0][2]["block_sum"].device
-            sums = [rows["pending_sum"] for _key, _norms, rows in groups]
-            counts = [
-                torch.tensor([float(n.pending_tokens.value) for n in norms], device=device) for _k, norms, _r in groups
-            ]
-            if distributed:
-                packed = torch.cat([t.view(-1) for t in sums + counts])
-                torch.distributed.all_reduce(packed)
-                parts = packed.split([t.numel() for t in sums + counts])
-                sums = [p.view_as(t) for p, t in zip(parts[: len(sums)], sums, strict=True)]
-                counts = list(parts[len(sums) :])
-            for (_key, _norms, rows), s, c in zip(groups, sums, counts, strict=True):
-                rows["block_sum"] += s
-                rows["block_count"] += c
-            self._discard(groups)
+        sums = [rows["pending_sum"] for _key, _norms, rows in groups]
+        device = sums[0].device
+        counts = [
+            torch.tensor([float(n.pending_tokens.value) for n in norms], device=device) for _k, norms, _r in groups
+        ]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            packed = torch.cat([t.view(-1) for t in sums + counts])
+            torch.distributed.all_reduce(packed)
+            parts = packed.split([t.numel() for t in sums + counts])
+            sums = [p.view_as(t) for p, t in zip(parts[: len(sums)], sums, strict=True)]
+            counts = list(parts[len(sums) :])
+        for (_key, _norms, rows), s, c in zip(groups, sums, counts, strict=True):
+            rows["block_sum"] += s
+            rows["block_count"] += c
+        self._discard(groups)
         if fold:
             for (_width, momentum, eps, strength), _norms, rows in groups:
                 _fold(rows, momentum, eps, strength, _block_steps(step, every))
