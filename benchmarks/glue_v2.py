@@ -112,6 +112,22 @@ def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[
     return rows, chart
 
 
+def per_task_lines(score: dict, tasks: list[str], seeds: list[int]) -> list[str]:
+    """Per task, Dynamic LoRA's mean paired difference to each baseline with every seed finished there, and its
+    95 % bootstrap interval: what the runs so far say before a whole table has finished."""
+    lines = []
+    for task in tasks:
+        parts = []
+        for baseline in BASELINES:
+            diffs = paired(score, [task], "dynamic", baseline, seeds)
+            if diffs is not None:
+                low, high = bootstrap_interval(diffs)
+                parts.append(f"− {baseline} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
+        if parts:
+            lines.append(f"- {task}: dynamic {'; '.join(parts)}")
+    return lines
+
+
 def training_seconds(run: Path) -> float:
     """A run's training time from its log: the last elapsed time of each session (a resumed run starts a new
     one)."""
@@ -289,6 +305,11 @@ mean paired difference (paired by seed) and its 95 % bootstrap interval over see
 is rough; it says how far the seeds disagree, not more.
 
 {chr(10).join(lines)}
+
+Per task so far, Dynamic LoRA − each baseline with all {len(seeds)} seeds finished there (paired by seed, 95 %
+interval):
+
+{chr(10).join(per_task_lines(score, done, seeds)) or "- none yet"}
 
 Dev curves (mean over seeds): ![curves](results/{name}_curves.png)
 

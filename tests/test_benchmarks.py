@@ -57,3 +57,14 @@ def test_contrasts_pair_runs_by_seed_and_average_only_complete_rows():
     assert paired_differences(rows, "stsb", "dynamic", "dynamic-nogate") == []
     gate = next(line for line in contrast_table(rows, ["cola", "stsb"]).splitlines() if "input-feature gate" in line)
     assert gate.endswith("| +7.50 ± 17.68 (n=2) | — | — |")  # no stsb pair yet: no average
+
+
+def test_v2_per_task_differences_list_only_baselines_with_every_seed_finished():
+    from glue_v2 import per_task_lines
+
+    score = {("cola", "dynamic", s): v for s, v in enumerate([30.0, 26.0, 28.0])}
+    score |= {("cola", "lora", s): v for s, v in enumerate([28.0, 27.0, 25.0])}
+    score |= {("cola", "peft-adalora", s): 15.0 for s in (0, 1)}  # seed 2 still running
+    (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2])
+    assert line.startswith("- cola: dynamic − lora +1.33 [")  # (2 - 1 + 3) / 3
+    assert "adalora" not in line
