@@ -67,12 +67,14 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
 
 def test_loraplus_trains_b_faster_than_a():
     adapted = get_method("peft-loraplus").wrap(tiny_bert(), CONFIG, 20)
-    optimizer = adapted.make_optimizer(1e-3, 0.0)
+    optimizer = adapted.make_optimizer(1e-3, 0.1)
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(adapted.model.named_parameters())
     a = next(p for n, p in named.items() if "lora_A" in n)
     b = next(p for n, p in named.items() if "lora_B" in n)
     assert lrs[id(b)] == pytest.approx(16 * lrs[id(a)]) and lrs[id(a)] == pytest.approx(1e-3)
+    assert decay[id(a)] == decay[id(b)] == 0.1  # the run's weight decay, as for every other method
 
 
 def test_eva_starts_a_along_the_layer_inputs_within_the_rank_budget():

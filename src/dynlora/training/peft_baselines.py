@@ -93,8 +93,13 @@ class PeftAdapted:
             return adamw(self.model, lr, weight_decay)
         from peft.optimizers import create_loraplus_optimizer
 
+        # PEFT sets each group's weight decay from loraplus_weight_decay (default 0), not from weight_decay.
         return create_loraplus_optimizer(
-            self.model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO, weight_decay=weight_decay
+            self.model,
+            torch.optim.AdamW,
+            lr=lr,
+            loraplus_lr_ratio=LORAPLUS_RATIO,
+            loraplus_weight_decay=weight_decay,
         )
 
 
