@@ -85,3 +85,22 @@ def test_eva_starts_a_along_the_layer_inputs_within_the_rank_budget():
         assert torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-4)
     with pytest.raises(ValueError, match="starts from the training data"):
         get_method("peft-eva").wrap(tiny_bert(), CONFIG, 20)
+
+
+def test_dynamic_lora_under_loraplus_trains_b_faster_and_still_reallocates():
+    config = DynamicLoRAConfig(rank=2, target_modules=["query", "value"], warmup=2, interval=2, final=6)
+    adapted = get_method("dynamic").wrap(tiny_bert(), config, 8)
+    optimizer = adapted.make_optimizer(1e-2, 0.1, loraplus_lr_ratio=4.0)
+    lrs = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    named = dict(adapted.model.named_parameters())
+    assert all(lrs[id(p)] == (4e-2, 0.1) for n, p in named.items() if "lora_B" in n)
+    assert all(lrs[id(p)] == (1e-2, 0.1) for n, p in named.items() if "lora_A" in n)
+    adapted.bind(optimizer, 8)
+    for step, batch in enumerate(_batches(8), start=1):
+        labels = torch.arange(8) % 2
+        adapted.model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        adapted.after_step(step)
+        optimizer.zero_grad()
+    assert adapted.allocation_events() and len(set(adapted.ranks().values())) > 1  # ranks moved between layers
+    assert all(torch.isfinite(p).all() for p in named.values())

@@ -27,7 +27,9 @@ class AdaptedModel(Protocol):
     def save(self, directory: str | Path) -> None: ...  # the adapter in the method's own format
     def state_dict(self) -> dict[str, Any]: ...  # what a checkpoint needs beyond the trainable tensors
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer: ...
+    def make_optimizer(
+        self, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+    ) -> torch.optim.Optimizer: ...
 
 
 # The first training batches (labels dropped), for a method that starts from data (EVA).
@@ -46,6 +48,17 @@ class Method(Protocol):
     ) -> AdaptedModel: ...
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: every method's optimizer unless it says otherwise."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: every method's optimizer unless it says otherwise. With
+    ``loraplus_lr_ratio``, LoRA+ (PEFT's ``create_loraplus_optimizer``): every ``lora_B`` and 1-d parameter at
+    that multiple of ``lr``, all groups at ``weight_decay``."""
+    if loraplus_lr_ratio is None:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    from peft.optimizers import create_loraplus_optimizer
+
+    # PEFT sets each group's weight decay from loraplus_weight_decay (default 0), not from weight_decay.
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay
+    )

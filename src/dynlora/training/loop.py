@@ -71,7 +71,7 @@ class TrainingRun:
         elif settings.fsdp and self.writer:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay)
+        self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
         from transformers import get_linear_schedule_with_warmup
 
         warmup = int(settings.warmup_ratio * self.total_steps)

@@ -61,8 +61,10 @@ class DynLoRAAdapted:
         # The checkpoint restored every parameter at full capacity; set the ranks the engine recorded.
         self.model.engine.load_state_dict(state["engine"], restore_ranks=True)
 
-    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return adamw(self.model, lr, weight_decay)
+    def make_optimizer(
+        self, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+    ) -> torch.optim.Optimizer:
+        return adamw(self.model, lr, weight_decay, loraplus_lr_ratio)
 
 
 @dataclass(frozen=True)

@@ -88,19 +88,12 @@ class PeftAdapted:
         if not all(all(m) for m in masks.values()):
             self.model.peft_config["default"].rank_pattern = masks
 
-    def make_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        if self.variant != "loraplus":
-            return adamw(self.model, lr, weight_decay)
-        from peft.optimizers import create_loraplus_optimizer
-
-        # PEFT sets each group's weight decay from loraplus_weight_decay (default 0), not from weight_decay.
-        return create_loraplus_optimizer(
-            self.model,
-            torch.optim.AdamW,
-            lr=lr,
-            loraplus_lr_ratio=LORAPLUS_RATIO,
-            loraplus_weight_decay=weight_decay,
-        )
+    def make_optimizer(
+        self, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
+    ) -> torch.optim.Optimizer:
+        if loraplus_lr_ratio is None and self.variant == "loraplus":
+            loraplus_lr_ratio = LORAPLUS_RATIO
+        return adamw(self.model, lr, weight_decay, loraplus_lr_ratio)
 
 
 @dataclass(frozen=True)

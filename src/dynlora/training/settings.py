@@ -58,6 +58,11 @@ class TrainSettings:
     )
     lr: float = setting(5e-4, "peak learning rate of AdamW")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    loraplus_lr_ratio: float | None = setting(
+        None,
+        "LoRA+: the learning rate of B over that of A (PEFT's create_loraplus_optimizer; bias and other 1-d "
+        "parameters go with B). Default: 1, and 16 for peft-loraplus",
+    )
     warmup_ratio: float = setting(0.06, "fraction of steps of linear learning-rate warm-up")
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
     seed: int = setting(0, "seed of data order, initialisation and dropout")
@@ -100,6 +105,9 @@ class TrainSettings:
             raise ValueError("give --max-steps > 0 or --epochs > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"loraplus_lr_ratio must be a finite number > 0 (LoRA+ uses 16), got {ratio}")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
         if self.fsdp and (self.load_in_4bit or self.load_in_8bit):
