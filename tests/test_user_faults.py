@@ -161,6 +161,7 @@ def test_a_config_file_mirroring_the_flags_is_read(capsys, tmp_path, tiny_model_
     [
         (["--lr", "inf"], "setting lr must be a number, got 'inf'"),
         (["--lr", "-1e-3"], "lr must be a finite number > 0, got -0.001"),
+        (["--loraplus-lr-ratio", "0"], "loraplus_lr_ratio must be a finite number > 0 (LoRA+ uses 16), got 0.0"),
         (["--max-length", "100000"], "--max-length 100000 is more than the model takes (128 positions)"),
     ],
 )

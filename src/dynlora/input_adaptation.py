@@ -103,8 +103,8 @@ def _empty_block_when_absent(module: InputNorm, state_dict: dict, prefix: str, *
 
 
 def _own_storage(module: InputNorm, state_dict: dict, prefix: str, _metadata) -> None:
-    # Grouped buffers are rows of one tensor (InputStatistics): a state dict gets copies, which safetensors (and so
-    # transformers.Trainer's checkpoints) can save.
+    # Grouped buffers are views of rows of one tensor (InputStatistics); torch.save would write a view's whole
+    # storage, every layer's rows, so a state dict gets tensors of its own.
     for key in InputNorm.SAVED:
         state_dict[prefix + key] = state_dict[prefix + key].clone()
 
