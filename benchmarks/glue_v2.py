@@ -335,7 +335,9 @@ output directory). One seed decides nothing: a row that looks better is confirme
 becomes a default. Final model's dev main metric × 100, and its difference to `dynamic` and `lora` on the same
 seed (same data order, same head init). `dynamic-gradinit` is the former default, components started along the
 first step's loss gradient: confirmed on three seeds that it loses to the random start, it made way for
-`init: lora` as the default (docs/method.md, section 5).
+`init: lora` as the default (docs/method.md, section 5). The `-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at
+the rule's full lr: PEFT's and on Dynamic LoRA alike, they fell to the majority class (MCC 0) in the first epoch
+and stayed there, which is why the table's LoRA+ runs at half the lr, as PEFT's documentation advises.
 
 | task | row | seed | score | difference |
 |---|---|---|---|---|
