@@ -68,3 +68,16 @@ def test_v2_per_task_differences_list_only_baselines_with_every_seed_finished():
     (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2])
     assert line.startswith("- cola: dynamic − lora +1.33 [")  # (2 - 1 + 3) / 3
     assert "adalora" not in line
+
+
+@pytest.mark.parametrize("name", ["glue_v2_plan.yaml", "decoder_plan.yaml", "glue_plan.yaml", "design_plan.yaml"])
+def test_every_row_of_a_shipped_plan_builds_its_settings(name):
+    """A typo in a screening row would otherwise fail hours into a benchmark."""
+    import yaml
+
+    from dynlora.training.compare import plan_from
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "benchmarks" / name).read_text())
+    rows = sorted({*data.get("methods", []), *(data.get("per_method") or {})})
+    plan = plan_from(data, name, {}, methods=",".join(rows))
+    plan.check()
