@@ -2,8 +2,9 @@
 engine's update) reads nothing back to the host and makes no tensor off the model's device.
 
 On this CPU there is no device to stall, so the test records what would: every call that copies a tensor's value to
-the host (``item``, ``tolist``, ``bool``, ``float``, ``cpu``, ``numpy``, boolean-mask indexing), and every tensor
-factory called without a device, through a TorchFunctionMode over the steps."""
+the host (``item``, ``tolist``, ``bool``, ``float``, ``cpu``, ``numpy``, boolean-mask indexing), every tensor
+factory called without a device, and every ``torch.tensor`` of host data (on CUDA a blocking copy to the device),
+through a TorchFunctionMode over the steps."""
 
 import traceback
 from pathlib import Path
@@ -33,6 +34,7 @@ class Recorder(TorchFunctionMode):
         super().__init__()
         self.reads: list[str] = []
         self.off_device: list[str] = []
+        self.uploads: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -50,6 +52,8 @@ class Recorder(TorchFunctionMode):
             self.reads.append(f"to('cpu') at {where}")
         if func in FACTORIES and "device" not in kwargs:
             self.off_device.append(f"{getattr(func, '__name__', func)} at {where}")
+        if func is torch.tensor:
+            self.uploads.append(f"torch.tensor at {where}")
         return func(*args, **kwargs)
 
 
@@ -73,3 +77,4 @@ def test_a_step_between_reallocations_neither_reads_back_nor_leaves_the_device()
             optimizer.zero_grad()
     assert recorder.reads == []
     assert recorder.off_device == []
+    assert recorder.uploads == []

@@ -185,9 +185,7 @@ class InputStatistics:
             return
         sums = [rows["pending_sum"] for _key, _norms, rows in groups]
         device = sums[0].device
-        counts = [
-            torch.tensor([float(n.pending_tokens.value) for n in norms], device=device) for _k, norms, _r in groups
-        ]
+        counts = [_token_counts([n.pending_tokens.value for n in norms], device) for _k, norms, _r in groups]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             packed = torch.cat([t.view(-1) for t in sums + counts])
             torch.distributed.all_reduce(packed)
@@ -201,6 +199,14 @@ class InputStatistics:
         if fold:
             for (_width, momentum, eps, strength), _norms, rows in groups:
                 _fold(rows, momentum, eps, strength, _block_steps(step, every))
+
+
+def _token_counts(values: list[int], device: torch.device) -> torch.Tensor:
+    """The layers' token counts on the device: a fill when they are equal, as when every layer saw every forward,
+    which copies nothing from the host (a ``torch.tensor`` of a list would, and on CUDA wait for the device)."""
+    if len(set(values)) == 1:
+        return torch.full((len(values),), float(values[0]), device=device)
+    return torch.tensor([float(v) for v in values], device=device)
 
 
 @torch.no_grad()

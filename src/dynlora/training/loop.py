@@ -296,7 +296,7 @@ class TrainingRun:
         self.precision.unscale(self.optimizer)
         clip = self.settings.max_grad_norm if self.settings.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        values = torch.stack([total, norm.float().to(total.device), total.new_tensor(float(self.stop.requested))])
+        values = torch.stack([total, norm.float().to(total.device), total.new_full((), float(self.stop.requested))])
         if self.world > 1:
             # One small all-reduce: the loss logged is the global batch's, and a stop asked of any process (a signal
             # reaches each at its own moment) stops all of them after the same step.
