@@ -10,10 +10,10 @@ equalises the features, s = 0.5 only halves their spread on a log scale. Trainin
 statistics. After each optimizer step (``update_and_allocate``) they join the block of steps not yet folded in,
 and every ``every`` steps (``DynamicLoRAConfig.input_norm_every``; and after the first step) the block is folded
 into the average at once, rms² ← lerp(rms², block mean, 1 − (1 − m)^n) for a block of n steps: the time constant
-of n per-step updates at 1/n of their cost. Under torch.distributed each
-step's statistics are summed over processes (one all-reduce for all layers) before they join the block. So every
-forward between two folds, including the recomputation of gradient checkpointing, sees the same scale, and every
-process the same statistics. Checkpoints and saved adapters carry the block, so training continues from them
+of n per-step updates at 1/n of their cost. Under torch.distributed each step's statistics are summed over
+processes (one all-reduce for all layers) before they join the block. So every forward between two folds,
+including the recomputation of gradient checkpointing, sees the same scale, and every process the same
+statistics. Checkpoints and saved adapters carry the block, so training continues from them
 exactly; merge and export use the average only. Transformer activations have a few outlier
 features orders of magnitude larger than the rest; without this they dominate A x and so which directions the
 adapter can learn. The scale is applied to A, not x (A_eff = A·diag(g): O(r·d) per step instead of O(d) per
@@ -46,7 +46,6 @@ class InputNorm(nn.Module):
     # Statistics gathered since the last fold: saved with the rest so training continues exactly from a checkpoint
     # or a saved adapter; absent (states written before dynlora kept them) means empty.
     TRAINING_STATE = ("block_sum", "block_count")
-    SAVED = ("mean_sq", "initialized", *TRAINING_STATE)
 
     @classmethod
     def is_unfolded(cls, key: str) -> bool:
@@ -105,8 +104,9 @@ def _empty_block_when_absent(module: InputNorm, state_dict: dict, prefix: str, *
 def _own_storage(module: InputNorm, state_dict: dict, prefix: str, _metadata) -> None:
     # Grouped buffers are views of rows of one tensor (InputStatistics); torch.save would write a view's whole
     # storage, every layer's rows, so a state dict gets tensors of its own.
-    for key in InputNorm.SAVED:
-        state_dict[prefix + key] = state_dict[prefix + key].clone()
+    for name in module._buffers:
+        if prefix + name in state_dict:  # the persistent ones
+            state_dict[prefix + name] = state_dict[prefix + name].clone()
 
 
 def folds_at(step: int, every: int) -> bool:
@@ -136,8 +136,6 @@ class InputStatistics:
     ``model.to`` work on the modules as before; when a move or a load by assignment replaced their buffers, the
     next commit groups them again. Nothing is read back to the host."""
 
-    BUFFERS = ("mean_sq", "initialized", "pending_sum", "cached_scale", "block_sum", "block_count")
-
     def __init__(self, norms: list[InputNorm]) -> None:
         self.groups: dict[tuple, list[InputNorm]] = {}
         for norm in norms:
@@ -150,13 +148,13 @@ class InputStatistics:
         (a move replaces them all, a load by assignment the saved ones; an ordinary step checks the two it
         writes)."""
         out = []
-        checked = self.BUFFERS if every_buffer else ("pending_sum", "block_sum")
         for key, norms in self.groups.items():
             rows = self._rows.get(key)
+            checked = tuple(norms[0]._buffers) if every_buffer else ("pending_sum", "block_sum")
             if rows is None or any(n._buffers[b]._base is not rows[b] for b in checked for n in norms):
-                rows = {b: torch.stack([n._buffers[b] for n in norms]) for b in self.BUFFERS}
+                rows = {b: torch.stack([n._buffers[b] for n in norms]) for b in norms[0]._buffers}
                 for i, norm in enumerate(norms):
-                    for b in self.BUFFERS:
+                    for b in rows:
                         norm._buffers[b] = rows[b][i]
                 self._rows[key] = rows
             out.append((key, norms, rows))
