@@ -68,6 +68,17 @@ def test_train_eval_export_merge(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"accuracy {accuracy:.4f}" in done.stdout  # the saved adapter reproduces the run's own evaluation
 
+    evaluate = ("eval", "--adapter", run / "adapter", "--task", "rte", "--model", tiny_model_dir, "--data-dir", GLUE)
+    done = dynlora(*evaluate, "--max-length", 64, "--predictions", tmp_path / "predictions.jsonl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    dev = (Path(GLUE) / "RTE" / "dev.tsv").read_text().splitlines()[1:]
+    assert [r["index"] for r in rows] == list(range(len(dev))) and {r["split"] for r in rows} == {"validation"}
+    assert [r["label"] for r in rows] == [int(line.split("\t")[-1] == "not_entailment") for line in dev]
+    assert sum(r["label"] == r["prediction"] for r in rows) / len(rows) == pytest.approx(accuracy)
+    done = dynlora(*evaluate, "--max-eval-samples", 10, "--predictions", tmp_path / "p.jsonl")
+    assert done.returncode == 2 and "drop --max-eval-samples" in done.stderr and not (tmp_path / "p.jsonl").exists()
+
     done = dynlora("export", "--adapter", run / "adapter", "--peft", tmp_path / "peft", "--model", tiny_model_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     done = dynlora(

@@ -139,6 +139,8 @@ def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(
     assert result["task"] == str(train) and result["metrics"]["validation"]["perplexity"] > 1
     evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train)
     assert f"loss {result['metrics']['validation']['loss']:.4f}" in evaluated  # the run's own evaluation
+    predictions = ["eval", "--adapter", out / "adapter", "--dev-file", train, "--predictions", tmp_path / "p.jsonl"]
+    assert "scored by its loss" in run_cli(capsys, *predictions)
     prompt = ["--prompt", "what is 3 plus one", "--max-new-tokens", 6]
     ours = run(capsys, "generate", "--adapter", out / "adapter", *prompt)
     run(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")

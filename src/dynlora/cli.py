@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .io import new_directory
+from .io import new_directory, write_jsonl
 from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
 from .training.compare import DEFAULT_METHODS, ComparePlan, plan_from, run_comparison, summary_table
 from .training.data import task_spec
@@ -25,7 +25,7 @@ from .training.devices import resolve_device
 from .training.errors import USER_ERRORS, Interrupted
 from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file
 from .training.loop import TrainingRun
-from .training.metrics import format_metrics
+from .training.metrics import format_metrics, glue_metrics
 from .training.report import write_report
 from .training.settings import QUICK_STEPS, SETTINGS, TrainSettings, resumed_settings
 from .training.tasks import ClassifyTask, eval_task
@@ -149,11 +149,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels = label_names(model, args.adapter)
     model.to(resolve_device(s.device))
     task = eval_task(s, outputs, labels)
-    results = {
-        split: task.evaluate(model, tok, eval_set, s.batch_size) for split, eval_set in task.eval_sets(tok, s).items()
-    }
+    if args.predictions and not hasattr(task, "predict"):
+        raise ValueError(
+            "--predictions needs a task scored by one answer per example (a GLUE task or a labelled "
+            "file); a language-model dev file is scored by its loss"
+        )
+    if args.predictions and s.max_eval_samples:
+        raise ValueError("--predictions writes one line per dev example in the file's order; drop --max-eval-samples")
+    results, rows = {}, []
+    for split, eval_set in task.eval_sets(tok, s).items():
+        if args.predictions:
+            predictions, gold = task.predict(model, tok, eval_set, s.batch_size)
+            results[split] = glue_metrics(task.metric_task, predictions, gold)
+            rows += [
+                {"split": split, "index": i, "label": g, "prediction": p}
+                for i, (p, g) in enumerate(zip(predictions, gold, strict=True))
+            ]
+        else:
+            results[split] = task.evaluate(model, tok, eval_set, s.batch_size)
     print(f"{task.name} with {args.adapter or s.model or 'smollm2'}:")
     print(format_splits(results))
+    if args.predictions:
+        write_jsonl(args.predictions, rows)
+        print(f"predictions: {args.predictions} ({len(rows)} lines)")
     return 0
 
 
@@ -284,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a GLUE task's dev data or on your own dev file")
     p.add_argument("--adapter", help="adapter directory (dynlora or PEFT format); without it, a causal LM's base")
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="also write each dev example's prediction and gold label to FILE, one JSON object per line "
+        "(split, index in the dev file, label, prediction): for error analysis, or paired tests between adapters",
+    )
     add_flags(p, [s for s in SETTINGS if not s.adapter and s.name in EVAL_SETTINGS])
     p.set_defaults(func=cmd_eval)
 

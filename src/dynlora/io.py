@@ -60,6 +60,16 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write(path, write)
 
 
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic_write(path, write)
+
+
 @contextlib.contextmanager
 def new_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; when the block ends without error, rename it to ``path``.

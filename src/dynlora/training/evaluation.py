@@ -1,4 +1,4 @@
-"""Scoring a model on tokenised examples with the task's official GLUE metrics."""
+"""A classifier's predictions on tokenised examples, which the task scores with its official GLUE metrics."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from torch import nn
 
 from .data import batches
 from .devices import to_device
-from .metrics import glue_metrics
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, features: list[dict], metric_task: str, regression: bool, batch_size: int, pad_token_id: int
-) -> dict[str, float]:
-    """GLUE metrics of ``model`` (left in eval mode) on tokenised ``features``."""
+def predict(
+    model: nn.Module, features: list[dict], regression: bool, batch_size: int, pad_token_id: int
+) -> tuple[list[float], list[float]]:
+    """``model``'s prediction for each of the tokenised ``features`` (a class id, or a score when ``regression``),
+    and their gold labels; the model is left in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     preds, gold = [], []
@@ -24,4 +24,4 @@ def evaluate(
         logits = model(**batch).logits
         preds += (logits.float().squeeze(-1) if regression else logits.argmax(-1)).tolist()
         gold += labels.tolist()
-    return glue_metrics(metric_task, preds, gold)
+    return preds, gold

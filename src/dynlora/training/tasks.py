@@ -30,7 +30,7 @@ from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_f
 from .data.splits import command_glue_dir, subset
 from .devices import to_device
 from .errors import DataError
-from .evaluation import evaluate
+from .evaluation import predict
 from .metrics import glue_metrics, main_metric_name
 
 OBJECTIVES = ("auto", "classify", "lm", "instruct")
@@ -54,6 +54,10 @@ class Task(Protocol):
         ...
 
     def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]: ...
+
+    # Tasks scored from one answer per example (classify, instruct; not lm) also have ``metric_task`` (the GLUE task
+    # whose metric scores them) and ``predict(model, tokenizer, eval_set, batch_size)``: each example's prediction
+    # (class id, or score for a regression) and its gold label.
 
 
 @dataclass
@@ -87,9 +91,15 @@ class ClassifyTask:
         splits = self.data.splits.items()
         return {name: tokenize(subset(x, limit, seed), tokenizer, length) for name, x in splits if name != "train"}
 
+    @property
+    def metric_task(self) -> str:
+        return self.data.metric_task
+
+    def predict(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> tuple[list, list]:
+        return predict(model, eval_set, self.data.regression, batch_size, tokenizer.pad_token_id)
+
     def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
-        task, regression = self.data.metric_task, self.data.regression
-        return evaluate(model, eval_set, task, regression, batch_size, tokenizer.pad_token_id)
+        return glue_metrics(self.metric_task, *self.predict(model, tokenizer, eval_set, batch_size))
 
 
 @dataclass
@@ -180,9 +190,15 @@ class InstructTask:
         limit, seed = settings.max_eval_samples, settings.seed
         return {name: subset(x, limit, seed) for name, x in self.splits.items() if name != "train"}
 
+    @property
+    def metric_task(self) -> str:
+        return self.spec.name
+
+    def predict(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> tuple[list, list]:
+        return choose_answers(model, tokenizer, self.spec, eval_set, batch_size), [int(e.label) for e in eval_set]
+
     def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
-        predictions = choose_answers(model, tokenizer, self.spec, eval_set, batch_size)
-        return glue_metrics(self.spec.name, predictions, [int(e.label) for e in eval_set])
+        return glue_metrics(self.metric_task, *self.predict(model, tokenizer, eval_set, batch_size))
 
 
 @torch.no_grad()
