@@ -9,8 +9,9 @@ untrained model's zero-shot score, measured once by `dynlora eval` and kept in t
 Resumable (start the same command again and only what is missing runs); each invocation's wall time is appended
 to OUTPUT_DIR/wall_time.jsonl. Then, from whatever has finished (marked partial until every run has): the table
 (final dev main metric × 100, mean ± std over seeds), the per-epoch dev curves, the final ranks of Dynamic LoRA,
-and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds, against the
-targets of benchmarks/README.md. Raw per-run results: benchmarks/results/<table>.jsonl.
+and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds (over the dev
+examples for a one-seed plan), against the targets of benchmarks/README.md. Raw per-run results:
+benchmarks/results/<table>.jsonl.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import yaml
 from glue import run_timed
 from matplotlib.figure import Figure
 from step_time import write_section
 
 from dynlora.training.compare import read_results, summary_table
-from dynlora.training.metrics import run_score
+from dynlora.training.metrics import glue_metrics, run_score
 from dynlora.training.report import write_report
 from dynlora.training.run_log import read_log
 
@@ -77,15 +80,69 @@ def bootstrap_interval(diffs: dict[str, list[float]], rounds: int = 10_000, seed
     return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
-def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[str], dict]:
-    """The target lines (met / not met) and each comparison's (mean, interval) for the chart."""
+# (per-task paired differences of a and b, a, b) -> 95 % interval of their average over tasks
+Interval = Callable[[dict[str, list[float]], str, str], tuple[float, float]]
+
+
+def over_seeds(diffs: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    return bootstrap_interval(diffs)
+
+
+class OverExamples:
+    """The interval of a one-seed table: resample each task's dev examples, the same ones for both runs, and score
+    both on them. It measures how much the dev set's sampling moves a difference, not how much another seed would.
+
+    Each run's predictions come from ``dynlora eval --predictions`` on its final adapter, kept in the run directory
+    as predictions.jsonl; they must reproduce the run's recorded score."""
+
+    def __init__(self, out: Path, plan: dict, score: dict, rounds: int = 2000) -> None:
+        self.out, self.plan, self.score, self.rounds = out, plan, score, rounds
+        self.seed = plan["seeds"][0]
+
+    def __call__(self, diffs: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+        rng = np.random.default_rng(0)
+        total = np.zeros(self.rounds)
+        for task in diffs:
+            (pred_a, gold), (pred_b, _) = self.predictions(task, a), self.predictions(task, b)
+            for k in range(self.rounds):
+                i = rng.integers(0, len(gold), len(gold))
+                total[k] += (
+                    glue_metrics(task, pred_a[i], gold[i])["main"] - glue_metrics(task, pred_b[i], gold[i])["main"]
+                )
+        low, high = np.percentile(100 * total / len(diffs), [2.5, 97.5])
+        return float(low), float(high)
+
+    def predictions(self, task: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+        run = self.out / task / method / f"seed{self.seed}"
+        path = run / "predictions.jsonl"
+        if not path.is_file():
+            base = self.plan["base"]
+            command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run / "adapter"), "--task", task]
+            command += ["--batch-size", str(base["batch_size"]), "--max-length", str(base["max_length"])]
+            command += ["--model", base["model"]] if "model" in base else []
+            print(f"predictions of {run} (dynlora eval, once)", flush=True)
+            subprocess.run([*command, "--predictions", str(path)], check=True, capture_output=True)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        pred, gold = np.array([r["prediction"] for r in rows]), np.array([r["label"] for r in rows])
+        recorded = self.score[(task, method, self.seed)]
+        if abs(100 * glue_metrics(task, pred, gold)["main"] - recorded) > 1e-6:
+            sys.exit(f"error: {path} does not reproduce the run's recorded score {recorded:.4f}; delete it to redo")
+        return pred, gold
+
+
+def margin_lines(
+    score: dict, tasks: list[str], methods: list[str], seeds: list[int], interval: Interval
+) -> tuple[list[str], dict]:
+    """The target lines (met / not met) and each comparison's (mean, interval) for the chart. The best of
+    EVA / rsLoRA / LoRA+ is the best of those the table runs (the decoder table runs the encoder table's best)."""
     rows, chart = [], {}
+    tricks = [m for m in PEFT_TRICKS if m in methods]
     averages = {
         m: statistics.mean(statistics.mean(score[(t, m, s)] for s in seeds) for t in tasks)
-        for m in PEFT_TRICKS
+        for m in tricks
         if all((t, m, s) in score for t in tasks for s in seeds)
     }
-    best_trick = max(averages, key=averages.__getitem__) if len(averages) == len(PEFT_TRICKS) else None
+    best_trick = max(averages, key=averages.__getitem__) if averages and len(averages) == len(tricks) else None
     for label, baseline in [
         ("lora", "lora"),
         ("peft-adalora", "peft-adalora"),
@@ -96,7 +153,7 @@ def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[
             rows.append(f"- Dynamic LoRA ≥ {label} + {TARGETS[label]:.1f}: — (not every run has finished)")
             continue
         mean = statistics.mean(statistics.mean(d) for d in diffs.values())
-        low, high = bootstrap_interval(diffs)
+        low, high = interval(diffs, "dynamic", baseline)
         chart[baseline] = (mean, low, high)
         met = "**met**" if mean >= TARGETS[label] else "**not met**"
         excludes = "excludes 0" if low > 0 or high < 0 else "includes 0"
@@ -108,11 +165,12 @@ def margin_lines(score: dict, tasks: list[str], seeds: list[int]) -> tuple[list[
     for baseline in BASELINES:  # the rest of the comparisons, for the chart
         diffs = paired(score, tasks, "dynamic", baseline, seeds)
         if baseline not in chart and diffs is not None:
-            chart[baseline] = (statistics.mean(statistics.mean(d) for d in diffs.values()), *bootstrap_interval(diffs))
+            mean = statistics.mean(statistics.mean(d) for d in diffs.values())
+            chart[baseline] = (mean, *interval(diffs, "dynamic", baseline))
     return rows, chart
 
 
-def per_task_lines(score: dict, tasks: list[str], seeds: list[int]) -> list[str]:
+def per_task_lines(score: dict, tasks: list[str], seeds: list[int], interval: Interval) -> list[str]:
     """Per task, Dynamic LoRA's mean paired difference to each baseline with every seed finished there, and its
     95 % bootstrap interval: what the runs so far say before a whole table has finished."""
     lines = []
@@ -121,7 +179,7 @@ def per_task_lines(score: dict, tasks: list[str], seeds: list[int]) -> list[str]
         for baseline in BASELINES:
             diffs = paired(score, [task], "dynamic", baseline, seeds)
             if diffs is not None:
-                low, high = bootstrap_interval(diffs)
+                low, high = interval(diffs, "dynamic", baseline)
                 parts.append(f"− {baseline} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
         if parts:
             lines.append(f"- {task}: dynamic {'; '.join(parts)}")
@@ -219,7 +277,7 @@ def curves(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) ->
     return fig
 
 
-def interval_chart(chart: dict) -> Figure:
+def interval_chart(chart: dict, over: str) -> Figure:
     fig = Figure(figsize=(6, 0.5 * len(chart) + 1.5))
     ax = fig.subplots()
     names = list(chart)
@@ -228,7 +286,7 @@ def interval_chart(chart: dict) -> Figure:
     ax.errorbar(means, range(len(names)), xerr=errors, fmt="o", capsize=3)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_yticks(range(len(names)), [f"dynamic − {n}" for n in names], fontsize=7)
-    ax.set_xlabel("average paired difference, main metric × 100 (95 % bootstrap interval over seeds)", fontsize=7)
+    ax.set_xlabel(f"average paired difference, main metric × 100 (95 % bootstrap interval over {over})", fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -265,9 +323,15 @@ def main() -> None:
     curves(out, done, methods, seeds).savefig(HERE / "results" / f"{name}_curves.png", dpi=110)
     score = scores(results)
     complete = [t for t in tasks if all((t, m, s) in score for m in methods for s in seeds)]
-    lines, chart = margin_lines(score, complete, seeds) if complete else (["- no task has finished every run"], {})
+    interval = OverExamples(out, plan, score) if len(seeds) == 1 else over_seeds
+    over = "dev examples" if len(seeds) == 1 else "seeds"
+    lines, chart = (
+        margin_lines(score, complete, methods, seeds, interval)
+        if complete
+        else (["- no task has finished every run"], {})
+    )
     if chart:
-        interval_chart(chart).savefig(HERE / "results" / f"{name}_differences.png", dpi=110)
+        interval_chart(chart, over).savefig(HERE / "results" / f"{name}_differences.png", dpi=110)
     walls = (
         [json.loads(x) for x in (out / "wall_time.jsonl").read_text().splitlines()]
         if (out / "wall_time.jsonl").is_file()
@@ -300,16 +364,21 @@ redistributes ranks, so its count differs a little on layers of different sizes)
 
 {summary_table(results, done, methods)}
 {floor_line}
-Targets, on the average over the tasks where every run has finished ({", ".join(complete) or "none yet"}): the
-mean paired difference (paired by seed) and its 95 % bootstrap interval over seeds. With 3 seeds such an interval
-is rough; it says how far the seeds disagree, not more.
+Targets, on the average over the tasks where every run has finished ({", ".join(complete) or "none yet"}): {
+        "the difference of the one seed's runs and its 95 % bootstrap interval over the dev examples (the same "
+        "resampled examples for both runs). One seed: the interval says how much the dev set's sampling moves the "
+        "difference, not how much another seed would"
+        if len(seeds) == 1
+        else "the mean paired difference (paired by seed) and its 95 % bootstrap interval over seeds. With 3 seeds "
+        "such an interval is rough; it says how far the seeds disagree, not more"
+    }.
 
 {chr(10).join(lines)}
 
-Per task so far, Dynamic LoRA − each baseline with all {len(seeds)} seeds finished there (paired by seed, 95 %
-interval):
+Per task so far, Dynamic LoRA − each baseline with all {len(seeds)} seed(s) finished there (95 % interval over
+{over}):
 
-{chr(10).join(per_task_lines(score, done, seeds)) or "- none yet"}
+{chr(10).join(per_task_lines(score, done, seeds, interval)) or "- none yet"}
 
 Dev curves (mean over seeds): ![curves](results/{name}_curves.png)
 

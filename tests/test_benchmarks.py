@@ -60,14 +60,36 @@ def test_contrasts_pair_runs_by_seed_and_average_only_complete_rows():
 
 
 def test_v2_per_task_differences_list_only_baselines_with_every_seed_finished():
-    from glue_v2 import per_task_lines
+    from glue_v2 import over_seeds, per_task_lines
 
     score = {("cola", "dynamic", s): v for s, v in enumerate([30.0, 26.0, 28.0])}
     score |= {("cola", "lora", s): v for s, v in enumerate([28.0, 27.0, 25.0])}
     score |= {("cola", "peft-adalora", s): 15.0 for s in (0, 1)}  # seed 2 still running
-    (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2])
+    (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2], over_seeds)
     assert line.startswith("- cola: dynamic − lora +1.33 [")  # (2 - 1 + 3) / 3
     assert "adalora" not in line
+
+
+def test_a_one_seed_table_takes_its_interval_over_the_same_resampled_dev_examples(tmp_path):
+    import json
+
+    from glue_v2 import OverExamples
+
+    gold = [1, 0] * 50
+    runs = {"dynamic": list(gold), "lora": list(gold), "peft-adalora": [1 - g for g in gold[:20]] + gold[20:]}
+    for method, predictions in runs.items():
+        run = tmp_path / "sst2" / method / "seed0"
+        run.mkdir(parents=True)
+        lines = [json.dumps({"label": g, "prediction": p}) for p, g in zip(predictions, gold, strict=True)]
+        (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    score = {("sst2", "dynamic", 0): 100.0, ("sst2", "lora", 0): 100.0, ("sst2", "peft-adalora", 0): 80.0}
+    interval = OverExamples(tmp_path, {"seeds": [0], "base": {}}, score, rounds=500)
+    assert interval({"sst2": [0.0]}, "dynamic", "lora") == (0.0, 0.0)  # the same answers on every resample
+    low, high = interval({"sst2": [20.0]}, "dynamic", "peft-adalora")
+    assert 10 < low < 20 < high < 30  # 20 examples of 100 differ: ~ ±2·sqrt(0.2·0.8/100)
+    score[("sst2", "lora", 0)] = 90.0  # predictions that do not give the recorded score are refused
+    with pytest.raises(SystemExit, match="does not reproduce the run's recorded score"):
+        interval({"sst2": [10.0]}, "dynamic", "lora")
 
 
 @pytest.mark.parametrize("name", ["glue_v2_plan.yaml", "decoder_plan.yaml", "glue_plan.yaml", "design_plan.yaml"])
