@@ -45,6 +45,11 @@ HERE = Path(__file__).resolve().parent
 # plan file -> (table name: RESULTS.md section and results files, title, default output directory)
 TABLES = {
     "glue_v2_plan.yaml": ("glue_v2", "GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer", "runs/glue-v2"),
+    "glue_v2_qv_plan.yaml": (
+        "glue_v2_qv",
+        "GLUE dev quality, protocol v2, query/value only (MiniLM-L6",
+        "runs/glue-v2-qv",
+    ),
     "decoder_plan.yaml": (
         "decoder",
         "Decoder: SmolLM2-135M-Instruct, SST-2 posed as an instruction, all 7 projections of its 30 layers",

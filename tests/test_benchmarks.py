@@ -92,7 +92,9 @@ def test_a_one_seed_table_takes_its_interval_over_the_same_resampled_dev_example
         interval({"sst2": [10.0]}, "dynamic", "lora")
 
 
-@pytest.mark.parametrize("name", ["glue_v2_plan.yaml", "decoder_plan.yaml", "glue_plan.yaml", "design_plan.yaml"])
+@pytest.mark.parametrize(
+    "name", ["glue_v2_plan.yaml", "glue_v2_qv_plan.yaml", "decoder_plan.yaml", "glue_plan.yaml", "design_plan.yaml"]
+)
 def test_every_row_of_a_shipped_plan_builds_its_settings(name):
     """A typo in a screening row would otherwise fail hours into a benchmark."""
     import yaml
