@@ -133,6 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
     defaults = TrainSettings()
     s = argparse.Namespace(**{f: given.get(f, getattr(defaults, f)) for f in EVAL_SETTINGS}, seed=0)
+    if args.predictions and s.max_eval_samples:
+        raise ValueError("--predictions writes one line per dev example in the file's order; drop --max-eval-samples")
     quiet_transformers()
     outputs = task_spec(s.task).num_labels if not s.dev_file else None
     if args.adapter is None:  # the base language model itself: the floor an adapter should rise from
@@ -154,8 +156,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--predictions needs a task scored by one answer per example (a GLUE task or a labelled "
             "file); a language-model dev file is scored by its loss"
         )
-    if args.predictions and s.max_eval_samples:
-        raise ValueError("--predictions writes one line per dev example in the file's order; drop --max-eval-samples")
     results, rows = {}, []
     for split, eval_set in task.eval_sets(tok, s).items():
         if args.predictions:
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictions",
         metavar="FILE",
         help="also write each dev example's prediction and gold label to FILE, one JSON object per line "
-        "(split, index in the dev file, label, prediction): for error analysis, or paired tests between adapters",
+        "(split, the example's position in the dev set, label, prediction): for error analysis, or paired tests "
+        "between adapters",
     )
     add_flags(p, [s for s in SETTINGS if not s.adapter and s.name in EVAL_SETTINGS])
     p.set_defaults(func=cmd_eval)
