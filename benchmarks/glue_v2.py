@@ -52,7 +52,7 @@ TABLES = {
     ),
     "decoder_plan.yaml": (
         "decoder",
-        "Decoder: SmolLM2-135M-Instruct, SST-2 posed as an instruction, all 7 projections of its 30 layers",
+        "Decoder (SmolLM2-135M-Instruct, SST-2 posed as an instruction, all 7 projections of its 30 layers",
         "runs/decoder",
     ),
 }
@@ -204,8 +204,8 @@ def training_seconds(run: Path) -> float:
 
 
 def last_epoch_gains(out: Path, tasks: list[str], methods: list[str], seeds: list[int]) -> list[str]:
-    """Per task and method, how much the dev metric moved over the last epoch (mean over finished seeds): a run
-    at its plateau moves by less than the seeds' spread."""
+    """Per task and method, how much the dev metric moved between the last two evaluations (an epoch apart in the
+    encoder plans; mean over finished seeds): a run at its plateau moves by less than the seeds' spread."""
     lines = []
     for task in tasks:
         cells = []
@@ -387,8 +387,9 @@ Per task so far, Dynamic LoRA − each baseline with all {len(seeds)} seed(s) fi
 
 Dev curves (mean over seeds): ![curves](results/{name}_curves.png)
 
-Change over the last epoch (mean over seeds, points × 100): a run at its plateau moves less than the seeds'
-spread; a larger gain means the run was still learning when it stopped.
+Change between the last two evaluations (an epoch apart in the encoder tables, 50 steps in the decoder's; mean
+over seeds, points × 100): a run at its plateau moves less than the seeds' spread (or, with one seed, than the
+dev set's sampling error); a larger gain means the run was still learning when it stopped.
 
 {chr(10).join(gains) or "- none finished yet"}
 

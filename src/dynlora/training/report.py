@@ -27,6 +27,13 @@ def _short(name: str) -> str:
     return f"L{digits[0]}.{parts[-1]}" if digits else name
 
 
+def _block_and_kind(name: str) -> tuple[int, str] | None:
+    """bert.encoder.layer.3.attention.self.value -> (3, "attention.self.value"); None without a block index."""
+    parts = name.split(".")
+    i = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+    return None if i is None or i == len(parts) - 1 else (int(parts[i]), ".".join(parts[i + 1 :]))
+
+
 def _figure(width: float, height: float):
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
@@ -145,14 +152,71 @@ def report_comparison(root: Path) -> Path:
     if dynamic:
         layers = list(dynamic[0]["ranks"])
         dyn_tasks = list(dict.fromkeys(r["task"] for r in dynamic))
-        matrix = [
-            [statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for t in dyn_tasks] for n in layers
-        ]
-        title = "final ranks, dynamic runs\n(mean over seeds)"
-        name = _heatmap(matrix, [_short(n) for n in layers], dyn_tasks, title, "rank", root / "final_ranks.png")
+        means = {
+            t: {n: statistics.mean(r["ranks"][n] for r in dynamic if r["task"] == t) for n in layers} for t in dyn_tasks
+        }
+        name = _final_ranks(means, root / "final_ranks.png")
         lines.append(f"## Final rank allocation of the dynamic runs\n\n![final ranks]({name})\n")
     out = root / "report.md"
     out.write_text("\n".join(lines))
+    return out
+
+
+def rank_grid(ranks: dict[str, float]) -> tuple[list[int], list[str], list[list[float]]] | None:
+    """Layer name -> rank as (blocks, module kinds, grid[block][kind]; NaN where a block lacks a kind), or None
+    when a name has no block index or two names share a cell."""
+    cells = [_block_and_kind(n) for n in ranks]
+    if None in cells or len(set(cells)) < len(cells):
+        return None
+    blocks = sorted({b for b, _ in cells})
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    grid = [[float("nan")] * len(kinds) for _ in blocks]
+    for value, (block, kind) in zip(ranks.values(), cells, strict=True):
+        grid[blocks.index(block)][kinds.index(kind)] = value
+    return blocks, kinds, grid
+
+
+def _final_ranks(means: dict[str, dict[str, float]], path: Path) -> str:
+    """Mean final rank per layer, per task: a block × module grid per task when the layer names allow one
+    (30 blocks × 7 projections read at a glance, where one column of 210 rows does not), else layer × task."""
+    title = "final ranks, dynamic runs (mean over seeds)"
+    grids = {task: rank_grid(ranks) for task, ranks in means.items()}
+    if None in grids.values():
+        layers = list(next(iter(means.values())))
+        matrix = [[means[t][n] for t in means] for n in layers]
+        return _heatmap(matrix, [_short(n) for n in layers], list(means), title, "rank", path)
+    blocks, kinds, _ = next(iter(grids.values()))
+    fig = Figure(figsize=(max(4.0, (0.5 * len(kinds) + 1.2) * len(means) + 1.2), max(3.0, 0.22 * len(blocks) + 1.8)))
+    axes = fig.subplots(1, len(means), squeeze=False)[0]
+    top = max(v for ranks in means.values() for v in ranks.values())
+    for ax, (task, (blocks, kinds, grid)) in zip(axes, grids.items(), strict=True):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
+        ax.set_xticks(range(len(kinds)), _unique_suffixes(kinds), fontsize=6, rotation=90)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:  # not nan
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=5, color="white")
+        ax.set_title(task, fontsize=8)
+        ax.set_ylabel("block", fontsize=7)
+    fig.colorbar(image, ax=list(axes), label="rank")
+    fig.suptitle(title, fontsize=9, y=1.02)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path.name
+
+
+def _unique_suffixes(names: list[str]) -> list[str]:
+    """The shortest dotted ending of each name that no other name shares: q_proj, attention.output.dense."""
+
+    def ending(name: str, k: int) -> str:
+        return ".".join(name.split(".")[-k:])
+
+    out = []
+    for name in names:
+        k = 1
+        while k < name.count(".") + 1 and [ending(n, k) for n in names].count(ending(name, k)) > 1:
+            k += 1
+        out.append(ending(name, k))
     return out
 
 
