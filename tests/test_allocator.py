@@ -114,3 +114,24 @@ def test_schedule_errors():
         DynamicLoRAConfig(warmup=1.5)
     with pytest.raises(ValueError, match="step count"):
         DynamicLoRAConfig(interval=-1)
+
+
+def test_share_parameter_equalises_importance_per_parameter_not_per_rank():
+    from torch import nn
+
+    from dynlora import DynamicLoRALinear
+    from dynlora.allocator import RankAllocator
+
+    layers = {
+        "narrow": DynamicLoRALinear(nn.Linear(16, 16), 6, 12, max_rank=16),  # a rank costs 32 parameters
+        "wide": DynamicLoRALinear(nn.Linear(16, 48), 6, 12, max_rank=16),  # a rank costs 64
+    }
+    scores = {"narrow": 1.0, "wide": 1.0}
+    per_rank = RankAllocator(layers, DynamicLoRAConfig(rank=6, max_rank=16)).decide(scores)
+    per_parameter = RankAllocator(layers, DynamicLoRAConfig(rank=6, max_rank=16, share="parameter")).decide(scores)
+    assert per_rank == {"narrow": 6, "wide": 6}
+    # The same budget (6·32 + 6·64 = 576) spent so that score per parameter is equal, r ∝ 1 / cost: 9 and 4.5,
+    # rounded down, and the 32 parameters left give the narrow layer one more rank.
+    assert per_parameter == {"narrow": 10, "wide": 4} and 10 * 32 + 4 * 64 == 576
+    with pytest.raises(ValueError, match="share must be one of 'rank', 'parameter'"):
+        DynamicLoRAConfig(share="flops")

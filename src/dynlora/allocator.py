@@ -8,7 +8,12 @@ with λ chosen so the adapter parameters Σ_l r_l·(in_l + out_l) fill the budge
 one rank at a time by largest remainder while the budget allows. That is the paper's softmax allocation
 α_l = exp(γ_l/τ)/Σ exp(γ_k/τ) applied to log-scores γ = log(score), which makes it independent of the scorer's
 scale (a softmax over raw gradient norms of ~1e-4 would be uniform, over scores of ~100 one-hot). With equal
-scores every layer gets the same rank: the static LoRA allocation. engine.py carries the decision out.
+scores every layer gets the same rank: the static LoRA allocation.
+
+A layer's score is a sum over its components, so r_l ∝ score_l settles where every layer's importance per rank is
+the same. A rank of a wide layer costs more parameters (in + out) than one of a narrow layer, though, so under a
+parameter budget the optimum is equal importance per *parameter*: ``share="parameter"`` allocates with
+w_l from score_l / (in_l + out_l) instead. engine.py carries the decision out.
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ class RankAllocator:
     def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig) -> None:
         self.layers = layers
         self.temperature = config.temperature
+        self.per_parameter = config.share == "parameter"
         self.max_rank_change = config.max_rank_change
         self.costs = {n: m.in_features + m.out_features for n, m in layers.items()}
         self.min_ranks = {n: min(config.min_rank, m.max_rank) for n, m in layers.items()}
@@ -152,8 +158,10 @@ class RankAllocator:
         """Target rank of every layer for these scores (see :func:`allocate`), within :meth:`bounds`."""
         names = list(self.layers)
         lows, highs = self.bounds()
+        # Per parameter: a rank of layer l costs c_l, so r_l ∝ score_l / c_l makes the importance per parameter
+        # equal across layers at the fixed point (the KKT condition of max Σ f_l(r_l) s.t. Σ c_l r_l = budget).
         targets = allocate(
-            [scores[n] for n in names],
+            [scores[n] / self.costs[n] if self.per_parameter else scores[n] for n in names],
             [self.costs[n] for n in names],
             self.budget,
             [lows[n] for n in names],

@@ -14,6 +14,7 @@ from typing import Any
 
 INITS = ("lora", "gradient")
 IMPORTANCES = ("sensitivity", "gradient", "update_norm")
+SHARES = ("rank", "parameter")
 INPUT_ADAPTATIONS = ("mergeable", "per_example")
 
 
@@ -66,6 +67,13 @@ class DynamicLoRAConfig:
         1, "smallest rank a layer is shrunk to (0 lets a layer drop out; it can grow back)", engine=True
     )
     temperature: float = setting(1.0, "allocation sharpness: a layer's share of the budget ~ score^(1/T)", engine=True)
+    share: str = setting(
+        "rank",
+        "what a layer's score buys: rank (ranks ~ score: equal importance per rank across layers) | parameter "
+        "(ranks ~ score / (in + out): equal importance per adapter parameter, the optimum under a parameter budget)",
+        choices=SHARES,
+        engine=True,
+    )
     max_rank_change: int | None = setting(
         None, "most a layer's rank moves at one re-allocation (default: straight to its share)", engine=True
     )
@@ -142,6 +150,7 @@ class DynamicLoRAConfig:
             _whole(self.input_norm_every) and self.input_norm_every >= 1,
             f"input_norm_every must be a whole number of steps >= 1, got {self.input_norm_every!r}",
         )
+        _check(self.share in SHARES, f"share must be one of {', '.join(map(repr, SHARES))}, got {self.share!r}")
         _check(self.init in INITS, f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
         _check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
