@@ -413,6 +413,10 @@ first step's loss gradient: confirmed on three seeds that it loses to the random
 `init: lora` as the default (docs/method.md, section 5). The `-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at
 the rule's full lr: PEFT's and on Dynamic LoRA alike, they fell to the majority class (MCC 0) in the first epoch
 and stayed there, which is why the table's LoRA+ runs at half the lr, as PEFT's documentation advises.
+`dynamic-nogate` (re-allocation alone) and `lora-gate` (the input normalisation alone) ran on all three seeds:
+`dynamic-nogate` − `lora` is what re-allocation alone does. `dynamic-perparam` allocates ranks for importance
+per parameter instead of per rank (`share: parameter`, docs/method.md section 3); `dynamic-perparam-nogate` is the
+same without the input normalisation, to pair with `dynamic-nogate`.
 
 | task | row | seed | score | difference |
 |---|---|---|---|---|
