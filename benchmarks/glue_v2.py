@@ -155,7 +155,12 @@ def margin_lines(
     ]:
         diffs = paired(score, tasks, "dynamic", baseline, seeds) if baseline else None
         if diffs is None:
-            rows.append(f"- Dynamic LoRA ≥ {label} + {TARGETS[label]:.1f}: — (not every run has finished)")
+            why = (
+                "none of them is in this plan yet"
+                if label.startswith("best") and not tricks
+                else "not every run has finished"
+            )
+            rows.append(f"- Dynamic LoRA ≥ {label} + {TARGETS[label]:.1f}: — ({why})")
             continue
         mean = statistics.mean(statistics.mean(d) for d in diffs.values())
         low, high = interval(diffs, "dynamic", baseline)

@@ -105,3 +105,14 @@ def test_every_row_of_a_shipped_plan_builds_its_settings(name):
     rows = sorted({*data.get("methods", []), *(data.get("per_method") or {})})
     plan = plan_from(data, name, {}, methods=",".join(rows))
     plan.check()
+
+
+def test_target_lines_judge_the_mean_and_say_why_a_line_is_open():
+    from glue_v2 import margin_lines
+
+    score = {("sst2", "dynamic", 0): 90.0, ("sst2", "lora", 0): 88.5}
+    lines, chart = margin_lines(score, ["sst2"], ["dynamic", "lora", "peft-adalora"], [0], lambda d, a, b: (0.5, 2.5))
+    assert lines[0] == "- Dynamic LoRA ≥ lora + 1.0: +1.50 [+0.50, +2.50] → **met** (the interval excludes 0)"
+    assert lines[1].endswith("(not every run has finished)")  # AdaLoRA is in the plan, not finished
+    assert lines[2].endswith("(none of them is in this plan yet)")  # no EVA / rsLoRA / LoRA+ row in the plan
+    assert chart == {"lora": (1.5, 0.5, 2.5)}
