@@ -45,17 +45,24 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
+def _cells(ax, matrix: list[list[float]], rows: list[str], cols: list[str], size: int, rotation: int, **image):
+    """``matrix`` as coloured cells with their values written in (NaN cells left blank); the image, for a
+    colour bar."""
+    shown = ax.imshow(matrix, aspect="auto", cmap="viridis", **image)
+    ax.set_yticks(range(len(rows)), rows, fontsize=size)
+    ax.set_xticks(range(len(cols)), cols, fontsize=size, rotation=rotation)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value == value:  # not nan
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=size - 1, color="white")
+    return shown
+
+
 def _heatmap(
     matrix: list[list[float]], rows: list[str], cols: list[str], title: str, label: str, path: Path, xlabel: str = ""
 ) -> str:
     fig, ax = _figure(max(4.0, 0.45 * len(cols) + 2.5), max(3.0, 0.28 * len(rows) + 1.5))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=90 if len(cols) > 8 else 0)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            if value == value:  # not nan
-                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color="white")
+    image = _cells(ax, matrix, rows, cols, 7, 90 if len(cols) > 8 else 0)
     fig.colorbar(image, ax=ax, label=label)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_title(title, fontsize=9)  # the figure is as narrow as its columns: a long title must still fit
@@ -190,13 +197,7 @@ def _final_ranks(means: dict[str, dict[str, float]], path: Path) -> str:
     axes = fig.subplots(1, len(means), squeeze=False)[0]
     top = max(v for ranks in means.values() for v in ranks.values())
     for ax, (task, (blocks, kinds, grid)) in zip(axes, grids.items(), strict=True):
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
-        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
-        ax.set_xticks(range(len(kinds)), _unique_suffixes(kinds), fontsize=6, rotation=90)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if value == value:  # not nan
-                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=5, color="white")
+        image = _cells(ax, grid, [str(b) for b in blocks], _unique_suffixes(kinds), 6, 90, vmin=0, vmax=top)
         ax.set_title(task, fontsize=8)
         ax.set_ylabel("block", fontsize=7)
     fig.colorbar(image, ax=list(axes), label="rank")
