@@ -9,8 +9,8 @@ untrained model's zero-shot score, measured once by `dynlora eval` and kept in t
 Resumable (start the same command again and only what is missing runs); each invocation's wall time is appended
 to OUTPUT_DIR/wall_time.jsonl. Then, from whatever has finished (marked partial until every run has): the table
 (final dev main metric × 100, mean ± std over seeds), the per-epoch dev curves, the final ranks of Dynamic LoRA,
-and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds (over the dev
-examples for a one-seed plan), against the targets of benchmarks/README.md. Raw per-run results:
+and Dynamic LoRA's paired differences to every other method with 95 % bootstrap intervals over seeds and dev
+examples (class Resampled), against the targets of benchmarks/README.md. Raw per-run results:
 benchmarks/results/<table>.jsonl.
 """
 
@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -75,50 +75,55 @@ def paired(score: dict, tasks: list[str], a: str, b: str, seeds: list[int]) -> d
     return out if all(len(d) == len(seeds) for d in out.values()) else None
 
 
-def bootstrap_interval(diffs: dict[str, list[float]], rounds: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the average over tasks of the mean paired difference, resampling seeds within each task."""
-    rng = random.Random(seed)
-    means = []
-    for _ in range(rounds):
-        means.append(statistics.mean(statistics.mean(rng.choices(d, k=len(d))) for d in diffs.values()))
-    means.sort()
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
-
-
 # (per-task paired differences of a and b, a, b) -> 95 % interval of their average over tasks
 Interval = Callable[[dict[str, list[float]], str, str], tuple[float, float]]
 
 
-def over_seeds(diffs: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
-    return bootstrap_interval(diffs)
-
-
-class OverExamples:
-    """The interval of a one-seed table: resample each task's dev examples, the same ones for both runs, and score
-    both on them. It measures how much the dev set's sampling moves a difference, not how much another seed would.
+class Resampled:
+    """The 95 % interval of a paired difference: each round draws the seeds (with replacement, the same ones for
+    both methods) and each task's dev examples (the same ones for every run of the task), scores every drawn run
+    on those examples, and averages a − b over the drawn seeds, then over the tasks. It counts both what another
+    seed would move (training) and what another dev sample would (evaluation); with one seed, only the second.
 
     Each run's predictions come from ``dynlora eval --predictions`` on its final adapter, kept in the run directory
     as predictions.jsonl; they must reproduce the run's recorded score."""
 
     def __init__(self, out: Path, plan: dict, score: dict, rounds: int = 2000) -> None:
         self.out, self.plan, self.score, self.rounds = out, plan, score, rounds
-        self.seed = plan["seeds"][0]
+        self.seeds = plan["seeds"]
+        self._draws: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._scores: dict[tuple[str, str, int], np.ndarray] = {}
 
     def __call__(self, diffs: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
-        rng = np.random.default_rng(0)
         total = np.zeros(self.rounds)
         for task in diffs:
-            (pred_a, gold), (pred_b, _) = self.predictions(task, a), self.predictions(task, b)
-            for k in range(self.rounds):
-                i = rng.integers(0, len(gold), len(gold))
-                total[k] += (
-                    glue_metrics(task, pred_a[i], gold[i])["main"] - glue_metrics(task, pred_b[i], gold[i])["main"]
-                )
-        low, high = np.percentile(100 * total / len(diffs), [2.5, 97.5])
+            # (rounds, seeds): each round's a − b on each seed, then averaged over that round's drawn seeds
+            per_seed = np.stack([self.resampled(task, a, s) - self.resampled(task, b, s) for s in self.seeds], 1)
+            total += np.take_along_axis(per_seed, self._draws[task][1], 1).mean(1)
+        low, high = np.percentile(total / len(diffs), [2.5, 97.5])
         return float(low), float(high)
 
-    def predictions(self, task: str, method: str) -> tuple[np.ndarray, np.ndarray]:
-        run = self.out / task / method / f"seed{self.seed}"
+    def draws(self, task: str, examples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per round, the dev examples (rounds, examples) and the seeds' positions (rounds, seeds) drawn."""
+        if task not in self._draws:
+            rng = np.random.default_rng(zlib.crc32(task.encode()))
+            self._draws[task] = (
+                rng.integers(0, examples, (self.rounds, examples)),
+                rng.integers(0, len(self.seeds), (self.rounds, len(self.seeds))),
+            )
+        return self._draws[task]
+
+    def resampled(self, task: str, method: str, seed: int) -> np.ndarray:
+        """One run's main metric × 100 on each round's examples."""
+        if (task, method, seed) not in self._scores:
+            pred, gold = self.predictions(task, method, seed)
+            self._scores[(task, method, seed)] = np.array(
+                [100 * glue_metrics(task, pred[i], gold[i])["main"] for i in self.draws(task, len(gold))[0]]
+            )
+        return self._scores[(task, method, seed)]
+
+    def predictions(self, task: str, method: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        run = self.out / task / method / f"seed{seed}"
         path = run / "predictions.jsonl"
         if not path.is_file():
             base = self.plan["base"]
@@ -129,7 +134,7 @@ class OverExamples:
             subprocess.run([*command, "--predictions", str(path)], check=True, capture_output=True)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         pred, gold = np.array([r["prediction"] for r in rows]), np.array([r["label"] for r in rows])
-        recorded = self.score[(task, method, self.seed)]
+        recorded = self.score[(task, method, seed)]
         if abs(100 * glue_metrics(task, pred, gold)["main"] - recorded) > 1e-6:
             sys.exit(f"error: {path} does not reproduce the run's recorded score {recorded:.4f}; delete it to redo")
         return pred, gold
@@ -243,6 +248,23 @@ def screening(score: dict, plan: dict) -> list[str]:
     return rows
 
 
+def screening_means(score: dict, plan: dict, interval: Interval) -> list[str]:
+    """Per task, each screening row that finished every seed of the plan: its mean paired difference to dynamic
+    and to lora over those seeds, with the 95 % interval: what confirms or drops a candidate."""
+    lines = []
+    for task in plan["tasks"]:
+        for row in [m for m in plan.get("per_method", {}) if m not in plan["methods"]]:
+            parts = []
+            for ref in ("dynamic", "lora"):
+                diffs = paired(score, [task], row, ref, plan["seeds"])
+                if diffs is not None:
+                    low, high = interval(diffs, row, ref)
+                    parts.append(f"− {ref} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
+            if parts:
+                lines.append(f"- {task}: {row} {'; '.join(parts)}")
+    return lines
+
+
 def zero_shot(plan: dict, out: Path) -> float:
     """The untrained model's dev accuracy × 100 on the plan's task (`dynlora eval` without an adapter; the decoder
     table's task is scored by accuracy), measured once and kept in OUTPUT_DIR/zero_shot.json."""
@@ -333,8 +355,8 @@ def main() -> None:
     curves(out, done, methods, seeds).savefig(HERE / "results" / f"{name}_curves.png", dpi=110)
     score = scores(results)
     complete = [t for t in tasks if all((t, m, s) in score for m in methods for s in seeds)]
-    interval = OverExamples(out, plan, score) if len(seeds) == 1 else over_seeds
-    over = "dev examples" if len(seeds) == 1 else "seeds"
+    interval = Resampled(out, plan, score)
+    over = "dev examples" if len(seeds) == 1 else "seeds and dev examples"
     lines, chart = (
         margin_lines(score, complete, methods, seeds, interval)
         if complete
@@ -379,8 +401,9 @@ Targets, on the average over the tasks where every run has finished ({", ".join(
         "resampled examples for both runs). One seed: the interval says how much the dev set's sampling moves the "
         "difference, not how much another seed would"
         if len(seeds) == 1
-        else "the mean paired difference (paired by seed) and its 95 % bootstrap interval over seeds. With 3 seeds "
-        "such an interval is rough; it says how far the seeds disagree, not more"
+        else "the mean paired difference (paired by seed) and its 95 % bootstrap interval, resampling both the "
+        "seeds and the dev examples (the same examples for every run). It counts how far another seed and another "
+        "dev sample would move the difference; with 3 seeds it is still rough"
     }.
 
 {chr(10).join(lines)}
@@ -426,6 +449,11 @@ same without the input normalisation, to pair with `dynamic-nogate`.
 | task | row | seed | score | difference |
 |---|---|---|---|---|
 {chr(10).join(screened)}
+
+Rows with all {len(seeds)} seeds: the mean paired difference and its 95 % interval (seeds and dev examples
+resampled, as in the table above):
+
+{chr(10).join(screening_means(score, plan, interval)) or "- none yet"}
 """
         write_section(HERE / "RESULTS.md", "glue_v2_screen", screen_body)
         print(screen_body)

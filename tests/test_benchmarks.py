@@ -60,36 +60,72 @@ def test_contrasts_pair_runs_by_seed_and_average_only_complete_rows():
 
 
 def test_v2_per_task_differences_list_only_baselines_with_every_seed_finished():
-    from glue_v2 import over_seeds, per_task_lines
+    from glue_v2 import per_task_lines
 
     score = {("cola", "dynamic", s): v for s, v in enumerate([30.0, 26.0, 28.0])}
     score |= {("cola", "lora", s): v for s, v in enumerate([28.0, 27.0, 25.0])}
     score |= {("cola", "peft-adalora", s): 15.0 for s in (0, 1)}  # seed 2 still running
-    (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2], over_seeds)
-    assert line.startswith("- cola: dynamic − lora +1.33 [")  # (2 - 1 + 3) / 3
+    (line,) = per_task_lines(score, ["cola", "stsb"], [0, 1, 2], lambda diffs, a, b: (-1.0, 2.0))
+    assert line == "- cola: dynamic − lora +1.33 [-1.00, +2.00]"  # (2 - 1 + 3) / 3
     assert "adalora" not in line
 
 
-def test_a_one_seed_table_takes_its_interval_over_the_same_resampled_dev_examples(tmp_path):
+def _predictions(root, task, method, seed, predictions, gold):
     import json
 
-    from glue_v2 import OverExamples
+    run = root / task / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"label": g, "prediction": p}) for p, g in zip(predictions, gold, strict=True)]
+    (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_one_seed_table_takes_its_interval_over_the_same_resampled_dev_examples(tmp_path):
+    from glue_v2 import Resampled
 
     gold = [1, 0] * 50
     runs = {"dynamic": list(gold), "lora": list(gold), "peft-adalora": [1 - g for g in gold[:20]] + gold[20:]}
     for method, predictions in runs.items():
-        run = tmp_path / "sst2" / method / "seed0"
-        run.mkdir(parents=True)
-        lines = [json.dumps({"label": g, "prediction": p}) for p, g in zip(predictions, gold, strict=True)]
-        (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+        _predictions(tmp_path, "sst2", method, 0, predictions, gold)
     score = {("sst2", "dynamic", 0): 100.0, ("sst2", "lora", 0): 100.0, ("sst2", "peft-adalora", 0): 80.0}
-    interval = OverExamples(tmp_path, {"seeds": [0], "base": {}}, score, rounds=500)
+    interval = Resampled(tmp_path, {"seeds": [0], "base": {}}, score, rounds=500)
     assert interval({"sst2": [0.0]}, "dynamic", "lora") == (0.0, 0.0)  # the same answers on every resample
     low, high = interval({"sst2": [20.0]}, "dynamic", "peft-adalora")
     assert 10 < low < 20 < high < 30  # 20 examples of 100 differ: ~ ±2·sqrt(0.2·0.8/100)
     score[("sst2", "lora", 0)] = 90.0  # predictions that do not give the recorded score are refused
     with pytest.raises(SystemExit, match="does not reproduce the run's recorded score"):
-        interval({"sst2": [10.0]}, "dynamic", "lora")
+        Resampled(tmp_path, {"seeds": [0], "base": {}}, score, rounds=500)({"sst2": [10.0]}, "dynamic", "lora")
+
+
+def test_a_several_seed_interval_counts_the_seeds_spread_as_well_as_the_examples(tmp_path):
+    from glue_v2 import Resampled
+
+    gold = [1, 0] * 50
+
+    def interval(root, misses):
+        """dynamic right on every example; lora misses misses[seed] of the 100 examples on each seed."""
+        score = {}
+        for seed, k in enumerate(misses):
+            _predictions(root, "sst2", "dynamic", seed, gold, gold)
+            _predictions(root, "sst2", "lora", seed, [1 - g for g in gold[:k]] + gold[k:], gold)
+            score |= {("sst2", "dynamic", seed): 100.0, ("sst2", "lora", seed): 100.0 - k}
+        plan = {"seeds": list(range(len(misses))), "base": {}}
+        return Resampled(root, plan, score, rounds=1000)({"sst2": list(misses)}, "dynamic", "lora")
+
+    steady_low, steady_high = interval(tmp_path / "steady", (10, 10, 10))
+    spread_low, spread_high = interval(tmp_path / "spread", (0, 10, 20))
+    assert steady_low < 10 < steady_high and spread_low < 10 < spread_high
+    # the same mean difference, but seeds that disagree widen the interval beyond the examples' own sampling error
+    assert spread_high - spread_low > 1.5 * (steady_high - steady_low)
+
+
+def test_a_screening_row_with_every_seed_is_summarised_against_dynamic_and_lora():
+    from glue_v2 import screening_means
+
+    plan = {"tasks": ["cola"], "methods": ["dynamic", "lora"], "seeds": [0, 1], "per_method": {"cand": {}, "other": {}}}
+    score = {("cola", m, s): v for (m, s), v in {("dynamic", 0): 20, ("dynamic", 1): 24, ("lora", 0): 25}.items()}
+    score |= {("cola", "cand", 0): 23.0, ("cola", "cand", 1): 26.0, ("cola", "other", 0): 30.0}
+    lines = screening_means(score, plan, lambda diffs, a, b: (-9.0, 9.0))
+    assert lines == ["- cola: cand − dynamic +2.50 [-9.00, +9.00]"]  # lora lacks seed 1; "other" lacks seed 1
 
 
 @pytest.mark.parametrize(
