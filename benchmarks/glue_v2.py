@@ -374,7 +374,8 @@ def main() -> None:
     # their own logs say how long each trained.
     run_hours = sum(training_seconds(out / r["task"] / r["method"] / f"seed{r['seed']}") for r in results) / 3600
     expected = len(tasks) * len(methods) * len(seeds)
-    status = "complete" if len(results) >= expected else f"**partial**: {len(results)} of {expected} runs"
+    finished = sum((t, m, s) in score for t in tasks for m in methods for s in seeds)  # screening rows not counted
+    status = "complete" if finished == expected else f"**partial**: {finished} of {expected} runs"
     import peft
     import torch
     import transformers
@@ -437,8 +438,9 @@ the issue asks (`dynlora compare --config benchmarks/glue_v2_plan.yaml --tasks c
 output directory). One seed decides nothing: a row that looks better is confirmed on every seed before it
 becomes a default. Final model's dev main metric × 100, and its difference to `dynamic` and `lora` on the same
 seed (same data order, same head init). `dynamic-gradinit` is the former default, components started along the
-first step's loss gradient: confirmed on three seeds that it loses to the random start, it made way for
-`init: lora` as the default (docs/method.md, section 5). The `-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at
+first step's loss gradient: behind the random start on the three seeds' average and on two of them, and stuck at
+the majority class for two epochs in every run, it made way for `init: lora` as the default (docs/method.md,
+section 5). The `-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at
 the rule's full lr: PEFT's and on Dynamic LoRA alike, they fell to the majority class (MCC 0) in the first epoch
 and stayed there, which is why the table's LoRA+ runs at half the lr, as PEFT's documentation advises.
 `dynamic-nogate` (re-allocation alone) and `lora-gate` (the input normalisation alone) ran on all three seeds:
