@@ -219,7 +219,7 @@ def test_compare_runs_methods_side_by_side_on_an_instruction_task(capsys, tmp_pa
         "--tasks",
         "rte",
         "--methods",
-        "dynamic,peft-lora",
+        "dynamic,peft-lora,peft-eva",
         "--seeds",
         0,
         "--model",
@@ -244,6 +244,7 @@ def test_compare_runs_methods_side_by_side_on_an_instruction_task(capsys, tmp_pa
     )
     assert "| dynamic |" in text and "| peft-lora |" in text and "rte (accuracy)" in text
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in results} == {"dynamic", "peft-lora"} and all(
+    # EVA starts from the inputs of the first batches: a decoder's instruction batches included
+    assert {r["method"] for r in results} == {"dynamic", "peft-lora", "peft-eva"} and all(
         r["labels"] == ["yes", "no"] for r in results
     )
