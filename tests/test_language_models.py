@@ -15,7 +15,7 @@ from dynlora.training.data.glue import Example, task_spec
 from dynlora.training.data.instruct import conversation
 from dynlora.training.data.lm import IGNORE, chat_features, completion_features, text_features
 from dynlora.training.errors import DataError
-from dynlora.training.tasks import choose_answers
+from dynlora.training.tasks import choose_answers, language_metrics
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,21 @@ def test_the_likeliest_answer_is_chosen_by_its_log_likelihood(tiny_chat_lm_dir, 
             keep = targets != IGNORE
             scores.append(logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item())
         assert answer == max((0, 1), key=lambda i: scores[i])
+
+
+def test_a_language_dev_loss_is_the_mean_over_the_tokens_that_carry_one(tiny_chat_lm_dir, tok):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_lm_dir).eval()
+    pairs = [("two plus two is", " four"), ("the sky is", " blue today"), ("a cat", " sat")]
+    features = [completion_features({"prompt": p, "completion": c}, tok, 64, "x") for p, c in pairs]
+    nll, count = 0.0, 0
+    for feature in features:  # by hand: one sequence at a time, every token that carries a label
+        logprobs = model(input_ids=torch.tensor([feature["input_ids"]])).logits[0, :-1].log_softmax(-1)
+        targets = torch.tensor(feature["labels"][1:])
+        keep = targets != IGNORE
+        nll -= logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item()
+        count += int(keep.sum())
+    metrics = language_metrics(model, features, batch_size=2, pad_token_id=tok.pad_token_id)  # padded batches
+    assert metrics["loss"] == pytest.approx(nll / count, rel=1e-5) and metrics["main"] == -metrics["loss"]
 
 
 # --- through the command ---------------------------------------------------------------------------------------

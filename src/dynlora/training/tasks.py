@@ -142,12 +142,12 @@ def language_metrics(model: nn.Module, features: list[dict], batch_size: int, pa
     total, count = 0.0, 0
     for start in range(0, len(features), batch_size):
         batch = to_device(collate(features[start : start + batch_size], pad_token_id), device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        count += int((targets != IGNORE).sum())
+        targets = batch.pop("labels")[:, 1:]
+        keep = targets != IGNORE  # [rows, seq - 1]
+        # float32 for the tokens that carry a loss only, not a copy of the whole [rows, seq, vocab]
+        logits = model(**batch).logits[:, :-1][keep].float()  # [kept tokens, vocab]
+        total += float(nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
+        count += int(keep.sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "main": -loss}
 
@@ -231,8 +231,12 @@ def choose_answers(
         chunk = rows[start : start + batch_size]
         batch = to_device(collate([r[2] for r in chunk], tokenizer.pad_token_id), next(model.parameters()).device)
         labels = batch.pop("labels")[:, 1:]
-        logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels != IGNORE)
+        answer = labels != IGNORE  # [rows, seq - 1]
+        # Only the answer tokens' distributions in float32: the whole sequence's would be a float32 copy of
+        # [rows, seq, vocab] (gigabytes for a 128k vocabulary), to keep a few tokens a row.
+        logprobs = model(**batch).logits[:, :-1][answer].float().log_softmax(-1)  # [answer tokens, vocab]
+        picked = torch.zeros(labels.shape, device=labels.device)
+        picked[answer] = logprobs.gather(-1, labels[answer].unsqueeze(-1)).squeeze(-1)
         for (i, label, _), score in zip(chunk, picked.sum(-1).tolist(), strict=True):
             scores[i, label] = score
     return scores.argmax(-1).tolist()
