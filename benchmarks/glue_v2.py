@@ -185,20 +185,23 @@ def margin_lines(
     return rows, chart
 
 
+def task_line(score: dict, task: str, row: str, refs, seeds: list[int], interval: Interval) -> str | None:
+    """``- task: row − ref mean [low, high]; ...``: the row's mean paired difference on one task to each ref with
+    every seed finished there, and its 95 % interval; None when no ref has."""
+    parts = []
+    for ref in refs:
+        diffs = paired(score, [task], row, ref, seeds)
+        if diffs is not None:
+            low, high = interval(diffs, row, ref)
+            parts.append(f"− {ref} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
+    return f"- {task}: {row} {'; '.join(parts)}" if parts else None
+
+
 def per_task_lines(score: dict, tasks: list[str], seeds: list[int], interval: Interval) -> list[str]:
     """Per task, Dynamic LoRA's mean paired difference to each baseline with every seed finished there, and its
     95 % bootstrap interval: what the runs so far say before a whole table has finished."""
-    lines = []
-    for task in tasks:
-        parts = []
-        for baseline in BASELINES:
-            diffs = paired(score, [task], "dynamic", baseline, seeds)
-            if diffs is not None:
-                low, high = interval(diffs, "dynamic", baseline)
-                parts.append(f"− {baseline} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
-        if parts:
-            lines.append(f"- {task}: dynamic {'; '.join(parts)}")
-    return lines
+    lines = (task_line(score, task, "dynamic", BASELINES, seeds, interval) for task in tasks)
+    return [line for line in lines if line]
 
 
 def training_seconds(run: Path) -> float:
@@ -251,18 +254,13 @@ def screening(score: dict, plan: dict) -> list[str]:
 def screening_means(score: dict, plan: dict, interval: Interval) -> list[str]:
     """Per task, each screening row that finished every seed of the plan: its mean paired difference to dynamic
     and to lora over those seeds, with the 95 % interval: what confirms or drops a candidate."""
-    lines = []
-    for task in plan["tasks"]:
-        for row in [m for m in plan.get("per_method", {}) if m not in plan["methods"]]:
-            parts = []
-            for ref in ("dynamic", "lora"):
-                diffs = paired(score, [task], row, ref, plan["seeds"])
-                if diffs is not None:
-                    low, high = interval(diffs, row, ref)
-                    parts.append(f"− {ref} {statistics.mean(diffs[task]):+.2f} [{low:+.2f}, {high:+.2f}]")
-            if parts:
-                lines.append(f"- {task}: {row} {'; '.join(parts)}")
-    return lines
+    rows = [m for m in plan.get("per_method", {}) if m not in plan["methods"]]
+    lines = (
+        task_line(score, task, row, ("dynamic", "lora"), plan["seeds"], interval)
+        for task in plan["tasks"]
+        for row in rows
+    )
+    return [line for line in lines if line]
 
 
 def zero_shot(plan: dict, out: Path) -> float:
