@@ -143,12 +143,22 @@ def test_every_row_of_a_shipped_plan_builds_its_settings(name):
     plan.check()
 
 
-def test_target_lines_judge_the_mean_and_say_why_a_line_is_open():
+def test_a_target_line_is_met_only_when_its_whole_interval_clears_the_target_and_says_why_a_line_is_open():
     from glue_v2 import margin_lines
 
     score = {("sst2", "dynamic", 0): 90.0, ("sst2", "lora", 0): 88.5}
-    lines, chart = margin_lines(score, ["sst2"], ["dynamic", "lora", "peft-adalora"], [0], lambda d, a, b: (0.5, 2.5))
-    assert lines[0] == "- Dynamic LoRA ≥ lora + 1.0: +1.50 [+0.50, +2.50] → **met** (the interval excludes 0)"
+    methods = ["dynamic", "lora", "peft-adalora"]
+    lines, chart = margin_lines(score, ["sst2"], methods, [0], lambda d, a, b: (1.0, 2.5))
+    assert (
+        lines[0]
+        == "- Dynamic LoRA ≥ lora + 1.0: +1.50 [+1.00, +2.50] → **met** (the whole interval is at or above +1.0)"
+    )
     assert lines[1].endswith("(not every run has finished)")  # AdaLoRA is in the plan, not finished
     assert lines[2].endswith("(none of them is in this plan yet)")  # no EVA / rsLoRA / LoRA+ row in the plan
-    assert chart == {"lora": (1.5, 0.5, 2.5)}
+    assert chart == {"lora": (1.5, 1.0, 2.5)}
+    # The same mean with an interval that reaches below the target is not shown.
+    lines, _ = margin_lines(score, ["sst2"], methods, [0], lambda d, a, b: (0.5, 2.5))
+    assert "**not met**: the mean is at or above +1.0, but the interval reaches below it" in lines[0]
+    score[("sst2", "lora", 0)] = 89.5
+    lines, _ = margin_lines(score, ["sst2"], methods, [0], lambda d, a, b: (-0.5, 1.5))
+    assert lines[0].endswith("**not met** (the mean is below +1.0)")
