@@ -33,6 +33,21 @@ def test_peft_export_reproduces_logits(arch, tmp_path):
     assert cfg["alpha_pattern"] == cfg["rank_pattern"] and cfg["lora_alpha"] == cfg["r"]
 
 
+def test_an_rslora_adapter_saves_loads_and_exports_with_its_scale(tmp_path):
+    from dynlora import DynamicLoRAModel
+
+    inputs = batch()
+    model = get_dynlora_model(build("llama"), DynamicLoRAConfig(rank=4, max_rank=8, alpha=8, rslora=True))
+    randomize_adapters(model)
+    assert {m.scaling for m in model.lora_layers().values()} == {4.0}  # 8 / sqrt(4)
+    names = list(model.lora_layers())
+    model.set_ranks({names[0]: 7, names[-1]: 2})
+    model.save_pretrained(tmp_path / "dynlora")
+    loaded = DynamicLoRAModel.from_pretrained(build("llama"), tmp_path / "dynlora")
+    assert (logits(loaded, inputs) - logits(model, inputs)).abs().max() < 1e-6
+    assert peft_round_trip(model, build("llama"), tmp_path / "peft", inputs) < 1e-5
+
+
 def test_peft_export_skips_rank_zero_layers(tmp_path):
     from safetensors.torch import load_file
 

@@ -98,6 +98,17 @@ def test_scale_fixed_by_initial_rank():
     assert layer.scaling == 2.0
 
 
+def test_rslora_scale_is_alpha_over_the_square_root_of_the_initial_rank():
+    base = nn.Linear(10, 12)
+    layer = DynamicLoRALinear(base, rank=4, alpha=8.0, max_rank=8, rslora=True)
+    nn.init.normal_(layer.lora_B)
+    layer.set_rank(8)
+    assert layer.scaling == 4.0  # 8 / sqrt(4), fixed by the initial rank as LoRA's
+    x = torch.randn(3, 10)
+    expected = base(x) + x @ (layer.lora_B @ layer.lora_A).T * 4.0
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
 def test_bad_ranks_raise():
     with pytest.raises(ValueError, match="min\\(in, out\\)"):
         DynamicLoRALinear(nn.Linear(10, 12), rank=4, alpha=1, max_rank=11)

@@ -40,7 +40,14 @@ class DynamicLoRAConfig:
         "attention projections of the model's family",
     )
     rank: int = setting(8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget")
-    alpha: float = setting(16.0, "LoRA alpha: each layer's update is scaled by alpha / its initial rank")
+    alpha: float = setting(
+        16.0, "LoRA alpha: each layer's update is scaled by alpha / its initial rank (alpha / its root with rslora)"
+    )
+    rslora: bool = setting(
+        False,
+        "scale each layer's update by alpha / sqrt(its initial rank), rsLoRA's scale, instead of alpha / rank: the "
+        "update no longer shrinks as 1/r (for dynlora's methods; PEFT's is --method peft-rslora)",
+    )
     max_rank: int | None = setting(None, "rank a layer can grow to (default: 2 x rank when re-allocating, else rank)")
     dropout: float = setting(0.0, "dropout probability on the adapter's input path")
     modules_to_save: list[str] | None = setting(

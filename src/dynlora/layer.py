@@ -1,6 +1,6 @@
 """DynamicLoRALinear: a frozen linear layer plus a low-rank update whose rank can change while training.
 
-    y = W x + s · B[:, :r] A[:r] x,        s = alpha / r_init
+    y = W x + s · B[:, :r] A[:r] x,        s = alpha / r_init   (rsLoRA: alpha / √r_init)
 
 A has a *capacity* of ``max_rank`` rows; only the first ``r`` (the *active rank*) take part. The active rank is
 changed in place with :meth:`DynamicLoRALinear.set_rank`, so the module, the model and the optimizer's parameter
@@ -55,6 +55,7 @@ class DynamicLoRALinear(nn.Module):
         dropout: dropout probability on the adapter's input path.
         input_adaptive: ``None``, ``"mergeable"`` or ``"per_example"`` input adaptation (see input_adaptation.py).
         input_norm_strength: exponent of the ``"mergeable"`` input scale, in (0, 1] (see input_adaptation.py).
+        rslora: scale by ``alpha / sqrt(rank)`` (rsLoRA, Kalajdzievski 2023) instead of ``alpha / rank``.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class DynamicLoRALinear(nn.Module):
         dropout: float = 0.0,
         input_adaptive: str | None = None,
         input_norm_strength: float = 1.0,
+        rslora: bool = False,
     ) -> None:
         super().__init__()
         if input_adaptive is not None and input_adaptive not in MODES:
@@ -88,7 +90,7 @@ class DynamicLoRALinear(nn.Module):
         self.initial_rank = rank
         self.rank = rank
         self.alpha = float(alpha)
-        self.scaling = self.alpha / rank
+        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters stay float32 on a half-precision base (as PEFT's autocast_adapter_dtype): their updates are small.
         half = weight.dtype in (torch.float16, torch.bfloat16)

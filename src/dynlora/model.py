@@ -82,6 +82,7 @@ class DynamicLoRAModel(nn.Module):
                 config.dropout,
                 config.input_adaptive,
                 config.input_norm_strength,
+                config.rslora,
             )
             replace_module(model, name, layer)
         for name in self.saved_module_names:
