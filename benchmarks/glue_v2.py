@@ -43,6 +43,23 @@ from dynlora.training.run_log import read_log
 
 HERE = Path(__file__).resolve().parent
 # plan file -> (table name: RESULTS.md section and results files, title, default output directory)
+# What each table's screening rows are, beyond their names (the plans' comments say how each is set).
+SCREEN_NOTES = {
+    "glue_v2": """`dynamic-gradinit` is the former default, components started along the first step's loss
+gradient: behind the random start on the three seeds' average and on two of them, and stuck at the majority class
+for two epochs in every run, it made way for `init: lora` as the default (docs/method.md, section 5). The
+`-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at the rule's full lr: PEFT's and on Dynamic LoRA alike, they
+fell to the majority class (MCC 0) in the first epoch and stayed there, which is why the table's LoRA+ runs at half
+the lr, as PEFT's documentation advises. `dynamic-nogate` (re-allocation alone) and `lora-gate` (the input
+normalisation alone) ran on all three seeds: `dynamic-nogate` − `lora` is what re-allocation alone does.
+`dynamic-perparam` allocates ranks for importance per parameter instead of per rank (`share: parameter`,
+docs/method.md section 3); `dynamic-perparam-nogate` is the same without the input normalisation, to pair with
+`dynamic-nogate`. `dynamic-rslora` is Dynamic LoRA with rsLoRA's scale alpha / √r (`rslora: true`): paired with
+`peft-rslora`, whether the allocation adds to that scale.""",
+    "glue_v2_qv": """`dynamic-rslora` is Dynamic LoRA with rsLoRA's scale alpha / √r (`rslora: true`): paired with
+`peft-rslora`, whether the allocation adds to that scale.""",
+}
+
 TABLES = {
     "glue_v2_plan.yaml": ("glue_v2", "GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer", "runs/glue-v2"),
     "glue_v2_qv_plan.yaml": (
@@ -147,12 +164,7 @@ def margin_lines(
     EVA / rsLoRA / LoRA+ is the best of those the table runs (the decoder table runs the encoder table's best)."""
     rows, chart = [], {}
     tricks = [m for m in PEFT_TRICKS if m in methods]
-    averages = {
-        m: statistics.mean(statistics.mean(score[(t, m, s)] for s in seeds) for t in tasks)
-        for m in tricks
-        if all((t, m, s) in score for t in tasks for s in seeds)
-    }
-    best_trick = max(averages, key=averages.__getitem__) if averages and len(averages) == len(tricks) else None
+    best_trick = best_of_tricks(score, tasks, methods, seeds)
     for label, baseline in [
         ("lora", "lora"),
         ("peft-adalora", "peft-adalora"),
@@ -181,6 +193,18 @@ def margin_lines(
             mean = statistics.mean(statistics.mean(d) for d in diffs.values())
             chart[baseline] = (mean, *interval(diffs, "dynamic", baseline))
     return rows, chart
+
+
+def best_of_tricks(score: dict, tasks: list[str], methods: list[str], seeds: list[int]) -> str | None:
+    """The best of EVA / rsLoRA / LoRA+ on the average over ``tasks``, among those the table runs; None until every
+    run of them has finished there."""
+    tricks = [m for m in PEFT_TRICKS if m in methods]
+    averages = {
+        m: statistics.mean(statistics.mean(score[(t, m, s)] for s in seeds) for t in tasks)
+        for m in tricks
+        if all((t, m, s) in score for t in tasks for s in seeds)
+    }
+    return max(averages, key=averages.__getitem__) if tasks and averages and len(averages) == len(tricks) else None
 
 
 def verdict(mean: float, low: float, target: float) -> str:
@@ -245,29 +269,24 @@ def last_epoch_gains(out: Path, tasks: list[str], methods: list[str], seeds: lis
     return lines
 
 
-def screening(score: dict, plan: dict) -> list[str]:
+def screening(score: dict, plan: dict, refs: tuple[str, ...]) -> list[str]:
     """The screening rows (per_method entries outside the plan's methods), each run on the seeds it finished,
-    against dynamic and lora on the same task and seed."""
+    against ``refs`` (dynamic, lora, and the table's best PEFT baseline) on the same task and seed."""
     rows = []
     screens = [m for m in plan.get("per_method", {}) if m not in plan["methods"]]
     for (task, method, seed), value in sorted(score.items()):
         if method not in screens:
             continue
-        refs = [ref for ref in ("dynamic", "lora") if (task, ref, seed) in score]
-        against = [f"{value - score[(task, ref, seed)]:+.2f} vs {ref}" for ref in refs]
+        against = [f"{value - score[(task, ref, seed)]:+.2f} vs {ref}" for ref in refs if (task, ref, seed) in score]
         rows.append(f"| {task} | {method} | {seed} | {value:.2f} | {'; '.join(against)} |")
     return rows
 
 
-def screening_means(score: dict, plan: dict, interval: Interval) -> list[str]:
-    """Per task, each screening row that finished every seed of the plan: its mean paired difference to dynamic
-    and to lora over those seeds, with the 95 % interval: what confirms or drops a candidate."""
+def screening_means(score: dict, plan: dict, interval: Interval, refs: tuple[str, ...]) -> list[str]:
+    """Per task, each screening row that finished every seed of the plan: its mean paired difference to each of
+    ``refs`` over those seeds, with the 95 % interval: what confirms or drops a candidate."""
     rows = [m for m in plan.get("per_method", {}) if m not in plan["methods"]]
-    lines = (
-        task_line(score, task, row, ("dynamic", "lora"), plan["seeds"], interval)
-        for task in plan["tasks"]
-        for row in rows
-    )
+    lines = (task_line(score, task, row, refs, plan["seeds"], interval) for task in plan["tasks"] for row in rows)
     return [line for line in lines if line]
 
 
@@ -435,35 +454,28 @@ Final rank allocation of the `dynamic` runs (mean over seeds): ![final ranks](re
 Raw per-run results: [results/{name}.jsonl](results/{name}.jsonl)."""
     write_section(HERE / "RESULTS.md", name, body)
     print(body)
-    screened = screening(score, plan)
-    if screened and name == "glue_v2":
-        screen_body = f"""## Protocol v2 screening: candidate changes to Dynamic LoRA (one seed, CoLA)
+    best = best_of_tricks(score, complete, methods, seeds)
+    refs = ("dynamic", "lora", *([best] if best else []))
+    screened = screening(score, plan, refs)
+    if screened:
+        screen_body = f"""## {title.split(" (")[0]}: screening candidate changes to Dynamic LoRA (one seed first)
 
-Rows of [glue_v2_plan.yaml](glue_v2_plan.yaml)'s `per_method` outside the main methods, run on one seed first as
-the issue asks (`dynlora compare --config benchmarks/glue_v2_plan.yaml --tasks cola --seeds 0 --methods ...`, same
-output directory). One seed decides nothing: a row that looks better is confirmed on every seed before it
-becomes a default. Final model's dev main metric × 100, and its difference to `dynamic` and `lora` on the same
-seed (same data order, same head init). `dynamic-gradinit` is the former default, components started along the
-first step's loss gradient: behind the random start on the three seeds' average and on two of them, and stuck at
-the majority class for two epochs in every run, it made way for `init: lora` as the default (docs/method.md,
-section 5). The `-lr5e-4` LoRA+ rows are LoRA+ (B at 16 × the lr) at
-the rule's full lr: PEFT's and on Dynamic LoRA alike, they fell to the majority class (MCC 0) in the first epoch
-and stayed there, which is why the table's LoRA+ runs at half the lr, as PEFT's documentation advises.
-`dynamic-nogate` (re-allocation alone) and `lora-gate` (the input normalisation alone) ran on all three seeds:
-`dynamic-nogate` − `lora` is what re-allocation alone does. `dynamic-perparam` allocates ranks for importance
-per parameter instead of per rank (`share: parameter`, docs/method.md section 3); `dynamic-perparam-nogate` is the
-same without the input normalisation, to pair with `dynamic-nogate`.
+Rows of [{plan_path.name}]({plan_path.name})'s `per_method` outside the main methods, run on one seed first as the
+issue asks (`dynlora compare --config benchmarks/{plan_path.name} --seeds 0 --methods ...`, same output directory).
+One seed decides nothing: a row that looks better is confirmed on every seed before it becomes a default. Final
+model's dev main metric × 100, and its difference to {", ".join(f"`{r}`" for r in refs)} on the same seed (same
+data order, same head init). {SCREEN_NOTES.get(name, "")}
 
 | task | row | seed | score | difference |
 |---|---|---|---|---|
 {chr(10).join(screened)}
 
-Rows with all {len(seeds)} seeds: the mean paired difference and its 95 % interval (seeds and dev examples
-resampled, as in the table above):
+Rows with all {len(seeds)} seed(s): the mean paired difference and its 95 % interval ({over} resampled, as in the
+table above):
 
-{chr(10).join(screening_means(score, plan, interval)) or "- none yet"}
+{chr(10).join(screening_means(score, plan, interval, refs)) or "- none yet"}
 """
-        write_section(HERE / "RESULTS.md", "glue_v2_screen", screen_body)
+        write_section(HERE / "RESULTS.md", f"{name}_screen", screen_body)
         print(screen_body)
 
 

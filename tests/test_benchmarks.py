@@ -118,14 +118,26 @@ def test_a_several_seed_interval_counts_the_seeds_spread_as_well_as_the_examples
     assert spread_high - spread_low > 1.5 * (steady_high - steady_low)
 
 
-def test_a_screening_row_with_every_seed_is_summarised_against_dynamic_and_lora():
-    from glue_v2 import screening_means
+def test_a_screening_row_with_every_seed_is_summarised_against_each_reference():
+    from glue_v2 import best_of_tricks, screening, screening_means
 
-    plan = {"tasks": ["cola"], "methods": ["dynamic", "lora"], "seeds": [0, 1], "per_method": {"cand": {}, "other": {}}}
-    score = {("cola", m, s): v for (m, s), v in {("dynamic", 0): 20, ("dynamic", 1): 24, ("lora", 0): 25}.items()}
+    methods = ["dynamic", "lora", "peft-rslora", "peft-eva"]
+    plan = {"tasks": ["cola"], "methods": methods, "seeds": [0, 1], "per_method": {"cand": {}, "other": {}}}
+    values = {("dynamic", 0): 20, ("dynamic", 1): 24, ("lora", 0): 25, ("peft-rslora", 0): 21, ("peft-rslora", 1): 22}
+    score = {("cola", m, s): v for (m, s), v in values.items()}
     score |= {("cola", "cand", 0): 23.0, ("cola", "cand", 1): 26.0, ("cola", "other", 0): 30.0}
-    lines = screening_means(score, plan, lambda diffs, a, b: (-9.0, 9.0))
-    assert lines == ["- cola: cand − dynamic +2.50 [-9.00, +9.00]"]  # lora lacks seed 1; "other" lacks seed 1
+    assert best_of_tricks(score, ["cola"], methods, [0, 1]) is None  # EVA has not finished
+    score |= {("cola", "peft-eva", 0): 10.0, ("cola", "peft-eva", 1): 12.0}
+    best = best_of_tricks(score, ["cola"], methods, [0, 1])
+    assert best == "peft-rslora"
+    refs = ("dynamic", "lora", best)
+    lines = screening_means(score, plan, lambda diffs, a, b: (-9.0, 9.0), refs)
+    # lora lacks seed 1; "other" lacks seed 1
+    assert lines == ["- cola: cand − dynamic +2.50 [-9.00, +9.00]; − peft-rslora +3.00 [-9.00, +9.00]"]
+    assert (
+        screening(score, plan, refs)[0]
+        == "| cola | cand | 0 | 23.00 | +3.00 vs dynamic; -2.00 vs lora; +2.00 vs peft-rslora |"
+    )
 
 
 @pytest.mark.parametrize(
