@@ -42,7 +42,6 @@ from dynlora.training.report import write_report
 from dynlora.training.run_log import read_log
 
 HERE = Path(__file__).resolve().parent
-# plan file -> (table name: RESULTS.md section and results files, title, default output directory)
 # What each table's screening rows are, beyond their names (the plans' comments say how each is set).
 SCREEN_NOTES = {
     "glue_v2": """`dynamic-gradinit` is the former default, components started along the first step's loss
@@ -60,6 +59,7 @@ docs/method.md section 3); `dynamic-perparam-nogate` is the same without the inp
 `peft-rslora`, whether the allocation adds to that scale.""",
 }
 
+# plan file -> (table name: RESULTS.md section and results files, title, default output directory)
 TABLES = {
     "glue_v2_plan.yaml": ("glue_v2", "GLUE dev quality, protocol v2 (MiniLM-L6, every linear layer", "runs/glue-v2"),
     "glue_v2_qv_plan.yaml": (
