@@ -10,7 +10,8 @@ figure is the median over rounds after warm-up. A step is forward + backward + A
 
 - frozen limit: the same model with no adapter, backward through every layer (input gradients only), no weight
   gradients but the classifier head's. No adapter method can be faster than this.
-- dynlora LoRA r=8 (static), PEFT LoRA r=8, on the same layers.
+- dynlora LoRA r=8 (static), PEFT LoRA r=8, on the same layers; dynlora LoRA r=8 at Dynamic LoRA's capacity (16
+  rows of A and columns of B, 8 of them active, no engine): what the capacity alone costs.
 - Dynamic LoRA (same budget as LoRA r=8), input gate off and on ("mergeable"): update_and_allocate every step.
 - PEFT AdaLoRA init_r=12 -> target_r=8, with its update_and_allocate every step (its orthogonality loss is in its
   forward).
@@ -86,8 +87,9 @@ class Setup:
         model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_())
         return model
 
-    def dynlora_lora(self) -> torch.nn.Module:
-        return get_dynlora_model(self.load(), self.config(reallocate=False, input_adaptive=None, init="lora"))
+    def dynlora_lora(self, max_rank: int | None = None) -> torch.nn.Module:
+        static = self.config(reallocate=False, input_adaptive=None, init="lora", max_rank=max_rank)
+        return get_dynlora_model(self.load(), static)
 
     def dynamic(self, gate: str | None, **overrides) -> torch.nn.Module:
         return get_dynlora_model(self.load(), self.config(input_adaptive=gate, **overrides))
@@ -118,6 +120,7 @@ class Setup:
         return {
             "frozen limit": self.frozen_limit,
             "dynlora LoRA r=8": self.dynlora_lora,
+            "dynlora LoRA r=8, capacity 16": lambda: self.dynlora_lora(max_rank=16),
             "Dynamic LoRA, gate off": lambda: self.dynamic(None),
             "Dynamic LoRA, gate on": lambda: self.dynamic("mergeable"),
             "PEFT LoRA r=8": self.peft_lora,
@@ -297,18 +300,20 @@ def main() -> None:
         args.warmup,
     )
 
-    lines = [f"{'configuration':<24} {'median step':>12} {'x frozen limit':>15}"]
-    lines += [f"{name:<24} {t * 1000:>10.0f}ms {t / limit:>14.3f}x" for name, t in train.items()]
+    lines = [f"{'configuration':<30} {'median step':>12} {'x frozen limit':>15}"]
+    lines += [f"{name:<30} {t * 1000:>10.0f}ms {t / limit:>14.3f}x" for name, t in train.items()]
     ratio_peft = static / train["PEFT LoRA r=8"]
     infer_ratio = infer["dynlora merged"] / infer["base model"]
     dyn_vs_ada = {g: train[f"Dynamic LoRA, gate {g}"] / train["PEFT AdaLoRA 12->8"] for g in ("off", "on")}
     measured = {g: train[f"Dynamic LoRA, gate {g}"] / static - 1 for g in ("off", "on")}
+    capacity = train["dynlora LoRA r=8, capacity 16"] / static - 1
     lines.append(f"dynlora static LoRA / PEFT LoRA step time: {ratio_peft:.3f}x")
     lines.append(
         f"Dynamic LoRA / PEFT AdaLoRA step time: gate off {dyn_vs_ada['off']:.3f}x, on {dyn_vs_ada['on']:.3f}x"
     )
     lines.append(
-        f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}"
+        f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}; "
+        f"static LoRA at capacity 16: {capacity:+.2%}"
     )
     lines.append(
         f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step, {engine['fold_update_s'] * 1000:.2f} ms "
@@ -341,6 +346,7 @@ def main() -> None:
         "dynlora_over_peft_lora": ratio_peft,
         "dynamic_over_peft_adalora": dyn_vs_ada,
         "dynamic_over_static_measured": measured,
+        "capacity_16_over_static_measured": capacity,
         "engine_s": engine,
         "engine_fraction_of_static_step": engine_fraction,
         "engine_run_step_counts": run_counts,
@@ -369,7 +375,8 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 - Dynamic LoRA / PEFT AdaLoRA step time: gate off **{dyn_vs_ada["off"]:.3f}×**, gate on **{dyn_vs_ada["on"]:.3f}×**
   (target < 1)
 - Dynamic LoRA's overhead over static LoRA. Step medians (they move by ±1.5 % between runs on MiniLM, ±5-10 % on
-  SmolLM2): gate off {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}. Timed directly, where training
+  SmolLM2): gate off {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}; static LoRA at Dynamic LoRA's
+  capacity, no engine: {capacity:+.2%}. Timed directly, where training
   loops call it (after the optimizer step, in a whole step): update_and_allocate
   {engine["update_s"] * 1000:.2f} ms on an ordinary step (gathering input statistics),
   {engine["fold_update_s"] * 1000:.2f} ms on one that folds them in,
