@@ -52,6 +52,14 @@ def test_a_run_writes_results_log_best_and_a_loadable_adapter(tiny_model_dir, tm
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the test extra
 
 
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_the_learning_rate_decays_to_zero_or_holds_its_peak_after_the_warm_up(tiny_model_dir, tmp_path, schedule):
+    train(config(tiny_model_dir, tmp_path, method="lora", lr_schedule=schedule, warmup_ratio=0.25, log_every=1))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(lrs) == 12 and lrs[:3] == pytest.approx([5e-3 / 3, 2 * 5e-3 / 3, 5e-3])  # 3 warm-up steps
+    assert lrs[3:] == pytest.approx([5e-3] * 9 if schedule == "constant" else [5e-3 * (8 - k) / 9 for k in range(9)])
+
+
 @pytest.mark.parametrize("method", ["lora", "peft-lora", "peft-adalora", "peft-rslora", "peft-loraplus", "peft-eva"])
 def test_every_method_trains_at_the_same_budget(tiny_model_dir, tmp_path, method):
     dynamic = TrainingRun(config(tiny_model_dir, tmp_path / "d", max_steps=4)).adapted.trainable_parameters()

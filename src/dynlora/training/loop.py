@@ -72,10 +72,13 @@ class TrainingRun:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
         warmup = int(settings.warmup_ratio * self.total_steps)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        if settings.lr_schedule == "constant":
+            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
+        else:
+            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)

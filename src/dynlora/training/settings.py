@@ -18,6 +18,7 @@ from .fields import settings_of
 from .methods import METHODS
 from .tasks import OBJECTIVES
 
+LR_SCHEDULES = ("linear", "constant")
 QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
 
 
@@ -64,6 +65,12 @@ class TrainSettings:
         "parameters go with B). Default: 1, and 16 for peft-loraplus",
     )
     warmup_ratio: float = setting(0.06, "fraction of steps of linear learning-rate warm-up")
+    lr_schedule: str = setting(
+        "linear",
+        "after the warm-up: linear (decay to 0 at the last step) | constant (hold the peak: with --eval-every, the "
+        "best evaluation's adapter is kept in best/)",
+        choices=LR_SCHEDULES,
+    )
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
     seed: int = setting(0, "seed of data order, initialisation and dropout")
     device: str = setting(
