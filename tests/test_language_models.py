@@ -12,10 +12,17 @@ from test_user_faults import ok as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynlora.training.data.glue import Example, task_spec
-from dynlora.training.data.instruct import conversation
-from dynlora.training.data.lm import IGNORE, chat_features, completion_features, text_features
+from dynlora.training.data.instruct import INSTRUCTIONS, Instruction, conversation, instruction
+from dynlora.training.data.lm import (
+    IGNORE,
+    chat_features,
+    completion_features,
+    lm_features,
+    lm_format,
+    text_features,
+)
 from dynlora.training.errors import DataError
-from dynlora.training.tasks import choose_answers, language_metrics
+from dynlora.training.tasks import answer_scores, choose_answers, language_metrics
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +74,38 @@ def test_a_glue_example_as_an_instruction_learns_only_its_answer_word(tok):
     assert learned(tok, feature) == "yes <|im_end|>"  # entailment (label 0) answers yes
 
 
-def test_the_likeliest_answer_is_chosen_by_its_log_likelihood(tiny_chat_lm_dir, tok):
+def by_hand_answer_scores(model, spec, example, tok, first_only: bool) -> list[float]:
+    """Each label's answer log-likelihood, one unpadded sequence at a time: its first token, or all of its turn."""
+    scores = []
+    for label in range(len(instruction(spec).answers)):
+        feature = chat_features(conversation(spec, Example(example.text, example.text_pair, label)), tok, 128, "x")
+        logprobs = model(input_ids=torch.tensor([feature["input_ids"]])).logits[0, :-1].log_softmax(-1)
+        targets = torch.tensor(feature["labels"][1:])
+        keep = (targets != IGNORE).nonzero().squeeze(-1)
+        keep = keep[:1] if first_only else keep
+        scores.append(logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item())
+    return scores
+
+
+def test_one_word_answers_are_chosen_by_their_first_token_after_one_pass_of_the_question(tiny_chat_lm_dir, tok):
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_lm_dir).eval()
     spec = task_spec("sst2")
-    examples = [Example("a fine film", None, 1), Example("dull", None, 0), Example("great acting", None, 0)]
-    chosen = choose_answers(model, tok, spec, examples, batch_size=4)
-    for example, answer in zip(examples, chosen, strict=True):
-        scores = []
-        for label in (0, 1):  # by hand: one sequence at a time, the answer turn's tokens
-            feature = chat_features(conversation(spec, Example(example.text, None, label)), tok, 128, "x")
-            ids = torch.tensor([feature["input_ids"]])
-            logprobs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            targets = torch.tensor(feature["labels"][1:])
-            keep = targets != IGNORE
-            scores.append(logprobs[keep].gather(-1, targets[keep].unsqueeze(-1)).sum().item())
-        assert answer == max((0, 1), key=lambda i: scores[i])
+    examples = [Example(t, None, 0) for t in ("a fine film", "dull", "great acting", "a long, slow, tedious story")]
+    scores = answer_scores(model, tok, spec, examples, batch_size=3)  # padded batches of different lengths
+    for example, row in zip(examples, scores.tolist(), strict=True):
+        assert row == pytest.approx(by_hand_answer_scores(model, spec, example, tok, first_only=True), abs=1e-4)
+    assert choose_answers(model, tok, spec, examples, batch_size=3) == scores.argmax(-1).tolist()
+
+
+def test_answers_that_share_their_first_token_are_scored_whole(tiny_chat_lm_dir, tok, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_lm_dir).eval()
+    spec = task_spec("sst2")
+    shared = Instruction("Is it good?", "Review", None, ("very bad", "very good"))  # one first token: "very"
+    monkeypatch.setitem(INSTRUCTIONS, "sst2", shared)
+    examples = [Example(t, None, 0) for t in ("a fine film", "dull", "great acting", "slow")]
+    scores = answer_scores(model, tok, spec, examples, batch_size=3)
+    for example, row in zip(examples, scores.tolist(), strict=True):
+        assert row == pytest.approx(by_hand_answer_scores(model, spec, example, tok, first_only=False), abs=1e-4)
 
 
 def test_a_language_dev_loss_is_the_mean_over_the_tokens_that_carry_one(tiny_chat_lm_dir, tok):
@@ -154,8 +178,11 @@ def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(
     assert result["task"] == str(train) and result["metrics"]["validation"]["perplexity"] > 1
     evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train)
     assert f"loss {result['metrics']['validation']['loss']:.4f}" in evaluated  # the run's own evaluation
-    predictions = ["eval", "--adapter", out / "adapter", "--dev-file", train, "--predictions", tmp_path / "p.jsonl"]
-    assert "scored by its loss" in run_cli(capsys, *predictions)
+    run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--predictions", tmp_path / "p.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and [r["index"] for r in rows] == list(range(16))  # one block per conversation
+    mean = sum(r["loss_sum"] for r in rows) / sum(r["tokens"] for r in rows)
+    assert mean == pytest.approx(result["metrics"]["validation"]["loss"], rel=1e-5)  # the blocks make the loss
     prompt = ["--prompt", "what is 3 plus one", "--max-new-tokens", 6]
     ours = run(capsys, "generate", "--adapter", out / "adapter", *prompt)
     run(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
@@ -163,6 +190,29 @@ def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(
     assert run(capsys, "generate", "--model", tmp_path / "merged", *prompt) == ours
     assert run(capsys, "generate", "--adapter", tmp_path / "peft", *prompt) == ours
     assert ours.strip()  # it generated something
+
+
+def test_text_jsonl_documents_are_cut_into_blocks_of_their_own_and_scored_per_document(
+    capsys, tmp_path, tiny_chat_lm_dir
+):
+    docs = [" ".join(f"word{i}x{k}" for k in range(n)) for i, n in enumerate((3, 40, 7, 25))]
+    train = tmp_path / "docs.jsonl"
+    train.write_text("".join(json.dumps({"text": d, "source": "x"}) + "\n" for d in docs))
+    tok = AutoTokenizer.from_pretrained(tiny_chat_lm_dir)
+    features = lm_features(train, tok, 64)  # as quick() trains and scores
+    for i, doc in enumerate(docs):  # each document's blocks hold its tokens, and nothing of another's
+        ids = sum((f["input_ids"] for f in features if f["document"] == i), [])
+        whole = tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == whole[: len(ids)] and len(whole) - len(ids) in (0, 1)  # a last 1-token block predicts nothing
+    out = tmp_path / "run"
+    run(capsys, *quick(tiny_chat_lm_dir, train, out, "--method", "lora"))
+    predictions = ["--predictions", tmp_path / "p.jsonl", "--max-length", 64]
+    run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, *predictions)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["document"] for r in rows] == [f["document"] for f in features] and len(rows) > len(docs)
+    labelled = tmp_path / "labelled.jsonl"  # a text with a label is a classifier's example, not a document
+    labelled.write_text(json.dumps({"text": "good", "label": "pos"}) + "\n")
+    assert lm_format(labelled) is None and lm_format(train) == "documents"
 
 
 def test_a_glue_task_is_posed_as_an_instruction_to_a_chat_model(capsys, tmp_path, tiny_chat_lm_dir):

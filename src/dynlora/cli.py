@@ -28,7 +28,7 @@ from .training.loop import TrainingRun
 from .training.metrics import format_metrics, glue_metrics
 from .training.report import write_report
 from .training.settings import QUICK_STEPS, SETTINGS, TrainSettings, resumed_settings
-from .training.tasks import ClassifyTask, eval_task
+from .training.tasks import ClassifyTask, eval_task, loss_metrics
 
 COMPARE_MANAGED = ("task", "method", "seed", "resume")  # compare sets these per run
 
@@ -151,14 +151,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             labels = label_names(model, args.adapter)
     model.to(resolve_device(s.device))
     task = eval_task(s, outputs, labels)
-    if args.predictions and not hasattr(task, "predict"):
-        raise ValueError(
-            "--predictions needs a task scored by one answer per example (a GLUE task or a labelled "
-            "file); a language-model dev file is scored by its loss"
-        )
     results, rows = {}, []
     for split, eval_set in task.eval_sets(tok, s).items():
-        if args.predictions:
+        if args.predictions and hasattr(task, "losses"):  # a language model: each block's loss and token count
+            blocks = task.losses(model, tok, eval_set, s.batch_size)
+            results[split] = loss_metrics(sum(b["loss_sum"] for b in blocks), sum(b["tokens"] for b in blocks))
+            rows += [{"split": split, "index": i, **block} for i, block in enumerate(blocks)]
+        elif args.predictions:
             predictions, gold = task.predict(model, tok, eval_set, s.batch_size)
             results[split] = glue_metrics(task.metric_task, predictions, gold)
             rows += [

@@ -133,23 +133,46 @@ class LanguageTask:
     def evaluate(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> dict[str, float]:
         return language_metrics(model, eval_set, batch_size, tokenizer.pad_token_id)
 
+    def losses(self, model: nn.Module, tokenizer: Any, eval_set: list, batch_size: int) -> list[dict]:
+        """Per block of ``eval_set``: its document (line of a documents file; 0 otherwise), summed loss, tokens."""
+        sums, counts = token_losses(model, eval_set, batch_size, tokenizer.pad_token_id)
+        return [
+            {"document": f.get("document", 0), "loss_sum": loss, "tokens": n}
+            for f, loss, n in zip(eval_set, sums.tolist(), counts.tolist(), strict=True)
+        ]
 
-@torch.no_grad()
+
 def language_metrics(model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> dict[str, float]:
     """Mean loss over the tokens that carry one, its perplexity, and ``main`` = −loss (higher is better)."""
+    sums, counts = token_losses(model, features, batch_size, pad_token_id)
+    return loss_metrics(float(sums.sum()), int(counts.sum()))
+
+
+def loss_metrics(total: float, tokens: int) -> dict[str, float]:
+    """From a summed loss over ``tokens`` tokens: the mean loss, its perplexity and ``main`` = −loss."""
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "main": -loss}
+
+
+@torch.no_grad()
+def token_losses(
+    model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature, the summed loss (nats) of its tokens that carry one and how many they are: [features] each."""
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for start in range(0, len(features), batch_size):
         batch = to_device(collate(features[start : start + batch_size], pad_token_id), device)
         targets = batch.pop("labels")[:, 1:]
         keep = targets != IGNORE  # [rows, seq - 1]
         # float32 for the tokens that carry a loss only, not a copy of the whole [rows, seq, vocab]
         logits = model(**batch).logits[:, :-1][keep].float()  # [kept tokens, vocab]
-        total += float(nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
-        count += int(keep.sum())
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "main": -loss}
+        nll = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+        row = keep.nonzero()[:, 0]  # the row of each kept token
+        sums.append(torch.zeros(len(keep), device=device).index_add_(0, row, nll).cpu())
+        counts.append(keep.sum(-1).cpu())
+    return torch.cat(sums).double(), torch.cat(counts)
 
 
 @dataclass
@@ -201,35 +224,49 @@ class InstructTask:
         return glue_metrics(self.metric_task, *self.predict(model, tokenizer, eval_set, batch_size))
 
 
-@torch.no_grad()
 def choose_answers(
     model: nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example], batch_size: int
 ) -> list[int]:
     """For each example, the label whose answer turn (as the chat template writes it) is likeliest after the user's
-    question: the sum of its tokens' log-probabilities."""
+    question (:func:`answer_scores`)."""
+    return answer_scores(model, tokenizer, spec, examples, batch_size).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def answer_scores(
+    model: nn.Module, tokenizer: Any, spec: TaskSpec, examples: list[Example], batch_size: int
+) -> torch.Tensor:
+    """[examples, answers]: the log-likelihood of each label's answer turn after each example's question.
+
+    When every answer begins with its own token (one-word answers do), one forward pass of the question scores them
+    all: the log-probability of each answer's first token at the question's end, as multiple-choice evaluations of
+    LLMs do. Otherwise each answer is scored whole, one forward pass per answer: the sum of its tokens'
+    log-probabilities."""
     model.eval()
     answers = instruction(spec).answers
-    rows = []  # (example index, answer id, features)
-    for i, example in enumerate(examples):
+    prompts, answer_ids = [], []  # per example: the question's tokens, and each label's answer tokens
+    for example in examples:
+        ids = []
         for label in range(len(answers)):
             text, spans = render_chat(conversation(spec, Example(example.text, example.text_pair, label)), tokenizer)
-            prompt = tokenizer(text[: spans[0][0]], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(text[spans[0][0] : spans[0][1]], add_special_tokens=False)["input_ids"]
-            rows.append(
-                (
-                    i,
-                    label,
-                    {
-                        "input_ids": prompt + answer,
-                        "attention_mask": [1] * (len(prompt) + len(answer)),
-                        "labels": [IGNORE] * len(prompt) + answer,
-                    },
-                )
-            )
+            ids.append(tokenizer(text[spans[0][0] : spans[0][1]], add_special_tokens=False)["input_ids"])
+        prompts.append(tokenizer(text[: spans[0][0]], add_special_tokens=False)["input_ids"])
+        answer_ids.append(ids)
+    device = next(model.parameters()).device
+    if all(len({a[0] for a in ids}) == len(ids) for ids in answer_ids):
+        return _first_token_scores(model, prompts, answer_ids, batch_size, tokenizer.pad_token_id, device)
+    rows = [(i, label) for i in range(len(examples)) for label in range(len(answers))]
     scores = torch.full((len(examples), len(answers)), -math.inf)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = to_device(collate([r[2] for r in chunk], tokenizer.pad_token_id), next(model.parameters()).device)
+        features = []
+        for i, label in chunk:
+            prompt, answer = prompts[i], answer_ids[i][label]
+            ids = prompt + answer
+            features.append(
+                {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * len(prompt) + answer}
+            )
+        batch = to_device(collate(features, tokenizer.pad_token_id), device)
         labels = batch.pop("labels")[:, 1:]
         answer = labels != IGNORE  # [rows, seq - 1]
         # Only the answer tokens' distributions in float32: the whole sequence's would be a float32 copy of
@@ -237,9 +274,25 @@ def choose_answers(
         logprobs = model(**batch).logits[:, :-1][answer].float().log_softmax(-1)  # [answer tokens, vocab]
         picked = torch.zeros(labels.shape, device=labels.device)
         picked[answer] = logprobs.gather(-1, labels[answer].unsqueeze(-1)).squeeze(-1)
-        for (i, label, _), score in zip(chunk, picked.sum(-1).tolist(), strict=True):
+        for (i, label), score in zip(chunk, picked.sum(-1).tolist(), strict=True):
             scores[i, label] = score
-    return scores.argmax(-1).tolist()
+    return scores
+
+
+def _first_token_scores(
+    model: nn.Module, prompts: list[list[int]], answer_ids: list, batch_size: int, pad_token_id: int, device
+) -> torch.Tensor:
+    """[prompts, answers]: each answer's first-token log-probability right after its prompt, one pass per prompt."""
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        features = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in chunk]
+        batch = to_device(collate(features, pad_token_id), device)
+        last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+        logits = model(**batch).logits[torch.arange(len(chunk), device=device), last]  # [rows, vocab]
+        first = torch.tensor([[a[0] for a in ids] for ids in answer_ids[start : start + batch_size]], device=device)
+        scores.append(logits.float().log_softmax(-1).gather(-1, first).cpu())
+    return torch.cat(scores)
 
 
 def _model_is_causal_lm(model: str | None) -> bool:
@@ -260,13 +313,14 @@ def load_task(settings: Any) -> Task:
     objective = settings.objective
     if objective == "auto":
         if settings.train_file:
-            objective = "lm" if lm_format(settings.train_file) else "classify"
+            objective = "lm" if lm_format(settings.train_file, settings.label_col) else "classify"
         else:
             objective = "instruct" if _model_is_causal_lm(settings.model) else "classify"
     if objective == "lm":
         if not settings.train_file or lm_format(settings.train_file) is None:
             raise DataError(
-                "--objective lm needs --train-file (and --dev-file) of prompt/completion or chat JSONL, or plain .txt"
+                "--objective lm needs --train-file (and --dev-file) of prompt/completion, chat or text JSONL, or plain "
+                ".txt"
             )
         if lm_format(settings.dev_file) is None:
             raise DataError(f"--dev-file {settings.dev_file} is not language-model data like --train-file")

@@ -7,6 +7,9 @@
   only the assistant turns carry loss. Their spans are found by rendering each conversation up to every assistant
   turn (the template's own text), so any template works without generation markers.
 - **plain text** (``.txt``): tokenised whole and cut into ``max_length`` blocks, every token carrying loss.
+- **documents** JSONL (``{"text": ...}``, TRL's language-modelling shape): each line a document, tokenised and cut
+  into blocks on its own (no block spans two documents), every token carrying loss. Each block keeps its
+  document's line number (``document``), so an evaluation can report a loss per document.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from ..errors import DataError
 from .custom import read_records
 from .loader import IGNORE
 
-FORMATS = ("completion", "chat", "text")
 
-
-def lm_format(path: str | os.PathLike) -> str | None:
-    """``completion``, ``chat`` or ``text`` for a language-model file; None for a labelled classification file."""
+def lm_format(path: str | os.PathLike, label_col: str = "label") -> str | None:
+    """``completion``, ``chat``, ``text`` (.txt) or ``documents`` for a language-model file; None for a labelled
+    classification file (a JSONL ``text`` with a ``label_col`` is one)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         return "text"
@@ -34,6 +36,8 @@ def lm_format(path: str | os.PathLike) -> str | None:
         return "chat"
     if "prompt" in first and "completion" in first:
         return "completion"
+    if "text" in first and label_col not in first:
+        return "documents"
     return None
 
 
@@ -51,8 +55,14 @@ def lm_features(path: str | os.PathLike, tokenizer: Any, max_length: int) -> lis
     if kind == "completion":
         return [completion_features(r, tokenizer, max_length, f"{path}: example {i}")
                 for i, r in enumerate(records, start=1)]  # fmt: skip
+    if kind == "documents":
+        blocks = []
+        for i, record in enumerate(records):
+            where = f"{path}: line {i + 1}"
+            blocks += [{**block, "document": i} for block in document_features(record, tokenizer, max_length, where)]
+        return blocks
     raise DataError(
-        f"{path}: not a language-model file: each JSONL line needs 'prompt' and 'completion', or 'messages' "
+        f"{path}: not a language-model file: each JSONL line needs 'prompt' and 'completion', 'messages', or 'text' "
         "(a .txt file is plain text)"
     )
 
@@ -128,6 +138,13 @@ def text_features(text: str, tokenizer: Any, max_length: int, where: str) -> lis
     if len(blocks) > 1 and len(blocks[-1]) < 2:
         blocks.pop()  # a one-token block predicts nothing
     return [_feature(block, list(block)) for block in blocks]
+
+
+def document_features(record: dict, tokenizer: Any, max_length: int, where: str) -> list[dict]:
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be text")
+    return text_features(text, tokenizer, max_length, where)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -26,6 +26,8 @@ def collate(features: Sequence[dict], pad_token_id: int, width: int | None = Non
     width = width or max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
+        if key == "document":  # which document a language-model block came from: for reports, not the model
+            continue
         if key == "labels" and isinstance(features[0]["labels"], list):
             batch["labels"] = torch.tensor([f["labels"] + [IGNORE] * (width - len(f["labels"])) for f in features])
             continue
