@@ -1,0 +1,183 @@
+"""The quality benchmark, protocol v3: run a table of v3_plan.yaml, and keep what every figure is computed from.
+
+    python benchmarks/v3_data.py                       # the data, once (runs/v3-data)
+    python benchmarks/v3.py run --table sst2           # lr selection, then the other seeds, then the scoring
+    python benchmarks/v3.py run --table stdlib
+    python benchmarks/v3.py run --frontier             # after the frontier's table has chosen its lrs
+
+Resumable: a finished run is a line of OUTPUT/<table>/results.jsonl and is skipped; an interrupted one resumes from
+its checkpoint. One run at a time per invocation (start one per core, with OMP_NUM_THREADS=1).
+
+For each method, seed 0 runs at every lr of the grid; the lr whose run reached the best held-out score at any of
+its evaluations is chosen, and the other seeds run at it. Each chosen run's best held-out adapter (``best/``) is
+then scored once on the reported set by ``dynlora eval --predictions``. Kept under benchmarks/results/v3/<table>/
+(committed): every run's held-out curve and record (``runs.jsonl``), and each scored run's per-example
+predictions (``<method>/seed<k>.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dynlora.training.checkpoint import latest_checkpoint
+from dynlora.training.compare import append_result, read_results
+from dynlora.training.errors import Diverged
+from dynlora.training.fields import from_mapping, merge
+from dynlora.training.loop import TrainingRun
+from dynlora.training.metrics import run_score
+from dynlora.training.run_log import read_log
+from dynlora.training.settings import SETTINGS, TrainSettings
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "v3"
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    plan = yaml.safe_load(path.read_text())
+    plan["base"] = from_mapping(plan["base"], SETTINGS, f"{path.name}: base")
+    for name, table in plan["tables"].items():
+        table["train"] = from_mapping(table["train"], SETTINGS, f"{path.name}: tables.{name}.train")
+    return plan
+
+
+def variant(method: str, lr: float, rank: int | None = None) -> str:
+    """A run's name in its table: the method, its lr and, on the frontier, its rank."""
+    return f"{method}-lr{lr:.1e}" + (f"-r{rank}" if rank else "")
+
+
+def run_settings(plan: dict, table: str, method: str, lr: float, seed: int, out: Path, rank: int | None) -> dict:
+    settings = merge(plan["base"], plan["tables"][table]["train"])
+    settings = {**settings, "method": method, "lr": lr, "seed": seed}
+    if rank:
+        settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
+    settings["task"] = settings.get("task", table)  # a language-model table is named by its table, not a GLUE task
+    settings["output_dir"] = str(out / table / variant(method, lr, rank) / f"seed{seed}")
+    TrainSettings.from_settings(settings)  # a wrong setting fails here, before hours of runs
+    return settings
+
+
+def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, held-out main score) of each evaluation of a run."""
+    return [(r["step"], run_score(r["metrics"])) for r in read_log(run_dir) if r.get("event") == "eval"]
+
+
+def train_once(settings: dict, results: Path, name: str) -> dict:
+    """Train one run unless ``results`` has it; returns its record (a diverged run's says so)."""
+    done = {(r["variant"], r["seed"]): r for r in read_results(results)}
+    key = (name, settings["seed"])
+    if key in done:
+        return done[key]
+    run_dir = Path(settings["output_dir"])
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    print(f"{name} seed {settings['seed']}" + (" (resuming)" if resume else ""), flush=True)
+    try:
+        result = TrainingRun(TrainSettings.from_settings({**settings, "resume": resume, "progress": False})).run()
+        record = {"best": result["best"], "trainable_parameters": result["trainable_parameters"]}
+        record["ranks"] = result["ranks"]
+    except Diverged as e:
+        record = {"diverged": str(e).splitlines()[0]}
+    record = {
+        "variant": name,
+        "method": settings["method"],
+        "lr": settings["lr"],
+        "rank": settings["adapter"]["rank"],
+        "seed": settings["seed"],
+        "curve": held_out_curve(run_dir),
+        **record,
+    }
+    append_result(results, record)
+    return record
+
+
+def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
+    """The grid lr whose selection run (the plan's rank, its selection seed) reached the best held-out score; None
+    until every one has finished."""
+    seed, rank = plan["selection_seed"], plan["base"]["adapter"]["rank"]
+    grid = plan["lr_grid"]
+    runs = {r["lr"]: r for r in records if r["method"] == method and r["seed"] == seed and r["rank"] == rank}
+    if not all(lr in runs for lr in grid):
+        return None
+    finished = {lr: r["best"]["score"] for lr, r in runs.items() if "best" in r}
+    return max(finished, key=finished.__getitem__) if finished else None
+
+
+def score(plan: dict, table: str, record: dict, out: Path) -> None:
+    """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions."""
+    target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}.jsonl"
+    if target.is_file():
+        return
+    run_dir = out / table / record["variant"] / f"seed{record['seed']}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
+    command += ["--model", plan["base"]["model"], *plan["tables"][table]["report"], "--predictions", str(partial)]
+    print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    os.replace(partial, target)
+    print(printed.strip(), flush=True)
+
+
+def run_table(plan: dict, table: str, out: Path) -> None:
+    results = plan["results_dir"] / table / "runs.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    first = plan["selection_seed"]
+    for method in plan["methods"]:  # selection: every lr of the grid on the first seed
+        for lr in plan["lr_grid"]:
+            train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
+    for seed in [s for s in plan["seeds"] if s != first]:  # the other seeds at each method's chosen lr
+        for method in plan["methods"]:
+            lr = chosen_lr(plan, read_results(results), method)
+            if lr is not None:
+                train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
+    records = read_results(results)
+    chosen = {m: chosen_lr(plan, records, m) for m in plan["methods"]}
+    for record in records:
+        lr = chosen.get(record["method"])
+        if "best" in record and lr is not None and record["variant"] == variant(record["method"], lr):
+            score(plan, table, record, out)
+
+
+def run_frontier(plan: dict, out: Path) -> None:
+    frontier = plan["frontier"]
+    table = frontier["table"]
+    results = plan["results_dir"] / table / "runs.jsonl"
+    for rank in frontier["ranks"]:
+        for seed in plan["seeds"]:
+            for method in frontier["methods"]:
+                lr = chosen_lr(plan, read_results(results), method)
+                if lr is None:
+                    sys.exit(f"error: {method} has no chosen lr on {table} yet: run --table {table} first")
+                name = variant(method, lr, rank)
+                record = train_once(run_settings(plan, table, method, lr, seed, out, rank), results, name)
+                if "best" in record:
+                    score(plan, table, record, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=["run"])
+    parser.add_argument("--table", help="a table of the plan")
+    parser.add_argument("--frontier", action="store_true", help="the budget frontier (after its table)")
+    parser.add_argument("--plan", default=str(HERE / "v3_plan.yaml"))
+    parser.add_argument("--output-dir", default="runs/v3", help="run directories (not committed)")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="what is committed: records and predictions")
+    args = parser.parse_args()
+    plan = {**load_plan(Path(args.plan)), "results_dir": Path(args.results_dir)}
+    out = Path(args.output_dir)
+    if args.frontier:
+        run_frontier(plan, out)
+    elif args.table in plan["tables"]:
+        run_table(plan, args.table, out)
+    else:
+        sys.exit(f"error: give --table ({', '.join(plan['tables'])}) or --frontier")
+
+
+if __name__ == "__main__":
+    main()
