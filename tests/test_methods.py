@@ -75,6 +75,9 @@ def test_loraplus_trains_b_faster_than_a():
     b = next(p for n, p in named.items() if "lora_B" in n)
     assert lrs[id(b)] == pytest.approx(16 * lrs[id(a)]) and lrs[id(a)] == pytest.approx(1e-3)
     assert decay[id(a)] == decay[id(b)] == 0.1  # the run's weight decay, as for every other method
+    head = [p for n, p in named.items() if ".classifier." in n and p.requires_grad]
+    assert len(head) == 2 and all(lrs[id(p)] == pytest.approx(1e-3) for p in head)  # weight and bias at the base lr
+    assert {id(p) for p in adapted.model.parameters() if p.requires_grad} == set(lrs)  # nothing left out
 
 
 def test_eva_starts_a_along_the_layer_inputs_within_the_rank_budget():

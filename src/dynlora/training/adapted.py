@@ -52,13 +52,16 @@ def adamw(
     model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: every method's optimizer unless it says otherwise. With
-    ``loraplus_lr_ratio``, LoRA+ (PEFT's ``create_loraplus_optimizer``): every ``lora_B`` and 1-d parameter at
-    that multiple of ``lr``, all groups at ``weight_decay``."""
-    if loraplus_lr_ratio is None:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    from peft.optimizers import create_loraplus_optimizer
+    ``loraplus_lr_ratio``, LoRA+: every adapter's B (``lora_B``) at that multiple of ``lr``, the rest (A, a task
+    head, anything else trained) at ``lr``, all at ``weight_decay``.
 
-    # PEFT sets each group's weight decay from loraplus_weight_decay (default 0), not from weight_decay.
-    return create_loraplus_optimizer(
-        model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=loraplus_lr_ratio, loraplus_weight_decay=weight_decay
-    )
+    Only B: PEFT's ``create_loraplus_optimizer`` also moves every 1-d parameter to B's group, which trains a task
+    head's bias at 16 × the lr of its weight."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if loraplus_lr_ratio is None:
+        return torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=weight_decay)
+    groups = [
+        {"params": [p for name, p in trainable if "lora_B" not in name], "lr": lr},
+        {"params": [p for name, p in trainable if "lora_B" in name], "lr": lr * loraplus_lr_ratio},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)

@@ -3,8 +3,8 @@
 - ``peft-lora``: LoRA at ``rank`` (the baseline users have today);
 - ``peft-adalora``: AdaLoRA from ``1.5 × rank`` down to ``rank`` (its final budget equals the others');
 - ``peft-rslora``: LoRA with rsLoRA's scale alpha / sqrt(r) (``use_rslora``);
-- ``peft-loraplus``: LoRA trained with LoRA+'s optimizer, B at 16 × the learning rate of A
-  (``create_loraplus_optimizer``);
+- ``peft-loraplus``: LoRA trained with LoRA+'s optimizer, B at 16 × the learning rate of A and of the task head
+  (adapted.py's ``adamw``);
 - ``peft-eva``: LoRA started by EVA: A from the top right-singular vectors of each layer's inputs on the first
   training batches, ranks redistributed by explained variance within ``rank ×`` the number of layers (``rho`` 2).
   Its budget is counted in ranks: on layers of equal size the parameters equal LoRA's, on mixed sizes (all linear

@@ -61,8 +61,8 @@ class TrainSettings:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     loraplus_lr_ratio: float | None = setting(
         None,
-        "LoRA+: the learning rate of B over that of A (PEFT's create_loraplus_optimizer; bias and other 1-d "
-        "parameters go with B). Default: 1, and 16 for peft-loraplus",
+        "LoRA+: the learning rate of the adapters' B over that of everything else trained (A, a task head). "
+        "Default: 1, and 16 for peft-loraplus",
     )
     warmup_ratio: float = setting(0.06, "fraction of steps of linear learning-rate warm-up")
     lr_schedule: str = setting(
