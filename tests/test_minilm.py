@@ -34,7 +34,11 @@ def test_minilm_default_targets_train_and_round_trip(path, tmp_path):
     inputs = tok(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
     model = get_dynlora_model(load(path), DynamicLoRAConfig(rank=8, alpha=16, max_rank=12))
     assert len(model.lora_layers()) == 12  # 6 layers x (query, value)
-    assert model.trainable_parameters() == 12 * 8 * (384 + 384) + 384 * 2 + 2
+    # The head, and the pooler it reads through: MiniLM was trained by mean pooling, its pooler never
+    pooler = model.model.bert.pooler.dense
+    assert model.saved_module_names == ["classifier", "bert.pooler"] and pooler.weight.requires_grad
+    assert model.trainable_parameters() == 12 * 8 * (384 + 384) + 384 * 2 + 2 + 384 * 384 + 384
+    untrained = pooler.weight.detach().clone()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -44,6 +48,7 @@ def test_minilm_default_targets_train_and_round_trip(path, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+    assert not torch.equal(pooler.weight, untrained) and pooler.bias.any()  # trained, and saved below
     model.set_ranks({"bert.encoder.layer.0.attention.self.query": 12, "bert.encoder.layer.5.attention.self.value": 2})
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -84,3 +89,22 @@ def test_short_real_run_moves_the_allocation_away_from_uniform(path):
     ranks = model.rank_pattern()
     assert len(set(ranks.values())) > 1 and sum(ranks.values()) <= 12 * 4
     assert model.engine.total_cost() <= model.engine.budget
+
+
+def test_a_classifier_on_a_trained_pooler_leaves_it_frozen(path):
+    base = load(path)
+    with torch.no_grad():
+        base.bert.pooler.dense.bias.fill_(0.1)  # as a checkpoint that trained its pooler (BERT's NSP) ships it
+    model = get_dynlora_model(base, DynamicLoRAConfig(rank=8))
+    assert model.saved_module_names == ["classifier"] and not base.bert.pooler.dense.weight.requires_grad
+
+
+def test_the_run_says_it_trains_minilms_untrained_pooler(path, tmp_path, capsys):
+    from test_data import GLUE, needs_glue
+    from test_user_faults import ok as run
+
+    if not GLUE.is_dir():
+        pytest.skip(needs_glue.kwargs["reason"])
+    args = ["train", "--task", "rte", "--data-dir", GLUE, "--max-steps", 1, "--max-train-samples", 8, "--batch-size", 8]
+    printed = run(capsys, *args, "--max-eval-samples", 8, "--output-dir", tmp_path / "run", "--no-progress")
+    assert "(adapter + new task head + bert.pooler, never trained in this checkpoint)" in printed

@@ -19,7 +19,8 @@ def test_injects_default_targets_and_freezes_base(arch):
     assert all(n.rsplit(".", 1)[-1] in EXPECTED_TARGETS[arch] for n in names)
     for name, p in model.named_parameters():
         is_adapter = ".lora_A" in name or ".lora_B" in name
-        is_head = ".classifier." in name  # only the BERT model is a classifier
+        is_head = ".classifier." in name or ".pooler." in name  # only the BERT model is a classifier (its pooler
+        # is a random one that no checkpoint trained, so it is trained with the head)
         assert p.requires_grad == (is_adapter or is_head), name
 
 
@@ -31,7 +32,7 @@ def test_forward_backward_trains_only_adapters_and_head(arch):
     assert out.loss is not None and torch.isfinite(out.loss)
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(".lora_" in n or ".classifier." in n for n in grads)
+    assert grads and all(".lora_" in n or ".classifier." in n or ".pooler." in n for n in grads)
     # At init B = 0, so only B receives gradient (dL/dA = B^T ... = 0): the adapter starts as a no-op.
     assert all(g.abs().sum() == 0 for n, g in grads.items() if ".lora_A" in n)
     assert all(g.abs().sum() > 0 for n, g in grads.items() if ".lora_B" in n)
@@ -84,8 +85,8 @@ def test_rank_and_alpha_patterns_and_counts():
     assert layers[v0].rank == 4 and layers[v0].scaling == 8.0
     ranks = model.rank_pattern()
     assert ranks[q1] == 2 and sum(ranks.values()) == 2 + 3 * 4
-    head = sum(p.numel() for p in model.model.classifier.parameters())
-    assert model.trainable_parameters() == sum(ranks.values()) * (32 + 32) + head
+    head = sum(p.numel() for p in [*model.model.classifier.parameters(), *model.model.bert.pooler.parameters()])
+    assert model.trainable_parameters() == sum(ranks.values()) * (32 + 32) + head  # a random pooler is trained
     model.set_ranks({q1: 8})
     assert model.trainable_parameters() == (sum(ranks.values()) + 6) * 64 + head
 
@@ -165,9 +166,10 @@ def test_saved_files_hold_only_adapter_and_head(tmp_path):
     model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
     model.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "dynlora_model.safetensors")).keys()
-    assert all(".lora_" in k or ".input_norm." in k or k.startswith("classifier.") for k in keys)
-    # Per layer: A, B, the gate's average, its flag and the block not yet folded in (sum, tokens); the head.
-    assert len(keys) == 4 * (2 + 2 + 2) + 2
+    head = ("classifier.", "bert.pooler.")  # the random model's pooler was never trained, so it trains with the head
+    assert all(".lora_" in k or ".input_norm." in k or k.startswith(head) for k in keys)
+    # Per layer: A, B, the gate's average, its flag and the block not yet folded in (sum, tokens); head and pooler.
+    assert len(keys) == 4 * (2 + 2 + 2) + 2 + 2
 
 
 def test_load_errors(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .io import new_directory, write_jsonl
+from .targets import untrained_poolers
 from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
 from .training.compare import DEFAULT_METHODS, ComparePlan, plan_from, run_comparison, summary_table
 from .training.data import task_spec
@@ -87,10 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"resuming {settings.output_dir} with its saved settings"
             + (f"; changed: {', '.join(changes)}" if changes else "")
         )
+    trained = "adapter"
+    if isinstance(run.task, ClassifyTask):
+        poolers = [name.rsplit(".", 2)[-2] + ".pooler" for name in untrained_poolers(run.model)]
+        trained += " + new task head" + "".join(f" + {p}, never trained in this checkpoint" for p in poolers)
     say(
         f"{settings.method} on {where}: {len(run.train_features)} training examples, {run.total_steps} steps, "
-        f"{run.adapted.trainable_parameters():,} trainable parameters "
-        f"({'adapter + new task head' if isinstance(run.task, ClassifyTask) else 'adapter'}) -> {settings.output_dir}"
+        f"{run.adapted.trainable_parameters():,} trainable parameters ({trained}) -> {settings.output_dir}"
     )
     try:
         result = run.run()

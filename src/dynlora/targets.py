@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import DynamicLoRAConfig
@@ -67,13 +68,30 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
 
 def default_modules_to_save(model: nn.Module) -> list[str]:
-    """The task head of a classification or QA model (text, image, audio: ``...ForXClassification``); nothing for
-    base or generative models."""
+    """The task head of a classification or QA model (text, image, audio: ``...ForXClassification``), with any
+    pooler it reads through that was never trained (:func:`untrained_poolers`); nothing for base or generative
+    models."""
     cls = type(model).__name__
     if not cls.endswith(("Classification", "ForQuestionAnswering")):
         return []
     children = dict(model.named_children())
-    return [n for n in HEAD_MODULE_NAMES if n in children]
+    return [n for n in HEAD_MODULE_NAMES if n in children] + untrained_poolers(model)
+
+
+@torch.no_grad()
+def untrained_poolers(model: nn.Module) -> list[str]:
+    """Poolers (BERT's ``pooler``: a dense layer and tanh over the first token) whose bias is all zeros: their
+    initial value, so the checkpoint never trained them. A sentence-transformers checkpoint such as MiniLM-L6 was
+    trained through mean pooling and ships such a pooler; a classifier reading through it frozen sees almost the
+    same vector for every input, so it is trained with the head."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "pooler"
+        and isinstance(getattr(module, "dense", None), nn.Linear)
+        and module.dense.bias is not None
+        and not module.dense.bias.any()
+    ]
 
 
 def linear_module_names(model: nn.Module) -> Iterable[str]:
