@@ -125,31 +125,39 @@ def score(plan: dict, table: str, record: dict, out: Path) -> None:
 
 
 def run_table(plan: dict, table: str, out: Path) -> None:
+    """Each method's lr grid on the selection seed, its chosen run scored at once; then the other seeds at the
+    chosen lrs, each scored when it finishes (so that a run directory lost later costs no score)."""
     results = plan["results_dir"] / table / "runs.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     first = plan["selection_seed"]
-    for method in plan["methods"]:  # selection: every lr of the grid on the first seed
+    for method in plan["methods"]:
         for lr in plan["lr_grid"]:
             train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
-    for seed in [s for s in plan["seeds"] if s != first]:  # the other seeds at each method's chosen lr
+        score_chosen(plan, table, method, out)
+    for seed in [s for s in plan["seeds"] if s != first]:
         for method in plan["methods"]:
             lr = chosen_lr(plan, read_results(results), method)
             if lr is not None:
                 train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
-    records = read_results(results)
-    chosen = {m: chosen_lr(plan, records, m) for m in plan["methods"]}
+                score_chosen(plan, table, method, out)
+
+
+def score_chosen(plan: dict, table: str, method: str, out: Path) -> None:
+    """Score every finished run of ``method`` at its chosen lr (at the plan's rank) that is not scored yet."""
+    records = read_results(plan["results_dir"] / table / "runs.jsonl")
+    lr = chosen_lr(plan, records, method)
     for record in records:
-        lr = chosen.get(record["method"])
-        if "best" in record and lr is not None and record["variant"] == variant(record["method"], lr):
+        if lr is not None and "best" in record and record["variant"] == variant(method, lr):
             score(plan, table, record, out)
 
 
 def run_frontier(plan: dict, out: Path) -> None:
+    """Every rank of the frontier on one seed, then on the next: the first seed's frontier is whole first."""
     frontier = plan["frontier"]
     table = frontier["table"]
     results = plan["results_dir"] / table / "runs.jsonl"
-    for rank in frontier["ranks"]:
-        for seed in plan["seeds"]:
+    for seed in plan["seeds"]:
+        for rank in frontier["ranks"]:
             for method in frontier["methods"]:
                 lr = chosen_lr(plan, read_results(results), method)
                 if lr is None:
