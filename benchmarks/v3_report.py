@@ -1,0 +1,331 @@
+"""Protocol v3's report: every figure and interval of RESULTS.md's v3 section, recomputed from committed files.
+
+    python benchmarks/v3_report.py            # from benchmarks/results/v3 only: no run directory is read
+    python benchmarks/v3_report.py --floors   # first measure the untrained model's floors (once; needs the model)
+
+Reads each table's ``runs.jsonl`` (every run's held-out curve and record) and the per-example predictions of its
+scored runs (``<run>/seed<k>.jsonl``), and writes the v3 section of RESULTS.md with its plots. A score is a ratio
+of sums over the reported set's units: SST-2's dev examples (correct answers / examples, × 100) or the code
+corpus's test documents (−loss summed over their tokens / tokens: minus the mean loss per token, in nats). An
+interval resamples both the seeds and the units (the same units for every run of a table) in each of ROUNDS
+bootstrap rounds, so it counts what another seed and another test sample would each move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+from step_time import write_section
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "v3"
+ROUNDS = 2000
+NAMES = {"dynamic": "Dynamic LoRA", "lora": "static LoRA", "peft-adalora": "PEFT AdaLoRA", "peft-rslora": "PEFT rsLoRA"}
+UNITS = {"sst2": ("accuracy, %", "dev examples"), "stdlib": ("−loss per token, nats", "test documents")}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def units(table: str, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(numerator, denominator) per unit of the reported set: its score is their sums' ratio."""
+    if table == "sst2":
+        correct = np.array([100.0 * (r["prediction"] == r["label"]) for r in rows])
+        return correct, np.ones(len(rows))
+    documents = sorted({r["document"] for r in rows})
+    loss, tokens = np.zeros(len(documents)), np.zeros(len(documents))
+    where = {d: i for i, d in enumerate(documents)}
+    for r in rows:
+        loss[where[r["document"]]] += r["loss_sum"]
+        tokens[where[r["document"]]] += r["tokens"]
+    return -loss, tokens
+
+
+class Table:
+    """A table's scored runs: (run name, seed) -> per-unit (numerator, denominator), and the bootstrap draws."""
+
+    def __init__(self, name: str, plan: dict, root: Path = RESULTS) -> None:
+        self.name, self.plan = name, plan
+        self.runs = read_jsonl(root / name / "runs.jsonl") if (root / name / "runs.jsonl").is_file() else []
+        self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        for path in sorted((root / name).glob("*/seed*.jsonl")):
+            self.scored[(path.parent.name, int(path.stem[4:]))] = units(name, read_jsonl(path))
+        sizes = {len(num) for num, _ in self.scored.values()}
+        if len(sizes) > 1:
+            sys.exit(f"error: the scored runs of {name} cover different numbers of units: {sorted(sizes)}")
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        n = sizes.pop() if sizes else 0
+        # per round, how often each unit was drawn: a weight per unit
+        self.weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(ROUNDS)]) if n else None
+        self.rng = rng  # the seeds' draws
+
+    def score(self, run: str, seed: int) -> float:
+        num, den = self.scored[(run, seed)]
+        return float(num.sum() / den.sum())
+
+    def resampled(self, run: str, seed: int) -> np.ndarray:
+        num, den = self.scored[(run, seed)]
+        return (self.weights @ num) / (self.weights @ den)
+
+    def seeds(self, *runs: str) -> list[int]:
+        """The seeds every one of ``runs`` was scored on."""
+        return sorted(set.intersection(*({s for r, s in self.scored if r == run} for run in runs)))
+
+    def interval(self, a: str, b: str) -> tuple[float, float, float, int] | None:
+        """Mean over seeds of score(a) − score(b), paired by seed, and its 95 % interval (seeds and units
+        resampled); None when no seed has both."""
+        seeds = self.seeds(a, b)
+        if not seeds:
+            return None
+        per_seed = np.stack([self.resampled(a, s) - self.resampled(b, s) for s in seeds], 1)  # [rounds, seeds]
+        drawn = self.rng.integers(0, len(seeds), (ROUNDS, len(seeds)))
+        low, high = np.percentile(np.take_along_axis(per_seed, drawn, 1).mean(1), [2.5, 97.5])
+        mean = statistics.mean(self.score(a, s) - self.score(b, s) for s in seeds)
+        return mean, float(low), float(high), len(seeds)
+
+    def chosen(self, method: str) -> str | None:
+        """The run name (method and lr) chosen for ``method`` on the held-out slice; None until its grid is done."""
+        first, rank = self.plan["selection_seed"], self.plan["base"]["adapter"]["rank"]
+        grid = {r["lr"]: r for r in self.runs if r["method"] == method and r["seed"] == first and r["rank"] == rank}
+        if any(lr not in grid for lr in self.plan["lr_grid"]):
+            return None
+        finished = {r["variant"]: r["best"]["score"] for r in grid.values() if "best" in r}
+        return max(finished, key=finished.__getitem__) if finished else None
+
+
+def fmt(x: tuple[float, float, float, int] | None, digits: int) -> str:
+    if x is None:
+        return "—"
+    mean, low, high, n = x
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] (n={n})"
+
+
+def verdict(x: tuple[float, float, float, int] | None, planned_seeds: int) -> str:
+    if x is None:
+        return "— (not run yet)"
+    partial = "" if x[3] >= planned_seeds else f", **partial**: {x[3]} of {planned_seeds} seeds"
+    met = "**met**" if x[1] >= 0 else "**not met**"
+    return f"{met}{partial}"
+
+
+def selection_lines(table: Table) -> list[str]:
+    """Per method: its held-out best score at each lr of the grid (seed 0), the chosen lr, and each run's flag
+    when its best held-out evaluation was its last (still rising when it stopped)."""
+    digits = 2 if table.name == "sst2" else 4
+    scale = 100.0 if table.name == "sst2" else 1.0
+    lines = [
+        "| method | " + " | ".join(f"lr {lr:.1e}" for lr in table.plan["lr_grid"]) + " | chosen |",
+        "|---|" + "---|" * (len(table.plan["lr_grid"]) + 1),
+    ]
+    first, rank = table.plan["selection_seed"], table.plan["base"]["adapter"]["rank"]
+    for method in table.plan["methods"]:
+        cells = []
+        for lr in table.plan["lr_grid"]:
+            run = next(
+                (r for r in table.runs if (r["method"], r["lr"], r["seed"], r["rank"]) == (method, lr, first, rank)),
+                None,
+            )
+            if run is None:
+                cells.append("—")
+            elif "best" not in run:
+                cells.append("diverged")
+            else:
+                rising = (
+                    " ↑" if run["curve"] and max(run["curve"], key=lambda c: c[1])[0] == run["curve"][-1][0] else ""
+                )
+                cells.append(f"{scale * run['best']['score']:.{digits}f} @{run['best']['step']}{rising}")
+        chosen = table.chosen(method)
+        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + f" | {chosen.split('-lr')[1] if chosen else '—'} |")
+    return lines
+
+
+def score_table(table: Table) -> list[str]:
+    digits = 2 if table.name == "sst2" else 4
+    lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
+    for method in table.plan["methods"]:
+        run = table.chosen(method)
+        seeds = table.seeds(run) if run else []
+        if not seeds:
+            lines.append(f"| {NAMES[method]} | — | — | — |")
+            continue
+        values = [table.score(run, s) for s in seeds]
+        params = {r["trainable_parameters"] for r in table.runs if r["variant"] == run and "best" in r}
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(
+            f"| {NAMES[method]} | {run.split('-lr')[1]} | {', '.join(f'{p:,}' for p in sorted(params))} | "
+            f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f} (n={len(seeds)}) |"
+        )
+    return lines
+
+
+def target_lines(table: Table) -> list[str]:
+    """Dynamic LoRA against each baseline at its own chosen lr, and the target: ≥ the best baseline."""
+    digits = 2 if table.name == "sst2" else 4
+    dynamic = table.chosen("dynamic")
+    baselines = [m for m in table.plan["methods"] if m != "dynamic"]
+    means = {}
+    lines = []
+    for method in baselines:
+        run = table.chosen(method)
+        x = table.interval(dynamic, run) if dynamic and run else None
+        lines.append(f"- Dynamic LoRA − {NAMES[method]}: {fmt(x, digits)}")
+        if run and table.seeds(run):
+            means[method] = statistics.mean(table.score(run, s) for s in table.seeds(run))
+    best = max(means, key=means.__getitem__) if len(means) == len(baselines) else None
+    x = table.interval(dynamic, table.chosen(best)) if best and dynamic else None
+    name = NAMES[best] if best else "the best baseline"
+    head = f"- **Target: Dynamic LoRA ≥ {name}**: {fmt(x, digits)} → {verdict(x, len(table.plan['seeds']))}"
+    return [head, *lines]
+
+
+def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
+    """Dynamic LoRA at budget B against static LoRA at 2B, and the plot of score against parameters."""
+    ranks = [*plan["frontier"]["ranks"], plan["base"]["adapter"]["rank"]]
+    runs = {}
+    for method in plan["frontier"]["methods"]:
+        chosen = table.chosen(method)
+        if chosen:
+            for rank in ranks:
+                runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else f"{chosen}-r{rank}"
+    lines, met = [], []
+    for rank in ranks:
+        double = 2 * rank
+        if ("dynamic", rank) in runs and ("lora", double) in runs:
+            x = table.interval(runs[("dynamic", rank)], runs[("lora", double)])
+            lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, 4)}")
+            met += [rank] if x is not None and x[1] >= 0 else []
+    if lines:
+        where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
+        lines.insert(0, f"- Verdict: {where}")
+    if not any(table.seeds(r) for r in runs.values()):
+        return lines, None
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.subplots()
+    for method in plan["frontier"]["methods"]:
+        points = []
+        for rank in ranks:
+            run = runs.get((method, rank))
+            seeds = table.seeds(run) if run else []
+            if seeds:
+                params = next(r["trainable_parameters"] for r in table.runs if r["variant"] == run and "best" in r)
+                resampled = np.mean([table.resampled(run, s) for s in seeds], 0)
+                mean = statistics.mean(table.score(run, s) for s in seeds)
+                points.append((params, mean, *np.percentile(resampled, [2.5, 97.5])))
+        if points:
+            p = np.array(points)
+            ax.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt="o-", capsize=3,
+                        label=NAMES[method])  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (ranks 1, 2, 4, 8 of all 210 projections)", fontsize=7)
+    ax.set_ylabel(f"test {UNITS[table.name][0]}", fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return lines, fig
+
+
+def curves(table: Table) -> Figure:
+    """Held-out score of every selection run (seed 0) against its step, one panel per method."""
+    methods = table.plan["methods"]
+    fig = Figure(figsize=(3.2 * len(methods), 2.8))
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    scale = 100.0 if table.name == "sst2" else 1.0
+    for ax, method in zip(axes, methods, strict=True):
+        for r in table.runs:
+            if r["method"] == method and r["seed"] == table.plan["selection_seed"] and r["curve"]:
+                steps, values = zip(*r["curve"], strict=True)
+                ax.plot(steps, [scale * v for v in values], "o-", markersize=3, label=f"lr {r['lr']:.1e}")
+        ax.set_title(NAMES[method], fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel(f"held-out {UNITS[table.name][0]}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def floors(plan: dict) -> None:
+    """The untrained model's floors, measured once into results/v3/<table>/floors.json (module doc)."""
+    from v3_floors import measure  # loads the model: only when asked
+
+    for name in plan["tables"]:
+        path = RESULTS / name / "floors.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(measure(name, plan), indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default=str(HERE / "v3_plan.yaml"))
+    parser.add_argument("--floors", action="store_true", help="measure the untrained model's floors first")
+    parser.add_argument("--results-dir", default=str(RESULTS), help="where the committed records are")
+    parser.add_argument("--no-write", action="store_true", help="print the section; write neither RESULTS.md nor plots")
+    args = parser.parse_args()
+    root = Path(args.results_dir)
+    plan = yaml.safe_load(Path(args.plan).read_text())
+    if args.floors:
+        floors(plan)
+    parts = []
+    for name in plan["tables"]:
+        table = Table(name, plan, root)
+        if not args.no_write:
+            curves(table).savefig(root / f"{name}_curves.png", dpi=110)
+        unit, over = UNITS[name]
+        floor = root / name / "floors.json"
+        floor_text = json.loads(floor.read_text())["summary"] if floor.is_file() else "not measured yet (--floors)"
+        parts.append(f"""### {name}: {unit}, scored on the {over}
+
+Held-out selection (seed 0; best held-out score @ its step; ↑: the run's best evaluation was its last, still
+rising when it stopped):
+
+{chr(10).join(selection_lines(table))}
+
+Reported set, each method at its chosen lr, its best held-out adapter:
+
+{chr(10).join(score_table(table))}
+
+Untrained model: {floor_text}.
+
+Paired differences (95 % interval, seeds and {over} resampled):
+
+{chr(10).join(target_lines(table))}
+
+Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
+""")
+    table = Table(plan["frontier"]["table"], plan, root)
+    lines, fig = frontier(plan, table)
+    if fig is not None and not args.no_write:
+        fig.savefig(root / "frontier.png", dpi=110)
+    parts.append(f"""### The budget frontier ({plan["frontier"]["table"]})
+
+**Target: Dynamic LoRA at budget B ≥ static LoRA at 2B for some B**:
+
+{chr(10).join(lines) or "- not run yet"}
+
+{"![frontier](results/v3/frontier.png)" if fig is not None else ""}
+""")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    body = f"""## Protocol v3 (the current benchmark)
+
+`python benchmarks/v3_report.py` (at {commit or "this checkout"}) recomputes everything below from
+[results/v3/](results/v3/); protocol in [README.md](README.md) ("Protocol v3"), plan in
+[v3_plan.yaml](v3_plan.yaml). Scores are × 100 for accuracy, and minus the mean loss per token (nats) for the
+code corpus: higher is better in both.
+
+{chr(10).join(parts)}"""
+    if not args.no_write:
+        write_section(HERE / "RESULTS.md", "v3", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Protocol v3's report arithmetic (benchmarks/v3_report.py) on made-up committed files: the lr each method is
+scored at, the scores of answers and of documents, and the paired intervals its target lines are decided by."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from v3_report import Table, units  # noqa: E402
+
+PLAN = {
+    "lr_grid": [1e-4, 1e-3],
+    "selection_seed": 0,
+    "seeds": [0, 1],
+    "methods": ["dynamic", "lora"],
+    "base": {"adapter": {"rank": 8}},
+}
+
+
+def write(root: Path, table: str, runs: list[dict], predictions: dict) -> None:
+    (root / table).mkdir(parents=True)
+    (root / table / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    for (name, seed), rows in predictions.items():
+        (root / table / name).mkdir(exist_ok=True)
+        (root / table / name / f"seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run(method: str, lr: float, seed: int, held_out: float | None) -> dict:
+    record = {"variant": f"{method}-lr{lr:.1e}", "method": method, "lr": lr, "rank": 8, "seed": seed, "curve": []}
+    return record | ({"best": {"score": held_out, "step": 50}} if held_out is not None else {"diverged": "x"})
+
+
+def answers(right: int, n: int = 100) -> list[dict]:
+    return [{"label": 1, "prediction": int(i < right)} for i in range(n)]
+
+
+GRID = [
+    run("dynamic", 1e-4, 0, 0.7),
+    run("dynamic", 1e-3, 0, 0.8),
+    run("lora", 1e-4, 0, 0.9),
+    run("lora", 1e-3, 0, None),
+]
+
+
+def test_each_method_is_scored_at_the_lr_of_its_best_held_out_run(tmp_path):
+    write(tmp_path, "sst2", GRID, {})
+    table = Table("sst2", PLAN, tmp_path)
+    assert table.chosen("dynamic") == "dynamic-lr1.0e-03" and table.chosen("lora") == "lora-lr1.0e-04"  # diverged: out
+    write(tmp_path, "other", GRID[:3], {})
+    assert Table("other", PLAN, tmp_path).chosen("lora") is None  # not before its whole grid has run
+
+
+def test_identical_answers_differ_by_exactly_zero_and_flipped_ones_by_their_share(tmp_path):
+    same = {(n, s): answers(80) for n in ("dynamic-lr1.0e-03", "lora-lr1.0e-04") for s in (0, 1)}
+    write(tmp_path, "sst2", GRID, same)
+    table = Table("sst2", PLAN, tmp_path)
+    assert table.interval("dynamic-lr1.0e-03", "lora-lr1.0e-04") == (0.0, 0.0, 0.0, 2)
+    worse = {**same, ("lora-lr1.0e-04", 0): answers(60), ("lora-lr1.0e-04", 1): answers(60)}
+    write(tmp_path / "b", "sst2", GRID, worse)
+    mean, low, high, n = Table("sst2", PLAN, tmp_path / "b").interval("dynamic-lr1.0e-03", "lora-lr1.0e-04")
+    assert mean == pytest.approx(20.0) and low < 20 < high and low > 10 and n == 2  # 20 answers in 100 flipped
+
+
+def test_seeds_that_disagree_widen_the_interval_beyond_the_examples_own(tmp_path):
+    steady = {("a", s): answers(70) for s in (0, 1)} | {("b", s): answers(60) for s in (0, 1)}
+    swinging = {("a", 0): answers(90), ("a", 1): answers(50)} | {("b", s): answers(60) for s in (0, 1)}
+    write(tmp_path / "steady", "sst2", [], steady)
+    write(tmp_path / "swinging", "sst2", [], swinging)
+    narrow = Table("sst2", PLAN, tmp_path / "steady").interval("a", "b")
+    wide = Table("sst2", PLAN, tmp_path / "swinging").interval("a", "b")
+    assert narrow[0] == wide[0] == pytest.approx(10.0) and wide[2] - wide[1] > narrow[2] - narrow[1]
+
+
+def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
+    rows = [
+        {"document": 3, "loss_sum": 10.0, "tokens": 4},
+        {"document": 3, "loss_sum": 2.0, "tokens": 4},
+        {"document": 7, "loss_sum": 3.0, "tokens": 1},
+    ]
+    num, den = units("stdlib", rows)
+    assert list(num) == [-12.0, -3.0] and list(den) == [8, 1]  # per document: summed loss and tokens
+    assert num.sum() / den.sum() == pytest.approx(-15 / 9)  # minus the mean loss per token
