@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import batch, build, randomize_adapters, tiny_gpt2
+from conftest import batch, build, randomize_adapters, save_tiny_llama, tiny_gpt2
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
 
@@ -79,3 +79,59 @@ def test_export_of_all_zero_ranks_is_an_error(tmp_path):
     model.set_ranks(dict.fromkeys(model.lora_layers(), 0))
     with pytest.raises(ValueError, match="rank 0"):
         model.export_peft(tmp_path)
+
+
+def test_a_peft_export_loads_with_peft_auto_classes_and_is_the_same_bytes_every_time(tmp_path):
+    import subprocess
+    import sys
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    build("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_dynlora_model(base, DynamicLoRAConfig(rank=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "adapter")
+    model.export_peft(tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM" and cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert cfg["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in model.lora_layers()})  # as PEFT names them
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()  # the base from the config alone
+    inputs = batch()
+    assert (logits(loaded, inputs) - logits(model, inputs)).abs().max() < 1e-5
+    again = (  # another process, another string-hash seed: the set order PEFT would write differs
+        "import sys; from transformers import AutoModelForCausalLM; from dynlora import DynamicLoRAModel; "
+        "m = DynamicLoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2]); "
+        "m.export_peft(sys.argv[3])"
+    )
+    for seed in ("1", "2"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        out = tmp_path / f"peft{seed}"
+        subprocess.run([sys.executable, "-c", again, tmp_path / "base", tmp_path / "adapter", out], check=True, env=env)
+        assert (out / "adapter_config.json").read_bytes() == (tmp_path / "peft" / "adapter_config.json").read_bytes()
+
+
+def test_an_adapter_names_a_shipped_base_by_its_short_name_and_a_directory_by_its_absolute_path(tmp_path, monkeypatch):
+    from dynlora import default_model_path
+    from dynlora.shipped_models import portable_name
+
+    assert portable_name(default_model_path()) == "minilm"
+    assert portable_name(default_model_path(), hub=True) == "sentence-transformers/all-MiniLM-L6-v2"
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_name("x") == str(tmp_path / "x") and portable_name("org/some-model") == "org/some-model"
+
+
+def test_an_adapter_whose_base_is_gone_says_to_pass_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dynlora.training.base_model import load_adapted
+
+    save_tiny_llama(tmp_path / "base")
+    model = get_dynlora_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), DynamicLoRAConfig(rank=2))
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match="was trained on the base model .*base': pass --model with that model's"):
+        load_adapted(str(tmp_path / "adapter"))
+    assert load_adapted(str(tmp_path / "adapter"), str(tmp_path / "moved"))[0] is not None

@@ -12,6 +12,7 @@ from test_cli_errors import run_cli
 from test_language_models import chat_file, quick, run
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
+from dynlora.cli import main
 
 pytest.importorskip("bitsandbytes")
 
@@ -95,7 +96,11 @@ def test_the_command_trains_on_a_4bit_base_and_merges_on_the_full_precision_one(
         text = run(capsys, *quick(llama64, train, out, "--load-in-4bit"))
     assert "perplexity" in text
     assert json.loads((out / "config.json").read_text())["load_in_4bit"] is True
-    run(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--max-length", 64)
+    trained = json.loads((out / "results.json").read_text())["metrics"]["validation"]["loss"]
+    assert "(on the 4-bit base it was trained on)" in evaluated and f"loss {trained:.4f}" in evaluated
+    assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert "trained on a 4-bit base (QLoRA); it is merged into the full-precision base" in capsys.readouterr().err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # a plain float model
     assert "choose one" in run_cli(capsys, *quick(llama64, train, tmp_path / "r", "--load-in-4bit", "--load-in-8bit"))

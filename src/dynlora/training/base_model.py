@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..export import PEFT_CONFIG_NAME
 from ..model import DynamicLoRAModel
 from ..serialization import CONFIG_NAME, read_adapter_meta, saved_output_sizes
-from ..shipped_models import DECODER_NAMES, resolve_model_path
+from ..shipped_models import DECODER_NAMES, HUB_IDS, resolve_model_path
 from ..targets import HEAD_MODULE_NAMES
-
-PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass
@@ -120,26 +120,70 @@ def is_causal_lm(class_name: str) -> bool:
     return class_name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def load_adapted(adapter: str, model: str | None = None, num_labels: int | None = None) -> tuple[nn.Module, object]:
+def load_adapted(
+    adapter: str,
+    model: str | None = None,
+    num_labels: int | None = None,
+    device: torch.device | None = None,
+    full_precision: bool = False,
+) -> tuple[nn.Module, object]:
     """(model with the adapter, tokenizer) for a dynlora or PEFT adapter directory, on the base model it records
-    (or ``model``); the head's size is read from the adapter unless ``num_labels`` is given."""
+    (or ``model``); the head's size is read from the adapter unless ``num_labels`` is given. A dynlora adapter
+    trained on a 4- or 8-bit base (QLoRA) gets that base again, on ``device``, unless ``full_precision`` (a merge
+    or an export, which need the full-precision weights: :func:`adapter_base_bits` lets the caller say so)."""
     where = Path(adapter)
     if (where / PEFT_CONFIG_NAME).is_file() and not (where / CONFIG_NAME).is_file():
         from peft import PeftModel
 
         peft_config = json.loads((where / PEFT_CONFIG_NAME).read_text())
-        recorded = model or peft_config.get("base_model_name_or_path")
+        recorded = model or shipped_copy(peft_config.get("base_model_name_or_path"))
+        if recorded != (model or peft_config.get("base_model_name_or_path")):
+            print(
+                f"{adapter} names {peft_config['base_model_name_or_path']} as its base: using the shipped {recorded} "
+                "(pass --model to choose another)",
+                file=sys.stderr,
+            )
         heads = set(peft_config.get("modules_to_save") or ()) & set(HEAD_MODULE_NAMES)
-        base = load_base(recorded, num_labels or 2) if heads else load_causal_lm(recorded)
+        base = _recorded_base(
+            where, recorded, lambda: load_base(recorded, num_labels or 2) if heads else load_causal_lm(recorded)
+        )
         return PeftModel.from_pretrained(base.model, str(where)), base.tokenizer
     meta = read_adapter_meta(where)
     recorded = model or meta["base_model"].get("name_or_path")
+    bits = None if full_precision else meta["base_model"].get("quantized_bits")
+    loading = quantized_loading(bits, device or torch.device("cpu"), None)
     if is_causal_lm(meta["base_model"].get("class") or ""):
-        base = load_causal_lm(recorded)
+        base = _recorded_base(where, recorded, lambda: load_causal_lm(recorded, **loading))
     else:
         heads = saved_output_sizes(where)
-        base = load_base(recorded, num_labels or next(iter(heads.values()), 2))
+        base = _recorded_base(
+            where, recorded, lambda: load_base(recorded, num_labels or next(iter(heads.values()), 2), **loading)
+        )
     return DynamicLoRAModel.from_pretrained(base.model, where), base.tokenizer
+
+
+def _recorded_base(adapter: Path, recorded: str | None, load) -> BaseModel:
+    try:
+        return load()
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; {adapter} was trained on the base model {recorded!r}: pass --model with that model's directory or "
+            "hub id"
+        ) from e
+
+
+def shipped_copy(name_or_path: str | None) -> str | None:
+    """A PEFT adapter's base as dynlora loads it: the shipped copy of a model whose hub id it records (dynlora's
+    exports of adapters trained on a shipped model name its original), else the recorded name."""
+    shipped = {hub: name for name, hub in HUB_IDS.items()}
+    return shipped.get(name_or_path, name_or_path)
+
+
+def adapter_base_bits(adapter: str) -> int | None:
+    """4 or 8 when a dynlora adapter was trained on a quantised base (QLoRA); None otherwise (PEFT adapters do not
+    record it)."""
+    where = Path(adapter)
+    return read_adapter_meta(where)["base_model"].get("quantized_bits") if (where / CONFIG_NAME).is_file() else None
 
 
 @torch.no_grad()
