@@ -193,3 +193,11 @@ def save_tiny_llama(path, chat_template: str | None = CHATML, hidden: int = 32) 
 @pytest.fixture(scope="session")
 def tiny_chat_lm_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+@pytest.fixture(scope="session")
+def tmp_chat_tok(tiny_chat_lm_dir):
+    """The tiny chat model's tokenizer (MiniLM's, with ChatML's special tokens and template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_chat_lm_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -32,9 +33,11 @@ from .training.data import task_spec
 from .training.devices import resolve_device
 from .training.errors import USER_ERRORS, Interrupted
 from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file
+from .training.generation import check_decoding, conversation, model_inputs
 from .training.loop import TrainingRun
 from .training.metrics import format_metrics, glue_metrics
 from .training.report import write_report
+from .training.run_facts import read_run_facts
 from .training.settings import QUICK_STEPS, SETTINGS, TrainSettings, resumed_settings
 from .training.tasks import ClassifyTask, eval_task, loss_metrics
 
@@ -140,6 +143,8 @@ EVAL_SETTINGS = (
 
 def cmd_eval(args: argparse.Namespace) -> int:
     given = from_args(args, SETTINGS)
+    if "max_length" in read_run_facts(args.adapter):  # the run's own, unless --max-length says otherwise
+        given.setdefault("max_length", read_run_facts(args.adapter)["max_length"])
     if not given.get("task") and not given.get("dev_file"):
         raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
     defaults = TrainSettings()
@@ -192,6 +197,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
+    check_decoding(args.temperature, args.max_new_tokens)
+    turns = conversation(args.prompt, args.messages, args.system)
     quiet_transformers()
     device = resolve_device(from_args(args, SETTINGS).get("device", "auto"))
     if args.adapter:
@@ -204,19 +211,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not adapter_base_bits(args.adapter or ""):  # a quantised base was loaded onto its device
         model.to(device)
     model.eval()
-    chat = bool(tok.chat_template) if args.chat is None else args.chat
+    trained_on = read_run_facts(args.adapter).get("prompt_format", "chat")  # how the adapter was trained to read
+    chat = args.chat if args.chat is not None else bool(tok.chat_template) and trained_on == "chat"
     if chat and not tok.chat_template:
         raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if chat:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        inputs = tok(text, return_tensors="pt", add_special_tokens=False)
-    else:
-        inputs = tok(args.prompt, return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}  # no type ids
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    inputs = {k: v.to(device) for k, v in model_inputs(tok, turns, chat, positions, args.max_new_tokens).items()}
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         model.generate(
@@ -342,14 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue a prompt, or answer it as a chat turn, streaming the text")
-    p.add_argument("--prompt", required=True, help="the text to continue, or the user's message in --chat")
+    p.add_argument("--prompt", help="the text to continue, or the user's message in --chat")
+    p.add_argument(
+        "--messages", help="a conversation to answer instead of --prompt: a JSON list of {role, content} turns"
+    )
+    p.add_argument("--system", help="a system message before the conversation (with --chat)")
     p.add_argument("--adapter", help="a trained adapter directory (dynlora or PEFT format) on its base model")
     p.add_argument("--model", help="base model, or a merged one (default: the adapter's base, else smollm2)")
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="render the prompt as a user turn with the model's chat template (default: if it has one)",
+        help="render the prompt as a user turn with the model's chat template (default: if it has one and the "
+        "adapter was trained on chat data or a GLUE instruction; a prompt/completion or text adapter continues)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above: sampling")
@@ -405,18 +410,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Under torchrun every process meets the same error: the first one says it.
+    say = (lambda text: print(text, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda _: None)
     try:
         return args.func(args)
     except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        say(f"\n{e}")
         return 130
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, no traceback
-        print("\ninterrupted again: stopped at once; the last checkpoint (if any) is kept", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training step (loading, eval, generate, merge), or a second Ctrl-C
+        say("\ninterrupted: stopped at once; nothing is half-written (a training run keeps its last checkpoint)")
         return 130
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
 
 

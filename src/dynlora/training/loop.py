@@ -38,6 +38,7 @@ from .errors import Diverged, Interrupted
 from .metrics import run_score
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
+from .run_facts import write_run_facts
 from .run_log import RunLog
 from .settings import TrainSettings
 from .setup import build
@@ -135,6 +136,11 @@ class TrainingRun:
         self.step = step
         self.log.truncate(step)
 
+    def save_adapter(self, directory: Path) -> None:
+        """The adapter in its method's format, with what the run knows of its inputs (run_facts.py)."""
+        self.adapted.save(directory)
+        write_run_facts(directory, self.task.prompt_format, self.settings.max_length)
+
     def save_best(self, metrics: dict[str, dict[str, float]]) -> None:
         score = run_score(metrics)
         if self.best is not None and score <= self.best["score"]:
@@ -143,7 +149,7 @@ class TrainingRun:
         if self.writer:
 
             def write(tmp: Path) -> None:
-                self.adapted.save(tmp)
+                self.save_adapter(tmp)
                 write_json(tmp / "metrics.json", best)
 
             replace_directory(self.out / "best", write)
@@ -264,7 +270,7 @@ class TrainingRun:
         }
         if self.writer:
             write_json(self.out / "results.json", result)
-            replace_directory(self.out / "adapter", self.adapted.save)
+            replace_directory(self.out / "adapter", self.save_adapter)
         return result
 
     def _train_step(self) -> float | None:

@@ -55,7 +55,9 @@ class TrainSettings:
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     epochs: float = setting(1.0, "training epochs (used when --max-steps is 0)")
     max_steps: int = setting(
-        0, f"optimizer steps; overrides --epochs (0: use --epochs; with neither given: {QUICK_STEPS})"
+        0,
+        f"optimizer steps; overrides --epochs (0: use --epochs; with neither given: {QUICK_STEPS} on a GLUE task, "
+        "one epoch of --train-file)",
     )
     lr: float = setting(5e-4, "peak learning rate of AdamW")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -138,10 +140,11 @@ class TrainSettings:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> TrainSettings:
-        """From plain, already typed settings (a nested ``adapter`` dict included): the quick default length when
-        neither ``epochs`` nor ``max_steps`` is given, as ``dynlora train`` with no flags."""
+        """From plain, already typed settings (a nested ``adapter`` dict included): the quick default length on a
+        GLUE task when neither ``epochs`` nor ``max_steps`` is given, as ``dynlora train`` with no flags (a
+        ``train_file`` trains one epoch: a few hundred steps could be hundreds of epochs of a small file)."""
         settings = dict(settings)
-        if "max_steps" not in settings and "epochs" not in settings:
+        if "max_steps" not in settings and "epochs" not in settings and not settings.get("train_file"):
             settings["max_steps"] = QUICK_STEPS
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -25,7 +25,7 @@ from ..shipped_models import resolve_model_path
 from .base_model import BaseModel, center_regression_head, is_causal_lm, load_base, load_causal_lm
 from .data import TaskData, collate, load_task_data, task_spec, tokenize
 from .data.glue import Example, TaskSpec, load_glue
-from .data.instruct import conversation, instruction
+from .data.instruct import conversation, fitted, instruction
 from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_format, render_chat
 from .data.splits import command_glue_dir, subset
 from .devices import to_device
@@ -40,6 +40,7 @@ class Task(Protocol):
     name: str  # what results.json calls the task: a GLUE task or the training file
     labels: tuple[str, ...] | None  # class names in id order (classifiers)
     main_metric: str  # what the "main" score of an evaluation is, in words
+    prompt_format: str | None  # how inputs reach a language model: chat, completion, text, documents; None: a head
 
     def load_model(self, model: str | None, **loading: Any) -> BaseModel:
         """The base model and tokenizer; ``loading``: from_pretrained's arguments for a quantised base."""
@@ -64,6 +65,7 @@ class Task(Protocol):
 class ClassifyTask:
     data: TaskData
     name: str
+    prompt_format = None
 
     @property
     def labels(self) -> tuple[str, ...] | None:
@@ -112,6 +114,10 @@ class LanguageTask:
     @property
     def name(self) -> str:
         return self.train_file
+
+    @property
+    def prompt_format(self) -> str | None:
+        return lm_format(self.train_file)
 
     def load_model(self, model: str | None, **loading: Any) -> BaseModel:
         base = load_causal_lm(model, **loading)
@@ -179,6 +185,7 @@ def token_losses(
 class InstructTask:
     spec: TaskSpec
     splits: dict[str, list[Example]]
+    prompt_format = "chat"
 
     @property
     def name(self) -> str:
@@ -203,15 +210,19 @@ class InstructTask:
 
     def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
         train = subset(self.splits["train"], settings.max_train_samples, settings.seed)
-        length = settings.max_length
+        length, tok = settings.max_length, base.tokenizer
         return [
-            chat_features(conversation(self.spec, e), base.tokenizer, length, f"{self.name} training example {i}")
+            chat_features(conversation(self.spec, fitted(self.spec, e, tok, length)), tok, length, f"{self.name} #{i}")
             for i, e in enumerate(train, start=1)
         ]
 
     def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
-        limit, seed = settings.max_eval_samples, settings.seed
-        return {name: subset(x, limit, seed) for name, x in self.splits.items() if name != "train"}
+        limit, seed, length = settings.max_eval_samples, settings.seed, settings.max_length
+        return {
+            name: [fitted(self.spec, e, tokenizer, length) for e in subset(x, limit, seed)]
+            for name, x in self.splits.items()
+            if name != "train"
+        }
 
     @property
     def metric_task(self) -> str:

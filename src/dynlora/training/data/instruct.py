@@ -69,3 +69,26 @@ def conversation(spec: TaskSpec, example: Example) -> list[dict]:
     """The example as a chat: the question, then the label's answer word as the assistant's turn."""
     answer = instruction(spec).answers[int(example.label)]
     return user_turn(spec, example) + [{"role": "assistant", "content": answer}]
+
+
+def fitted(spec: TaskSpec, example: Example, tokenizer, max_length: int) -> Example:
+    """``example`` with its first text (the passage) cut from its end, by tokens, until the whole conversation
+    (question, texts, answer) fits in ``max_length``: the question and the answer are never cut. Training and
+    evaluation fit each example alike, so a model is scored on what it was trained to read."""
+    from .lm import render_chat  # lm imports this module's neighbours; imported here to keep the module light
+
+    text = example.text
+    for _ in range(8):  # re-tokenising a cut text can shift a token or two: a few rounds settle it
+        candidate = Example(text, example.text_pair, example.label)
+        rendered, _ = render_chat(conversation(spec, candidate), tokenizer)
+        excess = len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) - max_length
+        if excess <= 0:
+            return candidate
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if excess >= len(ids):
+            raise DataError(
+                f"{spec.name}: the question and answer alone are more than --max-length {max_length} tokens; "
+                "raise --max-length"
+            )
+        text = tokenizer.decode(ids[: len(ids) - excess])
+    raise DataError(f"{spec.name}: an example could not be cut to --max-length {max_length}; raise --max-length")

@@ -3,9 +3,12 @@
 - **prompt / completion** JSONL (``{"prompt": ..., "completion": ...}``): prompt tokens, then the completion's and an
   end-of-sequence token; only the completion (and its end) carries loss. A prompt too long for ``max_length`` is cut
   from its start; a completion that does not fit is an error.
-- **chat** JSONL (``{"messages": [{"role": ..., "content": ...}, ...]}``): rendered with the model's chat template;
-  only the assistant turns carry loss. Their spans are found by rendering each conversation up to every assistant
-  turn (the template's own text), so any template works without generation markers.
+- **chat** JSONL (``{"messages": [{"role": ..., "content": ...}, ...]}``, or ShareGPT's ``{"conversations":
+  [{"from": "human" | "gpt" | "system", "value": ...}]}``): rendered with the model's chat template; only the
+  assistant turns carry loss, and an assistant turn that does not fit in ``max_length`` is an error (as an
+  over-long completion is): cut silently, it would teach the model to stop mid-answer without its end of turn.
+  Their spans are found by rendering each conversation up to every assistant turn (the template's own text), so
+  any template works without generation markers.
 - **plain text** (``.txt``): tokenised whole and cut into ``max_length`` blocks, every token carrying loss.
 - **documents** JSONL (``{"text": ...}``, TRL's language-modelling shape): each line a document, tokenised and cut
   into blocks on its own (no block spans two documents), every token carrying loss. Each block keeps its
@@ -32,7 +35,7 @@ def lm_format(path: str | os.PathLike, label_col: str = "label") -> str | None:
     if path.suffix.lower() not in (".jsonl", ".json"):
         return None
     first = next(iter(read_records(path)), {})
-    if "messages" in first:
+    if "messages" in first or "conversations" in first:
         return "chat"
     if "prompt" in first and "completion" in first:
         return "completion"
@@ -50,7 +53,7 @@ def lm_features(path: str | os.PathLike, tokenizer: Any, max_length: int) -> lis
     if not records:
         raise DataError(f"{path} has no examples")
     if kind == "chat":
-        return [chat_features(r.get("messages"), tokenizer, max_length, f"{path}: example {i}")
+        return [chat_features(messages_of(r), tokenizer, max_length, f"{path}: example {i}")
                 for i, r in enumerate(records, start=1)]  # fmt: skip
     if kind == "completion":
         return [completion_features(r, tokenizer, max_length, f"{path}: example {i}")
@@ -93,12 +96,29 @@ def completion_features(record: dict, tokenizer: Any, max_length: int, where: st
     return _feature(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
 
 
-def _check_messages(messages: Any, where: str) -> None:
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def messages_of(record: dict) -> Any:
+    """A chat record's turns: its ``messages``, or ShareGPT's ``conversations`` (``from``/``value``) as messages."""
+    if "messages" in record:
+        return record["messages"]
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t for t in turns):
+        return turns
+    return [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")} for t in turns]
+
+
+def check_messages(messages: Any, where: str, need_assistant: bool = True) -> None:
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
         raise DataError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} with text content")
-    if not any(m["role"] == "assistant" for m in messages):
+    unknown = sorted({m["role"] for m in messages} - set(ROLES))
+    if unknown:  # a misspelled assistant turn would silently carry no loss
+        raise DataError(f"{where}: unknown role {unknown[0]!r}; a turn's role is one of {', '.join(ROLES)}")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to learn; every conversation needs one")
 
 
@@ -118,7 +138,7 @@ def render_chat(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple[i
 
 
 def chat_features(messages: Any, tokenizer: Any, max_length: int, where: str) -> dict:
-    _check_messages(messages, where)
+    check_messages(messages, where)
     text, spans = render_chat(messages, tokenizer)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"][:max_length], encoded["offset_mapping"][:max_length]
@@ -127,6 +147,13 @@ def chat_features(messages: Any, tokenizer: Any, max_length: int, where: str) ->
     ]
     if all(label == IGNORE for label in labels):
         raise DataError(f"{where}: the first assistant turn starts after --max-length {max_length} tokens")
+    kept = offsets[-1][1]  # characters of the rendered conversation that fit
+    cut = len(encoded["input_ids"]) > max_length
+    if cut and any(len(text[:end].rstrip()) > kept for _, end in spans):
+        raise DataError(
+            f"{where}: an assistant turn (with its end of turn) does not fit in --max-length {max_length} tokens "
+            f"({len(encoded['input_ids'])} in all); raise --max-length, or shorten or split the conversation"
+        )
     return _feature(ids, labels)
 
 

@@ -1,0 +1,163 @@
+"""Reliability round 3, an LLM user's run (docs/reliability.md): each test failed before its fix."""
+
+import importlib.metadata
+import json
+
+import pytest
+from test_cli_errors import run_cli
+
+import dynlora
+from dynlora import cli
+from dynlora.cli import main
+
+
+def test_the_installed_version_is_the_package_version():
+    assert importlib.metadata.version("dynlora") == dynlora.__version__
+
+
+def test_a_ctrl_c_outside_a_training_step_says_interrupted_once_without_a_traceback(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert main(["eval", "--task", "sst2"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: stopped at once" in err and "again" not in err and "Traceback" not in err
+
+
+def test_under_torchrun_only_the_first_process_prints_an_error(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--task", "colaa"]) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert run_cli(capsys, "train", "--task", "colaa").startswith("error: unknown GLUE task 'colaa'")
+
+
+def test_own_data_with_no_length_given_trains_one_epoch_and_a_glue_task_its_quick_steps():
+    from dynlora.training.settings import QUICK_STEPS, TrainSettings
+
+    assert TrainSettings.from_settings({"train_file": "x.jsonl"}).max_steps == 0  # --epochs' default: 1.0
+    assert TrainSettings.from_settings({"train_file": "x.jsonl"}).epochs == 1.0
+    assert TrainSettings.from_settings({"task": "rte"}).max_steps == QUICK_STEPS
+
+
+def chat_line(*turns) -> str:
+    return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
+
+
+def test_an_assistant_turn_cut_by_max_length_is_an_error_not_a_silent_cut(tmp_chat_tok):
+    from dynlora.training.data.lm import chat_features
+    from dynlora.training.errors import DataError
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 40}]
+    with pytest.raises(DataError, match="x: an assistant turn .* does not fit in --max-length 16 tokens"):
+        chat_features(messages, tmp_chat_tok, 16, "x")
+    assert chat_features(messages, tmp_chat_tok, 128, "x")  # it fits: no error
+
+
+@pytest.mark.parametrize("role", ["robot", "assistent"])
+def test_an_unknown_or_misspelled_chat_role_is_an_error_naming_it(tmp_chat_tok, role):
+    from dynlora.training.data.lm import chat_features
+    from dynlora.training.errors import DataError
+
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": role, "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
+    with pytest.raises(DataError, match=f"x: unknown role '{role}'; a turn's role is one of system, user, assistant"):
+        chat_features(messages, tmp_chat_tok, 128, "x")
+
+
+def test_sharegpt_conversations_are_chat_data(tmp_path, tmp_chat_tok):
+    from dynlora.training.data.lm import IGNORE, lm_features, lm_format
+
+    path = tmp_path / "sharegpt.jsonl"
+    turns = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    assert lm_format(path) == "chat"
+    (feature,) = lm_features(path, tmp_chat_tok, 64)
+    learned = [t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != IGNORE]
+    assert tmp_chat_tok.decode(learned) == "yo <|im_end|>"  # the gpt turn, as the assistant's
+
+
+def test_a_long_rte_passage_is_cut_the_same_way_in_training_and_evaluation(tmp_chat_tok):
+    from dynlora.training.data.glue import Example, task_spec
+    from dynlora.training.data.instruct import conversation, fitted
+    from dynlora.training.data.lm import chat_features
+
+    spec = task_spec("rte")
+    example = Example("a very long passage " * 30, "the short hypothesis", 0)
+    cut = fitted(spec, example, tmp_chat_tok, 64)
+    feature = chat_features(conversation(spec, cut), tmp_chat_tok, 64, "x")  # fits: no error
+    assert len(feature["input_ids"]) <= 64 and cut.text_pair == example.text_pair and cut.label == 0
+    assert example.text.startswith(cut.text.strip()) and len(cut.text) < len(example.text)  # only the passage is cut
+    short = Example("short", "hyp", 1)
+    assert fitted(spec, short, tmp_chat_tok, 64) == short
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ],
+)
+def test_generate_refuses_a_temperature_or_length_it_cannot_honour(capsys, flags, message):
+    assert message in run_cli(capsys, "generate", "--prompt", "hi", *flags)
+
+
+def test_generate_refuses_more_new_tokens_than_the_model_has_positions(capsys, tiny_chat_lm_dir):
+    line = run_cli(capsys, "generate", "--model", tiny_chat_lm_dir, "--prompt", "hi", "--max-new-tokens", 100000000)
+    assert "would pass the model's 256 positions; lower --max-new-tokens to at most" in line
+
+
+def test_generate_answers_a_conversation_with_a_system_message(capsys, tmp_path, tiny_chat_lm_dir):
+    from dynlora.training.generation import conversation
+
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                {"role": "user", "content": "and now"}]))  # fmt: skip
+    turns = conversation(None, str(path), "be brief")
+    assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
+    code = main(["generate", "--model", tiny_chat_lm_dir, "--messages", str(path), "--system", "be brief",
+                 "--max-new-tokens", "3"])  # fmt: skip
+    assert code == 0
+    assert "the last turn must be the user's" in run_cli(
+        capsys, "generate", "--model", tiny_chat_lm_dir, "--messages", _write(tmp_path / "b.json", turns[:3])
+    )
+
+
+def _write(path, turns) -> str:
+    path.write_text(json.dumps(turns))
+    return str(path)
+
+
+def test_eval_uses_the_runs_max_length_and_generate_continues_a_text_adapter(capsys, tmp_path, tiny_chat_lm_dir,
+                                                                              monkeypatch):  # fmt: skip
+    from test_language_models import quick
+    from test_user_faults import ok as run
+
+    from dynlora.training.run_facts import read_run_facts
+
+    train = tmp_path / "docs.jsonl"
+    train.write_text("".join(json.dumps({"text": f"line {i} " * 30}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    run(capsys, *quick(tiny_chat_lm_dir, train, out, "--method", "lora"))  # --max-length 64
+    assert read_run_facts(out / "adapter") == {"prompt_format": "documents", "max_length": 64}
+    trained = json.loads((out / "results.json").read_text())["metrics"]["validation"]["loss"]
+    assert f"loss {trained:.4f}" in run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train)
+    assert f"loss {trained:.4f}" not in run(
+        capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--max-length", 16
+    )
+    seen = {}
+    real = cli.model_inputs
+
+    def spy(tok, turns, chat, positions, max_new_tokens):
+        seen["chat"] = chat
+        return real(tok, turns, chat, positions, max_new_tokens)
+
+    monkeypatch.setattr(cli, "model_inputs", spy)
+    run(capsys, "generate", "--adapter", out / "adapter", "--prompt", "line 3", "--max-new-tokens", 2)
+    assert seen["chat"] is False  # a text adapter continues the text, though the model has a chat template
