@@ -85,3 +85,22 @@ def test_a_half_precision_base_gets_float32_adapters_and_merges_in_its_own_dtype
         after = model(input_ids=ids).logits
     assert layer.base_layer.weight.dtype == dtype and before.dtype == dtype
     assert torch.allclose(before.float(), after.float(), atol=0.1, rtol=0.05)  # equal up to half precision
+
+
+def test_fp16_gives_up_retrying_a_gradient_that_overflows_at_every_scale():
+    from dynlora.training.devices import MAX_RETRIES
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    precision = Precision("fp16", torch.device("cpu"))
+    retries = 0
+    while retries <= 100:  # before the bound, this retried forever
+        precision.backward((weight * 2).sum())
+        weight.grad.fill_(float("inf"))  # non-finite whatever the scale: the model's, not the scaler's
+        precision.unscale(optimizer)
+        if not precision.retry_after_overflow(6.0):
+            break
+        optimizer.zero_grad()
+        retries += 1
+    assert retries == MAX_RETRIES
+    assert precision.retry_after_overflow(6.0)  # the count starts again for the next step

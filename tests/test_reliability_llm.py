@@ -161,3 +161,49 @@ def test_eval_uses_the_runs_max_length_and_generate_continues_a_text_adapter(cap
     monkeypatch.setattr(cli, "model_inputs", spy)
     run(capsys, "generate", "--adapter", out / "adapter", "--prompt", "line 3", "--max-new-tokens", 2)
     assert seen["chat"] is False  # a text adapter continues the text, though the model has a chat template
+
+
+def test_compare_on_own_data_names_the_file_and_shows_the_loss(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_language_models import chat_file
+    from test_user_faults import ok as run
+
+    train = chat_file(tmp_path / "chat.jsonl")
+    args = ["compare", "--model", tiny_chat_lm_dir, "--train-file", train, "--dev-file", train, "--methods", "lora"]
+    args += ["--seeds", "0", "--max-steps", 2, "--batch-size", 4, "--max-length", 64, "--rank", 2]
+    printed = run(capsys, *args, "--target-modules", "all-linear", "--output-dir", tmp_path / "c", "--no-progress")
+    assert "| chat.jsonl (loss, lower is better) |" in printed and "sst2" not in printed
+    (row,) = [line for line in printed.splitlines() if line.startswith("| lora |")]
+    loss = json.loads((tmp_path / "c" / "results.jsonl").read_text())["metrics"]["validation"]["loss"]
+    assert f"{loss:.2f} ± 0.00 (n=1)" in row and (tmp_path / "c" / "chat.jsonl" / "lora" / "seed0").is_dir()
+
+
+def test_an_empty_language_model_dev_file_is_called_empty(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_language_models import chat_file, quick
+
+    train, dev = chat_file(tmp_path / "chat.jsonl"), tmp_path / "dev.jsonl"
+    dev.write_text("")
+    args = quick(tiny_chat_lm_dir, train, tmp_path / "run")
+    args[args.index("--dev-file") + 1] = dev
+    assert f"--dev-file {dev} is empty" in run_cli(capsys, *args)
+
+
+def test_a_training_file_edited_before_resume_is_refused(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_language_models import chat_file, quick
+    from test_user_faults import ok as run
+
+    train = chat_file(tmp_path / "chat.jsonl")
+    out = tmp_path / "run"
+    run(capsys, *quick(tiny_chat_lm_dir, train, out, "--method", "lora"))
+    chat_file(train, n=12)  # fewer examples: another run's data
+    line = run_cli(capsys, "train", "--output-dir", out, "--resume")
+    assert f"{train} has changed since checkpoint" in line and "put the file back as it was" in line
+
+
+def test_a_run_saved_before_the_pooler_was_trained_resumes_with_it_frozen():
+    from dynlora.training.settings import resumed_settings
+
+    old = {"task": "rte", "method": "lora", "max_steps": 4, "adapter": {"rank": 2}}  # its config.json had no such key
+    settings, _ = resumed_settings(old, {}, "runs/x")
+    assert settings.adapter.train_untrained_pooler is False
+    new = {**old, "adapter": {"rank": 2, "train_untrained_pooler": True}}
+    assert resumed_settings(new, {}, "runs/x")[0].adapter.train_untrained_pooler is True

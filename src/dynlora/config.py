@@ -55,6 +55,11 @@ class DynamicLoRAConfig:
         "extra modules kept fully trainable and saved with the adapter; default: the task head of a "
         "classification model; an empty list: none",
     )
+    train_untrained_pooler: bool = setting(
+        True,
+        "with the default modules_to_save: also train a pooler the checkpoint never trained (all-zero bias, as a "
+        "sentence-transformers model ships it), which a frozen head would read almost constant features through",
+    )
     rank_pattern: dict[str, int] = setting({}, "per-layer initial rank: {name regex: rank}, matched like PEFT's")
     alpha_pattern: dict[str, float] = setting({}, "per-layer alpha: {name regex: alpha}")
     reallocate: bool = setting(True, "move rank between layers during training (off: a static allocation)")

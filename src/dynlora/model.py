@@ -67,7 +67,8 @@ class DynamicLoRAModel(nn.Module):
         # Carry the base model's forward signature: tools read it (Trainer drops dataset columns it does not name).
         self.forward = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
         if _saved_modules is None:
-            wanted = default_modules_to_save(model) if config.modules_to_save is None else config.modules_to_save
+            default = default_modules_to_save(model, config.train_untrained_pooler)
+            wanted = default if config.modules_to_save is None else config.modules_to_save
             _saved_modules = resolve_saved_modules(model, wanted)
         self.saved_module_names = list(_saved_modules)
         specs = _specs if _specs is not None else resolve_specs(model, config, self.saved_module_names)

@@ -67,15 +67,16 @@ def default_target_modules(model: nn.Module) -> list[str]:
     )
 
 
-def default_modules_to_save(model: nn.Module) -> list[str]:
+def default_modules_to_save(model: nn.Module, with_untrained_pooler: bool = True) -> list[str]:
     """The task head of a classification or QA model (text, image, audio: ``...ForXClassification``), with any
-    pooler it reads through that was never trained (:func:`untrained_poolers`); nothing for base or generative
-    models."""
+    pooler it reads through that was never trained (:func:`untrained_poolers`) unless ``with_untrained_pooler`` is
+    off; nothing for base or generative models."""
     cls = type(model).__name__
     if not cls.endswith(("Classification", "ForQuestionAnswering")):
         return []
     children = dict(model.named_children())
-    return [n for n in HEAD_MODULE_NAMES if n in children] + untrained_poolers(model)
+    heads = [n for n in HEAD_MODULE_NAMES if n in children]
+    return heads + (untrained_poolers(model) if with_untrained_pooler else [])
 
 
 @torch.no_grad()

@@ -46,9 +46,15 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(
-    root: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor], state: dict, identity: dict[str, Any]
+    root: str | os.PathLike,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    state: dict,
+    identity: dict[str, Any],
+    data: dict[str, str] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` and make it the latest; older ones are removed after."""
+    """Write checkpoint ``step`` under ``root`` and make it the latest; older ones are removed after. ``data``: the
+    SHA-256 of each file the run trains on, checked when it resumes."""
     root = Path(root)
     name = f"step-{step:08d}"
     tmp = root / f".{name}.tmp"
@@ -62,7 +68,9 @@ def save_checkpoint(
         files = {f: _sha256(tmp / f) for f in (WEIGHTS, STATE)}
         (tmp / MANIFEST).write_text(
             json.dumps(
-                {"format_version": CHECKPOINT_VERSION, "step": step, "identity": identity, "sha256": files}, indent=2
+                {"format_version": CHECKPOINT_VERSION, "step": step, "identity": identity, "sha256": files}
+                | ({"data": data} if data else {}),
+                indent=2,
             )
         )
         for f in (WEIGHTS, STATE, MANIFEST):
@@ -100,9 +108,13 @@ def _differences(theirs: Any, ours: Any, prefix: str = "") -> list[tuple[str, An
     return [] if theirs == ours else [(prefix[:-1], theirs, ours)]
 
 
-def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, int]:
+def load_checkpoint(
+    root: str | os.PathLike, identity: dict[str, Any], data: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict, int]:
     """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums, brought to
-    the current format, and checked against the ``identity`` of the run that wants to resume from it."""
+    the current format, and checked against the ``identity`` of the run that wants to resume from it and against
+    the contents of its training files (``data``, as :func:`save_checkpoint` took it; checkpoints written before
+    it was recorded are not checked)."""
     path = latest_checkpoint(root)
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {root} (no {LATEST} file); drop --resume to start")
@@ -122,7 +134,18 @@ def load_checkpoint(root: str | os.PathLike, identity: dict[str, Any]) -> tuple[
             f"checkpoint {path} is from another run: {key} was {theirs!r}, now {ours!r}; "
             "resume with the same settings or use a new --output-dir"
         )
+    for file, digest in (data or {}).items():
+        if manifest.get("data", {}).get(file, digest) != digest:
+            raise CheckpointError(
+                f"{file} has changed since checkpoint {path} was written: a resumed run would train on other data; "
+                "put the file back as it was, or start a new --output-dir"
+            )
     return load_file(str(path / WEIGHTS)), state, int(manifest["step"])
+
+
+def data_digests(*files: str | None) -> dict[str, str]:
+    """The SHA-256 of each training file given, by its path: what :func:`load_checkpoint` checks on resume."""
+    return {file: _sha256(Path(file)) for file in files if file and Path(file).is_file()}
 
 
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

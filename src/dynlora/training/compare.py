@@ -100,7 +100,9 @@ def plan_from(
     if not all(s.lstrip("-").isdigit() for s in seed_list):
         raise ValueError(f"--seeds must be comma-separated whole numbers, got {','.join(seed_list)}")
     return ComparePlan(
-        tasks=[task_spec(t).name for t in _csv(tasks or plan_file.get("tasks") or "sst2")],
+        tasks=[Path(base["train_file"]).name]
+        if base.get("train_file")
+        else [task_spec(t).name for t in _csv(tasks or plan_file.get("tasks") or "sst2")],
         methods=_csv(methods or plan_file.get("methods") or ",".join(DEFAULT_METHODS)),
         seeds=[int(s) for s in seed_list],
         output_dir=output_dir,
@@ -174,9 +176,25 @@ def run_comparison(
     return read_results(path)
 
 
+def shown_score(metrics: dict[str, dict[str, float]]) -> float:
+    """What a table shows of a run: its main metric × 100, or a language model's loss as it is (lower is better)."""
+    if all("loss" in split for split in metrics.values()):
+        return float(sum(split["loss"] for split in metrics.values()) / len(metrics))
+    return 100 * run_score(metrics)
+
+
+def metric_label(task: str, results: list[dict[str, Any]]) -> str:
+    """How a table's column names the score: the GLUE metric, loss (lower is better) or accuracy/correlation."""
+    if task in MAIN_METRICS:
+        return "/".join(MAIN_METRICS[task])
+    metrics = next((r["metrics"] for r in results if r["task"] == task), {})
+    split = next(iter(metrics.values()), {})
+    return "loss, lower is better" if "loss" in split else "/".join(k for k in split if k != "main") or "main"
+
+
 def seed_stats(results: list[dict[str, Any]], task: str, method: str) -> tuple[float, float, int] | None:
-    """(mean, std, n) over seeds of the main metric × 100 of ``method`` on ``task``; None before any run ended."""
-    scores = [100 * run_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
+    """(mean, std, n) over seeds of the shown score of ``method`` on ``task``; None before any run ended."""
+    scores = [shown_score(r["metrics"]) for r in results if r["task"] == task and r["method"] == method]
     if not scores:
         return None
     return statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0, len(scores)
@@ -184,7 +202,7 @@ def seed_stats(results: list[dict[str, Any]], task: str, method: str) -> tuple[f
 
 def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
     """Markdown: methods × tasks, mean ± std (×100) of the task's main metric over seeds, and the average."""
-    header = "| method | params | " + " | ".join(f"{t} ({'/'.join(MAIN_METRICS[t])})" for t in tasks) + " | avg |"
+    header = "| method | params | " + " | ".join(f"{t} ({metric_label(t, results)})" for t in tasks) + " | avg |"
     lines = [header, "|" + "---|" * (len(tasks) + 3)]
     for method in methods:
         stats = [seed_stats(results, task, method) for task in tasks]

@@ -35,6 +35,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+MAX_RETRIES = 24  # halvings of fp16's loss scale: from its start, 2^16, down to 2^-8
+
+
 class Precision:
     """Autocast and, for fp16, loss scaling, on ``device``."""
 
@@ -42,6 +45,7 @@ class Precision:
         self.name, self.device = name, device
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.retries = 0  # overflow retries since the last step taken
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -52,6 +56,7 @@ class Precision:
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.retries = 0
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -60,9 +65,12 @@ class Precision:
 
     def retry_after_overflow(self, loss: float) -> bool:
         """After a step with non-finite gradients: whether it was fp16's scaled gradients overflowing with a finite
-        loss (then the scale is lowered and the step retried, not counted as non-finite)."""
-        if self.scaler is None or not math.isfinite(loss):
+        loss (then the scale is lowered and the step retried, not counted as non-finite). At most MAX_RETRIES in a
+        row: a gradient that is non-finite at every scale is the model's, and counts as a non-finite step."""
+        if self.scaler is None or not math.isfinite(loss) or self.retries >= MAX_RETRIES:
+            self.retries = 0
             return False
+        self.retries += 1
         self.scaler.update()
         return True
 

@@ -26,6 +26,7 @@ from ..input_adaptation import InputNorm
 from ..io import replace_directory, write_json
 from .base_model import BaseModel
 from .checkpoint import (
+    data_digests,
     latest_checkpoint,
     load_checkpoint,
     restore_run_state,
@@ -59,6 +60,7 @@ class TrainingRun:
         self.precision = Precision(settings.precision, self.device)
         self.process_index, self.world = init_distributed(self.device)
         self.run_dir = RunDirectory(self.out)
+        self.data = data_digests(settings.train_file)  # checked on resume: an edited file is other data
         if self.writer:
             self.run_dir.claim(settings.resume)
         try:
@@ -121,11 +123,12 @@ class TrainingRun:
             counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
             state = run_state(self.optimizer, self.scheduler, self.adapted.state_dict(), counters)
             tensors = trainable_tensors(self.model)
-            save_checkpoint(self.out / "checkpoints", self.step, tensors, state, self.settings.identity())
+            identity = self.settings.identity()
+            save_checkpoint(self.out / "checkpoints", self.step, tensors, state, identity, self.data)
         barrier(self.world)
 
     def restore(self) -> None:
-        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity())
+        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity(), self.data)
         missing = {k for k in set(trainable_tensors(self.model)) - set(tensors) if not InputNorm.is_unfolded(k)}
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
@@ -198,7 +201,7 @@ class TrainingRun:
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc=f"{s.method} {s.task}",
+            desc=f"{s.method} {Path(self.task.name).name}",
             disable=not s.progress or not self.writer,
             dynamic_ncols=True,
         )

@@ -15,6 +15,8 @@ a full-precision base.
 Format 5: ``input_norm_every`` recorded for Dynamic LoRA; every earlier run folded its input statistics in after
 every step.
 Format 6: ``loraplus_lr_ratio`` recorded; every earlier run left it to the method (none but peft-loraplus's 16).
+Format 7: ``lr_schedule`` and ``adapter.train_untrained_pooler`` recorded; every earlier run decayed its lr
+linearly and left an untrained pooler frozen.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 6
+CHECKPOINT_VERSION = 7
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -78,12 +80,19 @@ def _v5_to_v6(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": {**manifest["identity"], "loraplus_lr_ratio": None}}, state
 
 
+def _v6_to_v7(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    identity = {"lr_schedule": "linear", **manifest["identity"]}
+    identity["adapter"] = {**identity["adapter"], "train_untrained_pooler": False}  # no earlier run trained one
+    return {**manifest, "identity": identity}, state
+
+
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
     3: _v3_to_v4,
     4: _v4_to_v5,
     5: _v5_to_v6,
+    6: _v6_to_v7,
 }
 
 

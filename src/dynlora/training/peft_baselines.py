@@ -29,7 +29,7 @@ from .adapted import SampleBatches, adamw
 LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
 EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
 
-PEFT_SETTINGS = ("target_modules", "rank", "alpha", "dropout", "modules_to_save")
+PEFT_SETTINGS = ("target_modules", "rank", "alpha", "dropout", "modules_to_save", "train_untrained_pooler")
 
 
 class PeftAdapted:
@@ -110,7 +110,8 @@ class Peft:
         from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
         targets = config.target_modules if config.target_modules is not None else default_target_modules(base)
-        saved = default_modules_to_save(base) if config.modules_to_save is None else config.modules_to_save
+        default = default_modules_to_save(base, config.train_untrained_pooler)
+        saved = default if config.modules_to_save is None else config.modules_to_save
         common = dict(
             target_modules=targets, lora_alpha=config.alpha, lora_dropout=config.dropout, modules_to_save=saved or None
         )

@@ -173,7 +173,8 @@ def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -
     """The settings of a run being resumed: those it was started with (its ``config.json``, ``saved``), with the
     ``given`` ones that do not change what it computes (output, logging, evaluation) applied. A given setting that
     would change the run is an error naming it. Returns the settings and the changes applied, as text."""
-    merged = {**saved, "adapter": dict(saved.get("adapter") or {})}
+    # A run saved before train_untrained_pooler existed left an untrained pooler frozen (migrations.py, format 7).
+    merged = {**saved, "adapter": {"train_untrained_pooler": False, **(saved.get("adapter") or {})}}
     changes = []
     for key, value in given.items():
         pairs = value.items() if key == "adapter" else [(key, value)]

@@ -333,6 +333,9 @@ def load_task(settings: Any) -> Task:
                 "--objective lm needs --train-file (and --dev-file) of prompt/completion, chat or text JSONL, or plain "
                 ".txt"
             )
+        dev = Path(settings.dev_file) if settings.dev_file else None
+        if dev is not None and dev.is_file() and not dev.read_text(encoding="utf-8", errors="replace").strip():
+            raise DataError(f"--dev-file {dev} is empty: give it examples in the format of --train-file")
         if lm_format(settings.dev_file) is None:
             raise DataError(f"--dev-file {settings.dev_file} is not language-model data like --train-file")
         return LanguageTask(settings.train_file, settings.dev_file)
