@@ -288,6 +288,7 @@ def test_what_a_person_sees_loads_quietly(tmp_path, tiny_model_dir):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("dynamic on ")  # the command's own first line comes first
     assert "\x1b[" not in done.stdout + done.stderr and "Loading weights" not in done.stderr
+    assert "Skipping publisher trust check" not in done.stderr and "gemm_4bit" not in done.stderr  # bitsandbytes
 
 
 def test_the_report_names_its_axes_and_metric_and_a_stopped_run(capsys, tmp_path, tiny_model_dir):

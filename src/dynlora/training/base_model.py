@@ -35,11 +35,13 @@ class BaseModel:
 
 
 def quiet_transformers() -> None:
-    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here; so is
-    bitsandbytes' note, at import (peft imports it), that an optional CPU kernel package is missing."""
+    """A task head is always new when fine-tuning: transformers' per-load report of it is noise here; so are
+    bitsandbytes' notes, at import (peft imports it), that an optional CPU kernel is not in the local cache and
+    that the hub was not asked about it (offline)."""
     import transformers
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
