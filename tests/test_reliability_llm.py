@@ -207,3 +207,17 @@ def test_a_run_saved_before_the_pooler_was_trained_resumes_with_it_frozen():
     assert settings.adapter.train_untrained_pooler is False
     new = {**old, "adapter": {"rank": 2, "train_untrained_pooler": True}}
     assert resumed_settings(new, {}, "runs/x")[0].adapter.train_untrained_pooler is True
+
+
+def test_a_language_model_run_adapts_every_linear_layer_and_names_what_it_trains(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_language_models import chat_file, quick
+    from test_user_faults import ok as run
+
+    train = chat_file(tmp_path / "chat.jsonl")
+    args = quick(tiny_chat_lm_dir, train, tmp_path / "run")
+    del args[args.index("--target-modules") : args.index("--target-modules") + 2]  # no target given
+    printed = run(capsys, *args)
+    assert printed.splitlines()[0].startswith(f"dynamic on {train} ({tiny_chat_lm_dir}, lm, chat data): ")
+    ranks = json.loads((tmp_path / "run" / "results.json").read_text())["ranks"]
+    assert {name.rsplit(".", 1)[-1] for name in ranks} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}  # fmt: skip

@@ -102,6 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if isinstance(run.task, ClassifyTask):
         poolers = [name.rsplit(".", 2)[-2] + ".pooler" for name in untrained_poolers(run.model)]
         trained += " + new task head" + "".join(f" + {p}, never trained in this checkpoint" for p in poolers)
+    if run.task.prompt_format is not None:  # a language model: which one, trained for what, on what data
+        objective = "instruct" if settings.train_file is None else "lm"
+        where += f" ({settings.model or 'smollm2'}, {objective}, {run.task.prompt_format} data)"
     say(
         f"{settings.method} on {where}: {len(run.train_features)} training examples, {run.total_steps} steps, "
         f"{run.adapted.trainable_parameters():,} trainable parameters ({trained}) -> {settings.output_dir}"

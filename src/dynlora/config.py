@@ -37,7 +37,7 @@ class DynamicLoRAConfig:
         None,
         "layers to adapt: module names matched as PEFT does (an entry equals the name or its last parts), "
         "all-linear (every linear layer but the output layer), or one regex for the whole name; default: the "
-        "attention projections of the model's family",
+        "attention projections of the model's family (dynlora train on a language model: all-linear)",
     )
     rank: int = setting(8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget")
     alpha: float = setting(

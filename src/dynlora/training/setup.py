@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..config import DynamicLoRAConfig
+from ..targets import ALL_LINEAR
 from .adapted import AdaptedModel
 from .base_model import BaseModel, quantized_loading
 from .data import BatchStream
@@ -44,8 +47,17 @@ def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, An
     if not getattr(base.model, "is_quantized", False):  # a quantised base was loaded onto its device
         base.model.to(run.device)  # before wrapping: the adapters and the engine's state are made where it is
     batches = first_batches(stream, run.device)
-    adapted = get_method(s.method).wrap(base.model, s.adapter, run.total_steps, batches)
+    adapted = get_method(s.method).wrap(base.model, adapter_config(s.adapter, task), run.total_steps, batches)
     return task, base.tokenizer, stream, eval_sets, adapted
+
+
+def adapter_config(config: DynamicLoRAConfig, task: Task) -> DynamicLoRAConfig:
+    """The adapter settings a run wraps its model with: a language model (a task that writes prompts) gets every
+    linear projection when no target is given, as LLM fine-tuning recipes do (QLoRA, PEFT's ``all-linear``); a
+    classifier gets its family's default targets."""
+    if config.target_modules is None and task.prompt_format is not None:
+        return dataclasses.replace(config, target_modules=ALL_LINEAR)
+    return config
 
 
 def first_batches(stream: BatchStream, device: torch.device):
