@@ -221,3 +221,23 @@ def test_a_language_model_run_adapts_every_linear_layer_and_names_what_it_trains
     ranks = json.loads((tmp_path / "run" / "results.json").read_text())["ranks"]
     assert {name.rsplit(".", 1)[-1] for name in ranks} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"}  # fmt: skip
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = MixtralConfig(**sizes, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return MixtralForCausalLM(config)
+
+
+def test_target_entries_that_match_nothing_and_frozen_experts_are_said_not_skipped_silently():
+    from dynlora import DynamicLoRAConfig, get_dynlora_model
+
+    classic = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]  # Mixtral's names before transformers 5
+    with pytest.warns(UserWarning, match=r"target_modules 'w1', 'w2', 'w3' match no adaptable layer") as caught:
+        get_dynlora_model(tiny_mixtral(), DynamicLoRAConfig(rank=2, target_modules=classic))
+    assert any("fused 3-D weights" in str(w.message) and "stay frozen" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match=r"fused 3-D weights \(model\.layers\.0\.mlp\.experts\.") as caught:
+        get_dynlora_model(tiny_mixtral(), DynamicLoRAConfig(rank=2, target_modules="all-linear"))
+    assert not any("match no adaptable layer" in str(w.message) for w in caught)  # all-linear names no entry

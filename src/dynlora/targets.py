@@ -4,6 +4,7 @@ and pattern matching, per-layer specs, and replacing a child module."""
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,8 @@ def all_linear(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str]) -> list[str]:
     """Names of the modules to adapt, in model order; a clear ValueError when nothing (adaptable) matches.
     ``exclude``: full names of modules (and everything inside them) never to adapt, such as a saved task head."""
-    if targets == ALL_LINEAR:
+    given_all_linear = targets == ALL_LINEAR
+    if given_all_linear:
         targets = all_linear(model)
     found, wrong_type = [], []
     for name, module in model.named_modules():
@@ -142,6 +144,21 @@ def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str])
         raise ValueError(
             f"target_modules {targets!r} matched no module of this {type(model).__name__}. "
             f"Candidates: {candidate_summary(model)}"
+        )
+    if isinstance(targets, list) and not given_all_linear:
+        unmatched = [t for t in targets if not any(name_matches([t], n) for n in found)]
+        if unmatched:  # a recipe written for another family adapts less than it says: never silently
+            warnings.warn(
+                f"target_modules {', '.join(map(repr, unmatched))} match no adaptable layer of this "
+                f"{type(model).__name__} and are left out (candidates: {candidate_summary(model)})",
+                stacklevel=3,
+            )
+    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and "expert" in n]
+    if fused:
+        warnings.warn(
+            f"{len(fused)} fused 3-D weights ({fused[0]}, ...: mixture-of-experts experts) are not adapted and stay "
+            "frozen: dynlora adapts nn.Linear and Conv1D layers only",
+            stacklevel=3,
         )
     return found
 
