@@ -282,7 +282,11 @@ def main() -> None:
         unit, over = UNITS[name]
         floor = root / name / "floors.json"
         floor_text = json.loads(floor.read_text())["summary"] if floor.is_file() else "not measured yet (--floors)"
-        parts.append(f"""### {name}: {unit}, scored on the {over}
+        planned = len(plan["methods"]) * (len(plan["lr_grid"]) + len(plan["seeds"]) - 1)
+        rank = plan["base"]["adapter"]["rank"]
+        done = sum(r["rank"] == rank for r in table.runs)
+        status = "complete" if done >= planned else f"**partial**: {done} of {planned} runs"
+        parts.append(f"""### {name}: {unit}, scored on the {over} ({status})
 
 Held-out selection (seed 0; best held-out score @ its step; ↑: the run's best evaluation was its last, still
 rising when it stopped):
@@ -305,7 +309,10 @@ Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
     lines, fig = frontier(plan, table)
     if fig is not None and not args.no_write:
         fig.savefig(root / "frontier.png", dpi=110)
-    parts.append(f"""### The budget frontier ({plan["frontier"]["table"]})
+    frontier_plan = plan["frontier"]
+    planned = len(frontier_plan["ranks"]) * len(frontier_plan["methods"]) * len(plan["seeds"])
+    done = sum(r["rank"] in frontier_plan["ranks"] for r in table.runs)
+    parts.append(f"""### The budget frontier ({frontier_plan["table"]}; {done} of {planned} runs)
 
 **Target: Dynamic LoRA at budget B ≥ static LoRA at 2B for some B**:
 
