@@ -11,6 +11,7 @@ from test_cli_errors import run_cli
 from test_user_faults import ok as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dynlora.training.answers import answer_scores, choose_answers
 from dynlora.training.data.glue import Example, task_spec
 from dynlora.training.data.instruct import INSTRUCTIONS, Instruction, conversation, instruction
 from dynlora.training.data.lm import (
@@ -22,7 +23,7 @@ from dynlora.training.data.lm import (
     text_features,
 )
 from dynlora.training.errors import DataError
-from dynlora.training.tasks import answer_scores, choose_answers, language_metrics
+from dynlora.training.tasks import language_metrics
 
 
 @pytest.fixture(scope="module")

@@ -151,14 +151,16 @@ def test_eval_uses_the_runs_max_length_and_generate_continues_a_text_adapter(cap
     assert f"loss {trained:.4f}" not in run(
         capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--max-length", 16
     )
+    from dynlora.training import generation
+
     seen = {}
-    real = cli.model_inputs
+    real = generation.model_inputs
 
     def spy(tok, turns, chat, positions, max_new_tokens):
         seen["chat"] = chat
         return real(tok, turns, chat, positions, max_new_tokens)
 
-    monkeypatch.setattr(cli, "model_inputs", spy)
+    monkeypatch.setattr(generation, "model_inputs", spy)
     run(capsys, "generate", "--adapter", out / "adapter", "--prompt", "line 3", "--max-new-tokens", 2)
     assert seen["chat"] is False  # a text adapter continues the text, though the model has a chat template
 

@@ -16,8 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .io import new_directory, write_jsonl
 from .targets import untrained_poolers
 from .training.base_model import (
@@ -33,7 +31,7 @@ from .training.data import task_spec
 from .training.devices import resolve_device
 from .training.errors import USER_ERRORS, Interrupted
 from .training.fields import add_flags, from_args, from_mapping, merge, read_config_file
-from .training.generation import check_decoding, conversation, model_inputs
+from .training.generation import GenerateSettings, generate
 from .training.loop import TrainingRun
 from .training.metrics import format_metrics, glue_metrics
 from .training.report import write_report
@@ -146,8 +144,9 @@ EVAL_SETTINGS = (
 
 def cmd_eval(args: argparse.Namespace) -> int:
     given = from_args(args, SETTINGS)
-    if "max_length" in read_run_facts(args.adapter):  # the run's own, unless --max-length says otherwise
-        given.setdefault("max_length", read_run_facts(args.adapter)["max_length"])
+    facts = read_run_facts(args.adapter)
+    if "max_length" in facts:  # the run's own, unless --max-length says otherwise
+        given.setdefault("max_length", facts["max_length"])
     if not given.get("task") and not given.get("dev_file"):
         raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
     defaults = TrainSettings()
@@ -198,37 +197,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from transformers import TextStreamer
-
-    check_decoding(args.temperature, args.max_new_tokens)
-    turns = conversation(args.prompt, args.messages, args.system)
-    quiet_transformers()
-    device = resolve_device(from_args(args, SETTINGS).get("device", "auto"))
-    if args.adapter:
-        model, tok = load_adapted(args.adapter, args.model, device=device)  # a QLoRA adapter on its 4-bit base
-        if not is_causal_lm(type(model.model).__name__):
-            raise ValueError(f"{args.adapter} adapts a {type(model.model).__name__}: generate needs a causal LM")
-    else:
-        base = load_causal_lm(args.model)
-        model, tok = base.model, base.tokenizer
-    if not adapter_base_bits(args.adapter or ""):  # a quantised base was loaded onto its device
-        model.to(device)
-    model.eval()
-    trained_on = read_run_facts(args.adapter).get("prompt_format", "chat")  # how the adapter was trained to read
-    chat = args.chat if args.chat is not None else bool(tok.chat_template) and trained_on == "chat"
-    if chat and not tok.chat_template:
-        raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    inputs = {k: v.to(device) for k, v in model_inputs(tok, turns, chat, positions, args.max_new_tokens).items()}
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-            **sampling,
-        )
+    device = from_args(args, SETTINGS).get("device", "auto")
+    fields = ("prompt", "messages", "system", "adapter", "model", "chat", "max_new_tokens", "temperature")
+    generate(GenerateSettings(**{f: getattr(args, f) for f in fields}, device=device))
     return 0
 
 

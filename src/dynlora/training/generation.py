@@ -5,11 +5,67 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .base_model import adapter_base_bits, is_causal_lm, load_adapted, load_causal_lm, quiet_transformers
 from .data.lm import check_messages
+from .devices import resolve_device
 from .errors import DataError
+from .run_facts import read_run_facts
+
+
+@dataclass
+class GenerateSettings:
+    """What ``dynlora generate`` was asked (its flags' help says what each is)."""
+
+    prompt: str | None = None
+    messages: str | None = None
+    system: str | None = None
+    adapter: str | None = None
+    model: str | None = None
+    chat: bool | None = None  # None: a chat turn if the model has a template and the adapter was trained on chat
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    device: str = "auto"
+
+
+def generate(s: GenerateSettings) -> None:
+    """Stream the model's continuation (or answer) to stdout."""
+    from transformers import TextStreamer
+
+    check_decoding(s.temperature, s.max_new_tokens)
+    turns = conversation(s.prompt, s.messages, s.system)
+    quiet_transformers()
+    device = resolve_device(s.device)
+    if s.adapter:
+        model, tok = load_adapted(s.adapter, s.model, device=device)  # a QLoRA adapter on its 4-bit base
+        if not is_causal_lm(type(model.model).__name__):
+            raise ValueError(f"{s.adapter} adapts a {type(model.model).__name__}: generate needs a causal LM")
+    else:
+        base = load_causal_lm(s.model)
+        model, tok = base.model, base.tokenizer
+    if not adapter_base_bits(s.adapter or ""):  # a quantised base was loaded onto its device
+        model.to(device)
+    model.eval()
+    trained_on = read_run_facts(s.adapter).get("prompt_format", "chat")  # how the adapter was trained to read
+    chat = s.chat if s.chat is not None else bool(tok.chat_template) and trained_on == "chat"
+    if chat and not tok.chat_template:
+        raise ValueError("the model has no chat template: drop --chat to continue the prompt as plain text")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    inputs = {k: v.to(device) for k, v in model_inputs(tok, turns, chat, positions, s.max_new_tokens).items()}
+    sampling = {"do_sample": True, "temperature": s.temperature} if s.temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            max_new_tokens=s.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
+            **sampling,
+        )
 
 
 def check_decoding(temperature: float, max_new_tokens: int) -> None:
