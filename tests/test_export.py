@@ -135,3 +135,6 @@ def test_an_adapter_whose_base_is_gone_says_to_pass_model(tmp_path):
     with pytest.raises(ValueError, match="was trained on the base model .*base': pass --model with that model's"):
         load_adapted(str(tmp_path / "adapter"))
     assert load_adapted(str(tmp_path / "adapter"), str(tmp_path / "moved"))[0] is not None
+    with pytest.raises(ValueError) as chosen:  # a base the user chose: their own error, no hint about the recorded one
+        load_adapted(str(tmp_path / "adapter"), str(tmp_path / "nowhere"))
+    assert "pass --model" not in str(chosen.value)

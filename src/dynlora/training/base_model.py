@@ -147,7 +147,9 @@ def load_adapted(
             )
         heads = set(peft_config.get("modules_to_save") or ()) & set(HEAD_MODULE_NAMES)
         base = _recorded_base(
-            where, recorded, lambda: load_base(recorded, num_labels or 2) if heads else load_causal_lm(recorded)
+            where,
+            None if model else recorded,
+            lambda: load_base(recorded, num_labels or 2) if heads else load_causal_lm(recorded),
         )
         return PeftModel.from_pretrained(base.model, str(where)), base.tokenizer
     meta = read_adapter_meta(where)
@@ -155,19 +157,25 @@ def load_adapted(
     bits = None if full_precision else meta["base_model"].get("quantized_bits")
     loading = quantized_loading(bits, device or torch.device("cpu"), None)
     if is_causal_lm(meta["base_model"].get("class") or ""):
-        base = _recorded_base(where, recorded, lambda: load_causal_lm(recorded, **loading))
+        base = _recorded_base(where, None if model else recorded, lambda: load_causal_lm(recorded, **loading))
     else:
         heads = saved_output_sizes(where)
         base = _recorded_base(
-            where, recorded, lambda: load_base(recorded, num_labels or next(iter(heads.values()), 2), **loading)
+            where,
+            None if model else recorded,
+            lambda: load_base(recorded, num_labels or next(iter(heads.values()), 2), **loading),
         )
     return DynamicLoRAModel.from_pretrained(base.model, where), base.tokenizer
 
 
 def _recorded_base(adapter: Path, recorded: str | None, load) -> BaseModel:
+    """``load()``; when the base the adapter records cannot be loaded here, the error says what to pass instead
+    (``recorded`` is None when the user chose the base: their error needs no hint)."""
     try:
         return load()
     except ValueError as e:
+        if recorded is None:
+            raise
         raise ValueError(
             f"{e}; {adapter} was trained on the base model {recorded!r}: pass --model with that model's directory or "
             "hub id"
