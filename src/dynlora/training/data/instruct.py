@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import DataError
 from .glue import Example, TaskSpec
+from .lm import render_chat
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,6 @@ def fitted(spec: TaskSpec, example: Example, tokenizer, max_length: int) -> Exam
     """``example`` with its first text (the passage) cut from its end, by tokens, until the whole conversation
     (question, texts, answer) fits in ``max_length``: the question and the answer are never cut. Training and
     evaluation fit each example alike, so a model is scored on what it was trained to read."""
-    from .lm import render_chat  # lm imports this module's neighbours; imported here to keep the module light
-
     text = example.text
     for _ in range(8):  # re-tokenising a cut text can shift a token or two: a few rounds settle it
         candidate = Example(text, example.text_pair, example.label)
