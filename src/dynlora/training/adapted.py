@@ -19,7 +19,8 @@ class AdaptedModel(Protocol):
     model: nn.Module
 
     def bind(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None: ...
-    def after_step(self, step: int) -> None: ...  # after optimizer step ``step`` (1, 2, ...), before zero_grad
+    # After optimizer step ``step`` (1, 2, ...), before zero_grad: the re-allocations it made (step, ranks, scores).
+    def after_step(self, step: int) -> list[dict[str, Any]]: ...
     def skip_step(self) -> None: ...  # instead of after_step, for a step whose update was skipped
     def ranks(self) -> dict[str, int]: ...  # layer -> active rank ({} when the method has no notion of it)
     def allocation_events(self) -> list[dict[str, Any]]: ...  # every re-allocation so far: step, ranks, scores

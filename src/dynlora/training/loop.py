@@ -86,6 +86,7 @@ class TrainingRun:
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)
         self.skipped = 0
+        self._reallocated: list[dict[str, Any]] = []  # the re-allocations of the last step, to log
         self.best: dict[str, Any] | None = None
         self.already_finished = False
         self.log = RunLog(self.out, enabled=self.writer)
@@ -206,7 +207,7 @@ class TrainingRun:
             dynamic_ncols=True,
         )
         self.model.train()
-        self._events_seen, self._started = len(self.adapted.allocation_events()), time.time()
+        self._started = time.time()
         interrupted, in_a_row = False, 0
         with StopFlag() as self.stop:
             while self.step < self.total_steps:
@@ -239,10 +240,8 @@ class TrainingRun:
         s = self.settings
         ranks, lr = self.adapted.ranks(), self.scheduler.get_last_lr()[0]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ranks": _span(ranks)} if ranks else {}))
-        events = self.adapted.allocation_events()
-        for event in events[self._events_seen :]:
+        for event in self._reallocated:
             self.log.write({"step": self.step, "event": "allocation", **event})
-        self._events_seen = len(events)
         if self.step % s.log_every == 0 or self.step == self.total_steps:
             elapsed = time.time() - self._started
             self.log.write({"step": self.step, "loss": loss, "lr": lr, "elapsed": elapsed, "ranks": ranks})
@@ -284,7 +283,7 @@ class TrainingRun:
             if finite:
                 self.precision.step(self.optimizer)
                 self.scheduler.step()
-                self.adapted.after_step(self.step + 1)
+                self._reallocated = self.adapted.after_step(self.step + 1)
                 self.optimizer.zero_grad(set_to_none=True)
                 return loss
             self.optimizer.zero_grad(set_to_none=True)

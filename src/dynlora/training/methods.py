@@ -36,8 +36,8 @@ class DynLoRAAdapted:
     def bind(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         self.model.bind_optimizer(optimizer, total_steps)
 
-    def after_step(self, step: int) -> None:
-        self.model.update_and_allocate(step)
+    def after_step(self, step: int) -> list[dict[str, Any]]:
+        return self.model.allocation_events()[-1:] if self.model.update_and_allocate(step) else []
 
     def skip_step(self) -> None:
         self.model.skip_step()

@@ -42,9 +42,10 @@ class PeftAdapted:
     def bind(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
         pass  # AdaLoRA's schedule was fixed when it was built
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> list[dict[str, Any]]:
         if self.adalora:
             self.model.base_model.update_and_allocate(step)
+        return []  # AdaLoRA's masks move inside PEFT: its ranks are logged with each loss record
 
     def skip_step(self) -> None:
         pass
