@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import re
 import warnings
 
 import pytest
@@ -246,3 +247,23 @@ def test_target_entries_that_match_nothing_and_frozen_experts_are_said_not_skipp
         unmatched = [m for m in said if m.startswith("target_modules 'w1', 'w2', 'w3' match no adaptable layer")]
         assert len(unmatched) == (targets == classic)  # all-linear names no entry of its own
         assert any(m.startswith("4 fused 3-D weights (model.layers.0.mlp.experts.") for m in said)
+
+
+@pytest.mark.filterwarnings("ignore:.*fused 3-D weights")  # said, and tested, above
+def test_all_linear_adapts_a_layer_narrower_than_the_rank_at_its_width_and_says_so():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from dynlora import DynamicLoRAConfig, get_dynlora_model
+
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = Qwen2MoeConfig(**sizes, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=16, shared_expert_intermediate_size=32)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:  # the frozen experts are said too
+        warnings.simplefilter("always")
+        model = get_dynlora_model(Qwen2MoeForCausalLM(config), DynamicLoRAConfig(rank=4, target_modules="all-linear"))
+    said = " | ".join(str(w.message) for w in caught)
+    assert re.search(r"all-linear: 2 layer\(s\) narrower than rank 4 .*shared_expert_gate \(32 -> 1\)", said)
+    ranks = model.rank_pattern()
+    assert ranks["model.layers.0.mlp.shared_expert_gate"] == 1 and ranks["model.layers.0.self_attn.q_proj"] == 4
+    with pytest.raises(ValueError, match="rank 4 is larger than layer"):  # a rank asked of that layer by name
+        get_dynlora_model(Qwen2MoeForCausalLM(config), DynamicLoRAConfig(rank=4, target_modules=["shared_expert_gate"]))

@@ -179,12 +179,17 @@ def _first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
 def resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[str]) -> dict[str, LayerSpec]:
     """Every layer to adapt with its rank, alpha and capacity (``rank_pattern``/``alpha_pattern`` applied)."""
     targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
-    specs = {}
+    specs, capped = {}, []
     for name in find_targets(model, targets, exclude):
         rank = int(_first_match(config.rank_pattern, name, config.rank))
         alpha = float(_first_match(config.alpha_pattern, name, config.alpha))
         in_f, out_f = layer_dims(model.get_submodule(name))
         limit = min(in_f, out_f)
+        explicit = any(pattern_matches(k, name) for k in config.rank_pattern) or config.max_rank is not None
+        if targets == ALL_LINEAR and rank > limit and not explicit:
+            # all-linear names every layer, a router's 1-wide gate too: it gets what it can hold, as in PEFT
+            rank = limit
+            capped.append(f"{name} ({in_f} -> {out_f})")
         asked = max(rank, config.max_rank or 0)  # what the user set explicitly must fit
         if asked > limit:
             raise ValueError(
@@ -194,6 +199,12 @@ def resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[str
         # The implicit capacity (2 x rank when re-allocating) is capped at what the layer can hold.
         max_rank = asked if config.max_rank is not None else min(max(rank, config.capacity), limit)
         specs[name] = LayerSpec(rank, alpha, max_rank)
+    if capped:
+        warnings.warn(
+            f"all-linear: {len(capped)} layer(s) narrower than rank {config.rank} are adapted at their width: "
+            f"{', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''}",
+            stacklevel=3,
+        )
     return specs
 
 
