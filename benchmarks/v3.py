@@ -12,7 +12,7 @@ For each method, seed 0 runs at every lr of the grid; the lr whose run reached t
 its evaluations is chosen, and the other seeds run at it. Each chosen run's best held-out adapter (``best/``) is
 then scored once on the reported set by ``dynlora eval --predictions``. Kept under benchmarks/results/v3/<table>/
 (committed): every run's held-out curve and record (``runs.jsonl``), and each scored run's per-example
-predictions (``<method>/seed<k>.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
+predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dynlora.training.settings import SETTINGS, TrainSettings
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
+PREDICTIONS = ".predictions.jsonl"  # a scored run's per-example file: <table>/<run>/seed<k>.predictions.jsonl
 
 
 def load_plan(path: Path) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
 
 def score(plan: dict, table: str, record: dict, out: Path) -> None:
     """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions."""
-    target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}.jsonl"
+    target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}{PREDICTIONS}"
     if target.is_file():
         return
     run_dir = out / table / record["variant"] / f"seed{record['seed']}"

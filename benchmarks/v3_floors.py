@@ -5,7 +5,7 @@
   answer word's first token after the prompt, lower case alone and with its capitalised form added (log-sum-exp):
   the floor is the best of them, so that no prompt of ours makes the trained methods look better than they are.
 - Code corpus: the untrained model's loss on the test documents, its per-block predictions kept as the run
-  ``untrained`` (``stdlib/untrained/seed0.jsonl``) so that its difference to a method has an interval too.
+  ``untrained`` (``stdlib/untrained/seed0.predictions.jsonl``) so that its difference to a method has an interval too.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def measure(table: str, plan: dict) -> dict:
                           for name, c in prompts.items())  # fmt: skip
         summary = f"majority class {majority:.2f} %; zero-shot {cells}; the floor is the best, {best[0]:.2f} %"
         return {"majority": majority, "zero_shot": prompts, "floor": best[0], "summary": summary}
-    target = HERE / "results" / "v3" / table / "untrained" / "seed0.jsonl"
+    target = HERE / "results" / "v3" / table / "untrained" / "seed0.predictions.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
     report = plan["tables"][table]["report"]
     command = [sys.executable, "-m", "dynlora.cli", "eval", "--model", plan["base"]["model"], *report]
     printed = subprocess.run([*command, "--predictions", str(target)], check=True, capture_output=True, text=True)
     loss = float(printed.stdout.split("loss ")[1].split(",")[0])
-    return {"loss": loss, "summary": f"test loss {loss:.4f} nats per token (run `untrained` below)"}
+    return {"loss": loss, "summary": f"test loss {loss:.4f} nats per token (its difference to Dynamic LoRA below)"}

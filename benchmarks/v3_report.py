@@ -4,9 +4,9 @@
     python benchmarks/v3_report.py --floors   # first measure the untrained model's floors (once; needs the model)
 
 Reads each table's ``runs.jsonl`` (every run's held-out curve and record) and the per-example predictions of its
-scored runs (``<run>/seed<k>.jsonl``), and writes the v3 section of RESULTS.md with its plots. A score is a ratio
-of sums over the reported set's units: SST-2's dev examples (correct answers / examples, × 100) or the code
-corpus's test documents (−loss summed over their tokens / tokens: minus the mean loss per token, in nats). An
+scored runs (``<run>/seed<k>.predictions.jsonl``), and writes the v3 section of RESULTS.md with its plots. A score
+is a ratio of sums over the reported set's units: SST-2's dev examples (correct answers / examples, × 100) or the
+code corpus's test documents (−loss summed over their tokens / tokens: minus the mean loss per token, in nats). An
 interval resamples both the seeds and the units (the same units for every run of a table) in each of ROUNDS
 bootstrap rounds, so it counts what another seed and another test sample would each move.
 """
@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from step_time import write_section
+from v3 import PREDICTIONS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
@@ -58,8 +59,9 @@ class Table:
         self.name, self.plan = name, plan
         self.runs = read_jsonl(root / name / "runs.jsonl") if (root / name / "runs.jsonl").is_file() else []
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        for path in sorted((root / name).glob("*/seed*.jsonl")):
-            self.scored[(path.parent.name, int(path.stem[4:]))] = units(name, read_jsonl(path))
+        for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
+            seed = int(path.name.removesuffix(PREDICTIONS).removeprefix("seed"))
+            self.scored[(path.parent.name, seed)] = units(name, read_jsonl(path))
         sizes = {len(num) for num, _ in self.scored.values()}
         if len(sizes) > 1:
             sys.exit(f"error: the scored runs of {name} cover different numbers of units: {sorted(sizes)}")
@@ -185,6 +187,8 @@ def target_lines(table: Table) -> list[str]:
     x = table.interval(dynamic, table.chosen(best)) if best and dynamic else None
     name = NAMES[best] if best else "the best baseline"
     head = f"- **Target: Dynamic LoRA ≥ {name}**: {fmt(x, digits)} → {verdict(x, len(table.plan['seeds']))}"
+    if ("untrained", 0) in table.scored and dynamic:  # how far training moved it from the untrained model
+        lines.append(f"- Dynamic LoRA − the untrained model: {fmt(table.interval(dynamic, 'untrained'), digits)}")
     return [head, *lines]
 
 

@@ -24,7 +24,7 @@ def write(root: Path, table: str, runs: list[dict], predictions: dict) -> None:
     (root / table / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     for (name, seed), rows in predictions.items():
         (root / table / name).mkdir(exist_ok=True)
-        (root / table / name / f"seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / table / name / f"seed{seed}.predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run(method: str, lr: float, seed: int, held_out: float | None) -> dict:
