@@ -267,3 +267,29 @@ def test_all_linear_adapts_a_layer_narrower_than_the_rank_at_its_width_and_says_
     assert ranks["model.layers.0.mlp.shared_expert_gate"] == 1 and ranks["model.layers.0.self_attn.q_proj"] == 4
     with pytest.raises(ValueError, match="rank 4 is larger than layer"):  # a rank asked of that layer by name
         get_dynlora_model(Qwen2MoeForCausalLM(config), DynamicLoRAConfig(rank=4, target_modules=["shared_expert_gate"]))
+
+
+def test_an_interrupted_comparison_of_the_previous_format_resumes(capsys, tmp_path, tiny_chat_lm_dir):
+    from test_language_models import chat_file
+    from test_user_faults import ok as run
+
+    from dynlora.training.settings import as_saved
+
+    train = chat_file(tmp_path / "chat.jsonl")
+    args = ["compare", "--model", tiny_chat_lm_dir, "--train-file", train, "--dev-file", train, "--methods", "lora"]
+    args += ["--seeds", "0", "--max-steps", 4, "--save-every", 2, "--batch-size", 4, "--max-length", 64, "--rank", 2]
+    args += ["--output-dir", tmp_path / "c", "--no-progress"]
+    run(capsys, *args)
+    done = tmp_path / "c" / "chat.jsonl" / "lora" / "seed0"
+    # As the previous dynlora left it: format 6, neither new setting recorded, and not finished.
+    config = json.loads((done / "config.json").read_text())
+    del config["adapter"]["train_untrained_pooler"], config["lr_schedule"]
+    (done / "config.json").write_text(json.dumps(config))
+    for manifest in done.glob("checkpoints/step-*/manifest.json"):
+        data = json.loads(manifest.read_text())
+        del data["identity"]["adapter"]["train_untrained_pooler"], data["identity"]["lr_schedule"]
+        manifest.write_text(json.dumps({**data, "format_version": 6}))
+    (tmp_path / "c" / "results.jsonl").unlink()
+    (done / "results.json").unlink()
+    assert as_saved({"adapter": {"rank": 2}}, done)["adapter"] == {"rank": 2, "train_untrained_pooler": False}
+    assert "| lora |" in run(capsys, *args)  # resumed from its checkpoint, not refused as another run's

@@ -27,7 +27,7 @@ from .loop import TrainingRun
 from .methods import METHODS
 from .metrics import MAIN_METRICS, run_score
 from .pool import run_in_pool
-from .settings import SETTINGS, TrainSettings
+from .settings import SETTINGS, TrainSettings, as_saved
 
 RESULTS = "results.jsonl"
 DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")
@@ -153,6 +153,7 @@ def run_comparison(
             continue
         settings = plan.settings(task, method, seed)
         resume = latest_checkpoint(Path(settings["output_dir"]) / "checkpoints") is not None
+        settings = as_saved(settings, settings["output_dir"]) if resume else settings
         todo.append(
             (
                 f"[{i}/{len(grid)}] {task} {method} seed {seed}" + (" (resuming)" if resume else ""),

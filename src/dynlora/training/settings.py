@@ -7,8 +7,10 @@ dataclasses' fields (:mod:`dynlora.training.fields`). Adding a setting is one fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import DynamicLoRAConfig, setting
@@ -169,12 +171,27 @@ RUN_ONLY = frozenset(
 )
 
 
+# Adapter settings added after runs were saved, with what those runs did: a config.json without the key predates it
+# (migrations.py, format 7: no run before it trained an untrained pooler).
+LEGACY_ADAPTER = {"train_untrained_pooler": False}
+
+
+def as_saved(settings: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """``settings`` to resume the run in ``run_dir`` with (``dynlora compare`` builds them from its plan): an adapter
+    setting that the run's config.json predates takes the value that run used (LEGACY_ADAPTER)."""
+    path = Path(run_dir) / "config.json"
+    saved = (json.loads(path.read_text()).get("adapter") or {}) if path.is_file() else None
+    if saved is None:
+        return settings
+    missing = {k: v for k, v in LEGACY_ADAPTER.items() if k not in saved}
+    return {**settings, "adapter": {**(settings.get("adapter") or {}), **missing}} if missing else settings
+
+
 def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -> tuple[TrainSettings, list[str]]:
     """The settings of a run being resumed: those it was started with (its ``config.json``, ``saved``), with the
     ``given`` ones that do not change what it computes (output, logging, evaluation) applied. A given setting that
     would change the run is an error naming it. Returns the settings and the changes applied, as text."""
-    # A run saved before train_untrained_pooler existed left an untrained pooler frozen (migrations.py, format 7).
-    merged = {**saved, "adapter": {"train_untrained_pooler": False, **(saved.get("adapter") or {})}}
+    merged = {**saved, "adapter": {**LEGACY_ADAPTER, **(saved.get("adapter") or {})}}
     changes = []
     for key, value in given.items():
         pairs = value.items() if key == "adapter" else [(key, value)]
