@@ -83,5 +83,5 @@ def _first_token_scores(
         last = torch.tensor([len(p) - 1 for p in chunk], device=device)
         logits = model(**batch).logits[torch.arange(len(chunk), device=device), last]  # [rows, vocab]
         first = torch.tensor([[a[0] for a in ids] for ids in answer_ids[start : start + batch_size]], device=device)
-        scores.append(logits.float().log_softmax(-1).gather(-1, first).cpu())
-    return torch.cat(scores)
+        scores.append(logits.float().log_softmax(-1).gather(-1, first))
+    return torch.cat(scores).cpu()  # one read from the device, at the end

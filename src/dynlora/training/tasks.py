@@ -177,9 +177,9 @@ def token_losses(
         logits = model(**batch).logits[:, :-1][keep].float()  # [kept tokens, vocab]
         nll = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
         row = keep.nonzero()[:, 0]  # the row of each kept token
-        sums.append(torch.zeros(len(keep), device=device).index_add_(0, row, nll).cpu())
-        counts.append(keep.sum(-1).cpu())
-    return torch.cat(sums).double(), torch.cat(counts)
+        sums.append(torch.zeros(len(keep), device=device).index_add_(0, row, nll))
+        counts.append(keep.sum(-1))
+    return torch.cat(sums).double().cpu(), torch.cat(counts).cpu()  # one read from the device, at the end
 
 
 @dataclass
