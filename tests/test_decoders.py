@@ -3,6 +3,7 @@ TRL's SFTTrainer with the callback, adapter-only checkpoints, gradient starts ev
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -224,6 +225,7 @@ def test_parameter_counts_are_honest_and_print_like_peft(capsys):
     share = 100 * trainable / (base_total + trainable)
     assert capsys.readouterr().out.strip() == (
         f"trainable params: {trainable:,d} || all params: {base_total + trainable:,d} || trainable%: {share:.4f}"
+        " || adapted: 4 linear layers"
     )
 
 
@@ -254,8 +256,16 @@ def test_an_image_classifiers_new_head_is_trained_and_saved(tmp_path):
         num_labels=3,
     )
     torch.manual_seed(0)
-    model = get_dynlora_model(ViTForImageClassification(config), DynamicLoRAConfig(rank=2, target_modules=["q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its 3-D cls_token and position embeddings are not taken for experts
+        model = get_dynlora_model(
+            ViTForImageClassification(config), DynamicLoRAConfig(rank=2, target_modules=["q_proj"])
+        )
     assert model.saved_module_names == ["classifier"] and model.model.classifier.weight.requires_grad
+    all_linear = get_dynlora_model(
+        ViTForImageClassification(config), DynamicLoRAConfig(rank=2, target_modules="all-linear")
+    )
+    assert {m.kind for m in all_linear.lora_layers().values()} == {"linear"}
     with torch.no_grad():
         model.model.classifier.weight.add_(1.0)
     model.save_pretrained(tmp_path)

@@ -227,29 +227,6 @@ def test_a_language_model_run_adapts_every_linear_layer_and_names_what_it_trains
                                                            "up_proj", "down_proj"}  # fmt: skip
 
 
-def tiny_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = MixtralConfig(**sizes, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    return MixtralForCausalLM(config)
-
-
-def test_target_entries_that_match_nothing_and_frozen_experts_are_said_not_skipped_silently():
-    from dynlora import DynamicLoRAConfig, get_dynlora_model
-
-    classic = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]  # Mixtral's names before transformers 5
-    for targets in (classic, "all-linear"):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            get_dynlora_model(tiny_mixtral(), DynamicLoRAConfig(rank=2, target_modules=targets))
-        said = [str(w.message) for w in caught]
-        unmatched = [m for m in said if m.startswith("target_modules 'w1', 'w2', 'w3' match no adaptable layer")]
-        assert len(unmatched) == (targets == classic)  # all-linear names no entry of its own
-        assert any(m.startswith("4 fused 3-D weights (model.layers.0.mlp.experts.") for m in said)
-
-
-@pytest.mark.filterwarnings("ignore:.*fused 3-D weights")  # said, and tested, above
 def test_all_linear_adapts_a_layer_narrower_than_the_rank_at_its_width_and_says_so():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -258,7 +235,7 @@ def test_all_linear_adapts_a_layer_narrower_than_the_rank_at_its_width_and_says_
     sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     config = Qwen2MoeConfig(**sizes, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                             moe_intermediate_size=16, shared_expert_intermediate_size=32)  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:  # the frozen experts are said too
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = get_dynlora_model(Qwen2MoeForCausalLM(config), DynamicLoRAConfig(rank=4, target_modules="all-linear"))
     said = " | ".join(str(w.message) for w in caught)

@@ -29,10 +29,14 @@ def lm_batch(step: int, n: int = 8, length: int = 10) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train(process: int = 0, world: int = 1, shard: bool = False) -> dict:
-    """STEPS steps of Dynamic LoRA on a tiny Llama; this process takes rows process::world of every batch."""
+def train(process: int = 0, world: int = 1, shard: bool = False, arch: str = "llama") -> dict:
+    """STEPS steps of Dynamic LoRA on a tiny Llama (or a mixture of experts, its experts adapted); this process takes
+    rows process::world of every batch."""
+    from test_moe import moe
+
     torch.manual_seed(0)
-    model = get_dynlora_model(build("llama"), DynamicLoRAConfig(**CONFIG, temperature=0.2)).train()
+    base = build("llama") if arch == "llama" else moe(arch)
+    model = get_dynlora_model(base, DynamicLoRAConfig(**CONFIG, temperature=0.2)).train()
     if shard:
         shard_frozen(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -55,10 +59,10 @@ def train(process: int = 0, world: int = 1, shard: bool = False) -> dict:
     }
 
 
-def worker(process: int, init_file: str, out_dir: str, shard: bool) -> None:
+def worker(process: int, init_file: str, out_dir: str, shard: bool, arch: str = "llama") -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process, world_size=WORLD)
     try:
-        torch.save(train(process, WORLD, shard), f"{out_dir}/{process}.pt")
+        torch.save(train(process, WORLD, shard, arch), f"{out_dir}/{process}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -72,6 +76,19 @@ def test_two_processes_train_as_one_on_the_whole_batch(shard, tmp_path):
     assert first["events"] == second["events"] == alone["events"]
     assert any(0 in ranks.values() for ranks in alone["events"])  # a layer dropped out, and training went on
     assert len({frozenset(r.items()) for r in alone["events"]}) > 1  # the allocation really moved
+    for name, tensor in alone["adapter"].items():
+        assert torch.equal(first["adapter"][name], second["adapter"][name]), name
+        torch.testing.assert_close(first["adapter"][name], tensor, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_a_mixture_of_experts_sharded_over_two_processes_trains_as_one(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), True, "mixtral"), nprocs=WORLD, join=True)
+    first, second = (torch.load(tmp_path / f"{p}.pt", weights_only=True) for p in range(WORLD))
+    alone = train(arch="mixtral")
+    assert first["frozen_sharded"] and first["trainable_whole"]
+    assert first["events"] == second["events"] == alone["events"]
+    experts = {n: r for n, r in alone["events"][-1].items() if ".experts.lora." in n}
+    assert len(set(experts.values())) > 1, experts  # rank moved between the experts
     for name, tensor in alone["adapter"].items():
         assert torch.equal(first["adapter"][name], second["adapter"][name]), name
         torch.testing.assert_close(first["adapter"][name], tensor, rtol=1e-3, atol=1e-3, msg=name)

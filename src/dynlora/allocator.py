@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from .config import DynamicLoRAConfig
-from .layer import DynamicLoRALinear
+from .lowrank import LowRankUpdate
 
 
 def _steps(value: float | int, total: int) -> int:
@@ -133,7 +133,7 @@ class RankAllocator:
     Costs are adapter parameters per rank of a layer (in + out); the budget defaults to what the initial ranks
     use. It only decides; engine.py moves the layers, their optimizer state and their scores."""
 
-    def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig) -> None:
+    def __init__(self, layers: dict[str, LowRankUpdate], config: DynamicLoRAConfig) -> None:
         self.layers = layers
         self.temperature = config.temperature
         self.per_parameter = config.share == "parameter"

@@ -97,6 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             + (f"; changed: {', '.join(changes)}" if changes else "")
         )
     trained = "adapter"
+    summary = getattr(getattr(run.adapted, "model", None), "adapted_summary", lambda: "")()
+    if "expert" in summary or "router" in summary:  # a mixture of experts: say what of it is adapted
+        trained += f" on {summary}"
     if isinstance(run.task, ClassifyTask):
         poolers = [name.rsplit(".", 2)[-2] + ".pooler" for name in untrained_poolers(run.model)]
         trained += " + new task head" + "".join(f" + {p}, never trained in this checkpoint" for p in poolers)

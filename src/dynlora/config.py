@@ -35,9 +35,11 @@ class DynamicLoRAConfig:
 
     target_modules: list[str] | str | None = setting(
         None,
-        "layers to adapt: module names matched as PEFT does (an entry equals the name or its last parts), "
-        "all-linear (every linear layer but the output layer), or one regex for the whole name; default: the "
-        "attention projections of the model's family (dynlora train on a language model: all-linear)",
+        "layers to adapt: module names matched as PEFT does (an entry equals the name or its last parts; "
+        "gate_up_proj, experts or gate name a mixture of experts' fused experts and router), all-linear (every "
+        "linear layer but the output layer, and every expert and router), or one regex for the whole name; "
+        "default: the attention projections of the model's family (and a mixture's experts; dynlora train on a "
+        "language model: all-linear)",
     )
     rank: int = setting(8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget")
     alpha: float = setting(

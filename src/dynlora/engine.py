@@ -29,15 +29,13 @@ from .allocator import RankAllocator, Schedule
 from .config import DynamicLoRAConfig
 from .importance import make_scorer
 from .input_adaptation import InputStatistics
-from .layer import DynamicLoRALinear
+from .lowrank import LowRankUpdate
 from .optim_state import clear_state, init_grown_state, rebase_state
-from .probe import GradientProbe, synced_gradients, top_directions
+from .probe import make_probe, synced_gradients, top_directions
 
 
 @torch.no_grad()
-def start_components(
-    optimizer, layer: DynamicLoRALinear, start: int, stop: int, weight_grad: torch.Tensor | None
-) -> None:
+def start_components(optimizer, layer: LowRankUpdate, start: int, stop: int, weight_grad: torch.Tensor | None) -> None:
     """Components [start, stop) begin: along the top directions of ``weight_grad`` (the layer's measured ∂L/∂W)
     not covered by components [0, start) (their rows as set by ``set_rank`` when none was measured), B = 0, with
     fresh optimizer state."""
@@ -50,13 +48,13 @@ def start_components(
 class Engine:
     """Drives the adapters of one model; see the module doc. ``DynamicLoRAModel`` exposes it as ``.engine``."""
 
-    def __init__(self, layers: dict[str, DynamicLoRALinear], config: DynamicLoRAConfig) -> None:
+    def __init__(self, layers: dict[str, LowRankUpdate], config: DynamicLoRAConfig) -> None:
         self.layers = layers
         self.config = config
         self.allocator = RankAllocator(layers, config) if config.reallocate else None
         self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2) if config.reallocate else None
         self.input_statistics = InputStatistics([m.input_norm for m in layers.values() if m.input_norm is not None])
-        self.probes = {n: GradientProbe(m) for n, m in layers.items()} if config.init == "gradient" else {}
+        self.probes = {n: make_probe(m) for n, m in layers.items()} if config.init == "gradient" else {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: Schedule | None = None

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .layer import DynamicLoRALinear
+from .lowrank import LowRankUpdate
 
 
 class ImportanceScorer:
@@ -48,7 +48,7 @@ class ImportanceScorer:
 
     def __init__(
         self,
-        layers: dict[str, DynamicLoRALinear],
+        layers: dict[str, LowRankUpdate],
         beta1: float = 0.85,
         beta2: float = 0.85,
         batched: bool | None = None,
@@ -79,11 +79,11 @@ class ImportanceScorer:
         """The raw scores from :meth:`parts`, with each component's layer sizes and scaling (broadcastable)."""
         raise NotImplementedError
 
-    def _scorable(self, layer: DynamicLoRALinear) -> bool:
+    def _scorable(self, layer: LowRankUpdate) -> bool:
         # A layer without gradients took no part in this step's loss (PEFT #1721).
         return layer.rank > 0 and not (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None))
 
-    def _raw_per_layer(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw_per_layer(self, layers: dict[str, LowRankUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each layer's scores over its whole capacity (no slicing: on a CPU each slice costs as much as the
         arithmetic; inactive components are masked), written into the ``[layers, capacity]`` table in one copy."""
         part_a, part_b, ranks = [], [], []
@@ -105,7 +105,7 @@ class ImportanceScorer:
             raw.view(-1).index_copy_(0, flat, scores.float())
         return raw, self._mask(tuple(ranks), raw.device)
 
-    def _raw_batched(self, layers: dict[str, DynamicLoRALinear]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _raw_batched(self, layers: dict[str, LowRankUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
         """All layers of one (A, B) shape in one computation at full capacity; a layer without gradients is left
         out of its group this step."""
         device = self.mean.device
@@ -128,7 +128,7 @@ class ImportanceScorer:
         return raw, self._mask(ranks, device)
 
     def _group(
-        self, names: tuple[str, ...], members: list[DynamicLoRALinear], device: torch.device
+        self, names: tuple[str, ...], members: list[LowRankUpdate], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A group's row indices and scalings ``[n, 1]``, made once on the device."""
         key = ("group", names, device)
@@ -138,7 +138,7 @@ class ImportanceScorer:
         return self._cache[key]
 
     def _components(
-        self, capacities: tuple[int, ...], layers: dict[str, DynamicLoRALinear], device: torch.device
+        self, capacities: tuple[int, ...], layers: dict[str, LowRankUpdate], device: torch.device
     ) -> tuple[torch.Tensor, ...]:
         """For the scored layers' components in order (``capacities[l]`` of layer l, 0 when not scored): their flat
         indices in the table and their layers' fan-in, fan-out and scaling; made when the scored set changes."""
@@ -172,14 +172,17 @@ class ImportanceScorer:
             self.last_layer_score, self._skipped = self.last_layer_score.to(device), self._skipped.to(device)
 
     @torch.no_grad()
-    def update(self, layers: dict[str, DynamicLoRALinear]) -> None:
+    def update(self, layers: dict[str, LowRankUpdate]) -> None:
         """Fold this step's raw scores into the EMAs. Call after backward, before the gradients are zeroed.
-        Layers without gradients (frozen, unused this step) are left as they were; a step with any non-finite
+        Layers without gradients (frozen, unused this step) or whose scores are all zero (a zero gradient, as an
+        expert that no token was routed to gets) are left as they were; a step with any non-finite
         score is skipped whole and counted."""
         if layers:
             self._follow(next(iter(layers.values())).lora_A.device)
         batched = self.mean.device.type != "cpu" if self.batched is None else self.batched
         raw, scored = self._raw_batched(layers) if batched else self._raw_per_layer(layers)
+        if self.needs_grad:  # all-zero: no gradient reached the layer (an expert no token was routed to)
+            scored = scored & (raw != 0).any(dim=1, keepdim=True)
         finite = torch.isfinite(raw).all()
         scored &= finite
         new_mean = torch.where(scored, self.beta1 * self.mean + (1 - self.beta1) * raw, self.mean)
@@ -271,7 +274,7 @@ SCORERS: dict[str, type[ImportanceScorer]] = {
 }
 
 
-def make_scorer(name: str, layers: dict[str, DynamicLoRALinear], beta1: float, beta2: float) -> ImportanceScorer:
+def make_scorer(name: str, layers: dict[str, LowRankUpdate], beta1: float, beta2: float) -> ImportanceScorer:
     if name not in SCORERS:
         raise ValueError(f"unknown importance scorer {name!r}; choose one of: {', '.join(SCORERS)}")
     return SCORERS[name](layers, beta1, beta2)

@@ -1,8 +1,9 @@
 """DynamicLoRAModel: a Hugging Face model with Dynamic LoRA layers injected; the engine driven from it; merge,
 save, load and export.
 
-Which layers, at which rank: targets.py. What happens after each optimizer step: engine.py. The files on disk:
-serialization.py. The PEFT format: export.py.
+Which layers, at which rank: targets.py. A linear layer's update: layer.py; a mixture of experts' (one update per
+expert): experts.py. What happens after each optimizer step: engine.py. The files on disk: serialization.py. The
+PEFT format: export.py.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from torch import nn
 
 from .config import DynamicLoRAConfig
 from .engine import Engine
+from .experts import DynamicLoRAParameters, split_target_name
 from .export import export_peft
 from .input_adaptation import InputNorm
 from .layer import DynamicLoRALinear
+from .lowrank import LowRankUpdate
 from .serialization import (
     adapter_tensors,
     apply_class_names,
@@ -60,7 +63,7 @@ class DynamicLoRAModel(nn.Module):
         _saved_modules: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if any(isinstance(m, DynamicLoRALinear) for m in model.modules()):
+        if any(isinstance(m, (LowRankUpdate, DynamicLoRAParameters)) for m in model.modules()):
             raise ValueError("this model already has Dynamic LoRA layers; pass the plain base model")
         self.model = model
         self.dynlora_config = config
@@ -74,7 +77,12 @@ class DynamicLoRAModel(nn.Module):
         specs = _specs if _specs is not None else resolve_specs(model, config, self.saved_module_names)
 
         model.requires_grad_(False)
+        experts: dict[str, dict[str, dict[int, tuple[int, float, int]]]] = {}
         for name, spec in specs.items():
+            if spec.parameter is not None:  # one expert's update of a bare parameter: built per module below
+                module, pname, e = split_target_name(name)
+                experts.setdefault(module, {}).setdefault(pname, {})[e] = (spec.rank, spec.alpha, spec.max_rank)
+                continue
             layer = DynamicLoRALinear(
                 model.get_submodule(name),
                 spec.rank,
@@ -86,11 +94,19 @@ class DynamicLoRAModel(nn.Module):
                 config.rslora,
             )
             replace_module(model, name, layer)
+        for module, params in experts.items():
+            ordered = {p: [by_expert[e] for e in sorted(by_expert)] for p, by_expert in params.items()}
+            replace_module(model, module, DynamicLoRAParameters(model.get_submodule(module), ordered, config.rslora))
         for name in self.saved_module_names:
             model.get_submodule(name).requires_grad_(True)
         self.unloaded = False
         # Plain attributes, not submodules: they hold references to the layers, not parameters of their own.
-        self._layers = {n: m for n, m in model.named_modules() if isinstance(m, DynamicLoRALinear)}
+        # _layers: every update the engine drives (a linear layer, an expert); _adapted: the modules put in place
+        # of the base model's (a linear layer, an experts block or router), which merge and unload.
+        self._layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankUpdate)}
+        self._adapted = {
+            n: m for n, m in model.named_modules() if isinstance(m, (DynamicLoRALinear, DynamicLoRAParameters))
+        }
         self.engine = Engine(self._layers, config)
 
     def __getattr__(self, name: str) -> Any:
@@ -109,8 +125,9 @@ class DynamicLoRAModel(nn.Module):
 
     # --- inspection --------------------------------------------------------------------------------------------
 
-    def lora_layers(self) -> dict[str, DynamicLoRALinear]:
-        """Adapted layers by module name (names as in the base model, e.g. ``bert.encoder.layer.0...query``)."""
+    def lora_layers(self) -> dict[str, LowRankUpdate]:
+        """Adapted layers by module name (names as in the base model, e.g. ``bert.encoder.layer.0...query``; an
+        expert's update of a fused weight as ``...mlp.experts.lora.gate_up_proj.3``)."""
         return dict(self._layers)
 
     def rank_pattern(self) -> dict[str, int]:
@@ -142,26 +159,34 @@ class DynamicLoRAModel(nn.Module):
             base -= sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
         return base + sum(m.active_parameters() for m in self._layers.values())
 
+    def adapted_summary(self) -> str:
+        """How many updates of each kind are adapted: ``24 linear layers, 32 experts, 2 routers``."""
+        counts = collections.Counter(m.kind for m in self._layers.values())
+        words = {"linear": "linear layer", "expert": "expert", "router": "router"}
+        return ", ".join(f"{counts[k]} {w}{'s' if counts[k] != 1 else ''}" for k, w in words.items() if counts[k])
+
     def print_trainable_parameters(self) -> None:
-        """``trainable params: ... || all params: ... || trainable%: ...``, as PEFT prints it."""
+        """``trainable params: ... || all params: ... || trainable%: ...``, as PEFT prints it, then what is adapted
+        (``|| adapted: 24 linear layers, 32 experts, 2 routers``)."""
         trainable, total = self.trainable_parameters(), self.num_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+            f" || adapted: {self.adapted_summary()}"
         )
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as its base model (the adapters are skipped; modules saved whole,
         such as a new task head, stay as trained). As PEFT's ``disable_adapter``."""
-        if any(m.merged for m in self._layers.values()):
+        if any(m.merged for m in self._adapted.values()):
             raise RuntimeError("the adapters are merged into the weights: call unmerge_adapter() first")
-        for layer in self._layers.values():
-            layer.disabled = True
+        for module in self._adapted.values():
+            module.disabled = True
         try:
             yield
         finally:
-            for layer in self._layers.values():
-                layer.disabled = False
+            for module in self._adapted.values():
+                module.disabled = False
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """The base model's gradient checkpointing, with its inputs made to require grad (as PEFT does): with
@@ -239,23 +264,23 @@ class DynamicLoRAModel(nn.Module):
 
     def merge_adapter(self) -> None:
         """Fold every adapter into its base weight (reversible with :meth:`unmerge_adapter`)."""
-        for layer in self._layers.values():  # all or none: refused before any layer changes
-            layer.check_mergeable()
-        for layer in self._layers.values():
-            layer.merge()
+        for module in self._adapted.values():  # all or none: refused before any layer changes
+            module.check_mergeable()
+        for module in self._adapted.values():
+            module.merge()
 
     def unmerge_adapter(self) -> None:
-        for layer in self._layers.values():
-            layer.unmerge()
+        for module in self._adapted.values():
+            module.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the adapters and return the plain Hugging Face model, with no Dynamic LoRA module left in it."""
         self._check_not_unloaded()
-        for layer in self._layers.values():  # all or none: refused before any layer changes
-            layer.check_mergeable()
-        for name, layer in self._layers.items():
-            layer.merge()
-            replace_module(self.model, name, layer.base_layer)
+        for module in self._adapted.values():  # all or none: refused before any layer changes
+            module.check_mergeable()
+        for name, module in self._adapted.items():
+            module.merge()
+            replace_module(self.model, name, module.base_layer)
         self.unloaded = True
         return self.model
 
@@ -294,11 +319,12 @@ class DynamicLoRAModel(nn.Module):
             raise ValueError(
                 f"adapter in {where} was trained on a {expected_type!r} model, not this {actual_type!r} one"
             )
-        missing = [n for n in meta["layers"] if not has_module(model, n)]
+        modules = {n: split_target_name(n)[0] if v.get("parameter") else n for n, v in meta["layers"].items()}
+        missing = [n for n, module in modules.items() if not has_module(model, module)]
         if missing:
             raise ValueError(f"adapter in {where} adapts layers this model does not have: {', '.join(missing[:5])}")
         specs = {
-            n: LayerSpec(int(v["initial_rank"]), float(v["alpha"]), int(v["max_rank"]))
+            n: LayerSpec(int(v["initial_rank"]), float(v["alpha"]), int(v["max_rank"]), v.get("parameter"))
             for n, v in meta["layers"].items()
         }
         config = DynamicLoRAConfig.from_dict(meta["config"])

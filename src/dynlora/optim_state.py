@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import DynamicLoRALinear, components
+from .lowrank import LowRankUpdate, components
 
 LINEAR_KEYS = ("exp_avg", "momentum_buffer")
 SQUARED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
@@ -33,7 +33,7 @@ def _buffers(optimizer: torch.optim.Optimizer | None, param: torch.Tensor):
 
 
 @torch.no_grad()
-def rebase_state(optimizer, layer: DynamicLoRALinear, t: torch.Tensor, t_inv: torch.Tensor) -> None:
+def rebase_state(optimizer, layer: LowRankUpdate, t: torch.Tensor, t_inv: torch.Tensor) -> None:
     """Move the state of the active components into the basis of ``layer.rebase()`` (which returned t, t_inv)."""
     r = layer.rank
     for _, param, axis, side in layer.rank_parameters():
@@ -50,7 +50,7 @@ def rebase_state(optimizer, layer: DynamicLoRALinear, t: torch.Tensor, t_inv: to
 
 
 @torch.no_grad()
-def clear_state(optimizer, layer: DynamicLoRALinear, start: int, stop: int) -> None:
+def clear_state(optimizer, layer: LowRankUpdate, start: int, stop: int) -> None:
     """Zero the state of components [start, stop) (dropped by a shrink)."""
     for _, param, axis, _ in layer.rank_parameters():
         for _, buf in _buffers(optimizer, param):
@@ -58,7 +58,7 @@ def clear_state(optimizer, layer: DynamicLoRALinear, start: int, stop: int) -> N
 
 
 @torch.no_grad()
-def init_grown_state(optimizer, layer: DynamicLoRALinear, old: int, new: int) -> None:
+def init_grown_state(optimizer, layer: LowRankUpdate, old: int, new: int) -> None:
     """State for components [old, new) that a growth just added (see the module doc)."""
     for _, param, axis, _ in layer.rank_parameters():
         for key, buf in _buffers(optimizer, param):

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .experts import ExpertUpdate
+
 
 class GradientProbe:
     """Accumulates G = ∂L/∂W of one layer over the forwards/backwards of an armed step.
@@ -72,6 +74,34 @@ class GradientProbe:
         used = used[:: max(1, -(-used.numel() // self.max_tokens))]
         contribution = flat_g[used].float().T @ flat_x[used].float()
         self.weight_grad = contribution if self.weight_grad is None else self.weight_grad + contribution
+
+
+class ExpertProbe(GradientProbe):
+    """The same measurement for one expert's update of a fused parameter (experts.py), which has no forward of its
+    own: armed, the wrapper hands it ∂L/∂W[e] from the updated weight's gradient, which backward forms anyway."""
+
+    @property
+    def armed(self) -> bool:
+        return self.layer.watch is self
+
+    def arm(self) -> None:
+        self.weight_grad = None
+        self.layer.watch = self
+
+    def disarm(self) -> None:
+        self.weight_grad = None
+        if self.layer.watch is self:
+            self.layer.watch = None
+
+    @torch.no_grad()
+    def add_weight_grad(self, grad: torch.Tensor) -> None:
+        g = grad.float()
+        self.weight_grad = g.clone() if self.weight_grad is None else self.weight_grad + g
+
+
+def make_probe(layer: nn.Module) -> GradientProbe:
+    """The probe that measures ``layer``'s ∂L/∂W: an expert's update, or a layer with a forward."""
+    return ExpertProbe(layer) if isinstance(layer, ExpertUpdate) else GradientProbe(layer)
 
 
 @torch.no_grad()

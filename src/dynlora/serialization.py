@@ -1,7 +1,8 @@
 """The saved adapter: ``dynlora_model.safetensors`` (tensors at the active ranks) + ``dynlora_config.json``.
 
-The config records the DynamicLoRAConfig, each layer's rank / initial rank / alpha / capacity, the modules saved
-whole, and the base model's identity. Each file is written atomically and the config last, so a directory with a
+The config records the DynamicLoRAConfig, each layer's rank / initial rank / alpha / capacity (and for an expert's
+update, the fused parameter it belongs to: format version 2), the modules saved whole, and the base model's
+identity. Each file is written atomically and the config last, so a directory with a
 config is complete. Reading checks everything and says what is wrong in one line.
 """
 
@@ -18,17 +19,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import DynamicLoRAConfig
+from .experts import ExpertUpdate
 from .input_adaptation import InputNorm
 from .io import atomic_write, write_json
-from .layer import DynamicLoRALinear, components
+from .lowrank import LowRankUpdate, components
 from .shipped_models import portable_name
 
 CONFIG_NAME = "dynlora_config.json"
 WEIGHTS_NAME = "dynlora_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, saved: list[str]) -> dict:
+def adapter_tensors(layers: dict[str, LowRankUpdate], model: nn.Module, saved: list[str]) -> dict:
     """The adapter at its active ranks (input adaptation included) plus the modules saved whole, as contiguous
     CPU tensors."""
     state = {}
@@ -50,7 +52,7 @@ def adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, save
 
 
 @torch.no_grad()
-def load_adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module, saved: list[str], state: dict) -> None:
+def load_adapter_tensors(layers: dict[str, LowRankUpdate], model: nn.Module, saved: list[str], state: dict) -> None:
     """Load tensors written by :func:`adapter_tensors` (the active ranks must already be set)."""
     expected = adapter_tensors(layers, model, saved)
     missing = sorted(k for k in set(expected) - set(state) if not InputNorm.is_unfolded(k))
@@ -74,7 +76,7 @@ def load_adapter_tensors(layers: dict[str, DynamicLoRALinear], model: nn.Module,
 def write_adapter(
     directory: str | os.PathLike,
     config: DynamicLoRAConfig,
-    layers: dict[str, DynamicLoRALinear],
+    layers: dict[str, LowRankUpdate],
     model: nn.Module,
     saved: list[str],
 ) -> None:
@@ -85,12 +87,10 @@ def write_adapter(
     hf_config = getattr(model, "config", None)
     meta = {
         "format": "dynlora",
-        "format_version": FORMAT_VERSION,
+        # Version 2 adds updates of bare parameters (experts), which version 1 readers cannot place.
+        "format_version": FORMAT_VERSION if any(isinstance(m, ExpertUpdate) for m in layers.values()) else 1,
         "config": config.to_dict(),
-        "layers": {
-            n: {"rank": m.rank, "initial_rank": m.initial_rank, "alpha": m.alpha, "max_rank": m.max_rank}
-            for n, m in layers.items()
-        },
+        "layers": {n: layer_meta(m) for n, m in layers.items()},
         "modules_to_save": list(saved),
         "base_model": {
             "class": type(model).__name__,
@@ -101,6 +101,12 @@ def write_adapter(
         "labels": class_names(model),
     }
     write_json(out / CONFIG_NAME, meta)
+
+
+def layer_meta(layer: LowRankUpdate) -> dict[str, Any]:
+    """What rebuilds a layer: its ranks and alpha, and the parameter an expert's update belongs to."""
+    meta = {"rank": layer.rank, "initial_rank": layer.initial_rank, "alpha": layer.alpha, "max_rank": layer.max_rank}
+    return meta | ({"parameter": layer.parameter} if isinstance(layer, ExpertUpdate) else {})
 
 
 def quantized_bits(hf_config: Any) -> int | None:

@@ -1,5 +1,10 @@
 """Which modules of a Hugging Face model get an adapter, at which rank: per-family defaults, PEFT-compatible name
-and pattern matching, per-layer specs, and replacing a child module."""
+and pattern matching, per-layer specs, and replacing a child module.
+
+Two kinds of target: linear layers (``nn.Linear``, GPT-2's ``Conv1D``), named by their module, and bare weight
+parameters of mixture-of-experts blocks (experts.py), named ``<module>.<parameter>``: the fused experts (every 3-D
+parameter, ``gate_up_proj``, ``down_proj``) and the routers (the 2-D ``weight`` of a module beside the experts,
+with one row per expert; ``gate`` or ``gate.weight`` names it). A target entry matches either kind."""
 
 from __future__ import annotations
 
@@ -13,9 +18,14 @@ import torch
 from torch import nn
 
 from .config import DynamicLoRAConfig
+from .experts import parameter_dims, target_name
 from .layer import SUPPORTED_BASE_LAYERS, layer_dims
 
-# The attention projections that LoRA papers adapt by default, per `config.model_type`.
+# The fused expert weights of transformers' mixture-of-experts blocks (all of them: the module is named).
+MOE_EXPERTS = ("experts",)
+
+# The attention projections that LoRA papers adapt by default, per `config.model_type`; in a mixture of experts
+# the experts too, whose allocation is where Dynamic LoRA differs most from LoRA.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -28,7 +38,10 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj", *MOE_EXPERTS],
+    "qwen2_moe": ["q_proj", "v_proj", *MOE_EXPERTS],
+    "qwen3_moe": ["q_proj", "v_proj", *MOE_EXPERTS],
+    "olmoe": ["q_proj", "v_proj", *MOE_EXPERTS],
     "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
@@ -101,10 +114,13 @@ def linear_module_names(model: nn.Module) -> Iterable[str]:
 
 
 def candidate_summary(model: nn.Module, limit: int = 20) -> str:
-    """Distinct last name parts of the adaptable layers, e.g. ``query, key, value, dense``."""
+    """Distinct last name parts of the adaptable layers and parameters, e.g. ``query, key, value, dense``."""
     seen: dict[str, None] = {}
     for name in linear_module_names(model):
         seen.setdefault(name.rsplit(".", 1)[-1], None)
+    for name in parameter_targets(model):
+        module, _, pname = name.rpartition(".")
+        seen.setdefault(module.rsplit(".", 1)[-1] if pname == "weight" else pname, None)
     names = list(seen)
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear/Conv1D layers)"
@@ -119,48 +135,103 @@ def all_linear(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_BASE_LAYERS) and m is not output]
 
 
-def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str]) -> list[str]:
-    """Names of the modules to adapt, in model order; a clear ValueError when nothing (adaptable) matches.
+def is_experts_module(module: nn.Module) -> bool:
+    """transformers' fused experts: a ``...Experts`` class, or a module that says its ``num_experts``."""
+    return type(module).__name__.endswith("Experts") or isinstance(getattr(module, "num_experts", None), int)
+
+
+def expert_parameters(model: nn.Module) -> list[str]:
+    """``<module>.<parameter>`` of every fused expert weight (a 3-D floating-point parameter of an experts module,
+    experts first; not, say, a ViT's 3-D ``cls_token``), in model order."""
+    return [
+        f"{name}.{pname}"
+        for name, module in model.named_modules()
+        if is_experts_module(module)
+        for pname, p in module.named_parameters(recurse=False)
+        if p.dim() == 3 and p.is_floating_point()
+    ]
+
+
+def routers(model: nn.Module, experts: list[str]) -> list[str]:
+    """``<module>.weight`` of every router: a module (not a linear layer) beside an experts module whose 2-D
+    ``weight`` has one row per expert."""
+    found: list[str] = []
+    for name in experts:
+        parent = name.rpartition(".")[0].rpartition(".")[0]
+        count = model.get_parameter(name).shape[0]
+        for child_name, child in model.get_submodule(parent).named_children():
+            weight = child._parameters.get("weight")
+            router = f"{parent}.{child_name}.weight".lstrip(".")
+            linear = isinstance(child, SUPPORTED_BASE_LAYERS)
+            if not linear and weight is not None and weight.dim() == 2 and weight.shape[0] == count:
+                found += [router] if router not in found else []
+    return found
+
+
+def parameter_targets(model: nn.Module) -> list[str]:
+    """Every adaptable bare parameter: fused experts, then routers."""
+    experts = expert_parameters(model)
+    return experts + routers(model, experts)
+
+
+def _parameter_matches(targets: list[str] | str, name: str) -> bool:
+    """A parameter target ``<module>.<parameter>`` matches by its own name or by its module's: ``gate_up_proj``,
+    ``experts`` (all of a block's experts), ``gate`` or ``gate.weight`` (a router)."""
+    return name_matches(targets, name) or name_matches(targets, name.rpartition(".")[0])
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str]) -> tuple[list[str], list[str]]:
+    """Names of the linear layers and of the bare parameters (``<module>.<parameter>``) to adapt, in model order;
+    a clear ValueError when nothing adaptable matches, one warning naming every list entry that matches nothing.
     ``exclude``: full names of modules (and everything inside them) never to adapt, such as a saved task head."""
+
+    def excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in exclude)
+
     given_all_linear = targets == ALL_LINEAR
+    candidates = parameter_targets(model)
     if given_all_linear:
-        targets = all_linear(model)
+        targets = all_linear(model) + candidates
     found, wrong_type = [], []
     for name, module in model.named_modules():
-        if not name or not name_matches(targets, name):
-            continue
-        if any(name == e or name.startswith(e + ".") for e in exclude):
+        if not name or not name_matches(targets, name) or excluded(name):
             continue
         if isinstance(module, SUPPORTED_BASE_LAYERS):
             found.append(name)
-        elif not any(name.startswith(f + ".") for f in found):
+        elif not any(name.startswith(f + ".") for f in found) and not any(c.startswith(name + ".") for c in candidates):
             wrong_type.append(f"{name} ({type(module).__name__})")
-    if wrong_type and not found:
+    params = [c for c in candidates if _parameter_matches(targets, c) and not excluded(c)]
+    if wrong_type and not found and not params:
         raise ValueError(
             f"target_modules {targets!r} matched only layers that cannot be adapted: {', '.join(wrong_type[:5])}. "
-            f"Only nn.Linear and Conv1D are supported; candidates: {candidate_summary(model)}"
+            f"Only nn.Linear, Conv1D and mixture-of-experts weights are supported; candidates: "
+            f"{candidate_summary(model)}"
         )
-    if not found:
+    if not found and not params:
         raise ValueError(
             f"target_modules {targets!r} matched no module of this {type(model).__name__}. "
             f"Candidates: {candidate_summary(model)}"
         )
     if isinstance(targets, list) and not given_all_linear:
-        unmatched = [t for t in targets if not any(name_matches([t], n) for n in found)]
+        unmatched = [
+            t
+            for t in targets
+            if not any(name_matches([t], n) for n in found) and not any(_parameter_matches([t], p) for p in params)
+        ]
         if unmatched:  # a recipe written for another family adapts less than it says: never silently
             warnings.warn(
                 f"target_modules {', '.join(map(repr, unmatched))} match no adaptable layer of this "
                 f"{type(model).__name__} and are left out (candidates: {candidate_summary(model)})",
                 stacklevel=3,
             )
-    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and "expert" in n]
-    if fused:
+    frozen = [c for c in expert_parameters(model) if c not in params]
+    if frozen:
         warnings.warn(
-            f"{len(fused)} fused 3-D weights ({fused[0]}, ...: mixture-of-experts experts) are not adapted and stay "
-            "frozen: dynlora adapts nn.Linear and Conv1D layers only",
+            f"{len(frozen)} mixture-of-experts weights ({frozen[0]}, ...) are not in target_modules and stay "
+            f"frozen; add {', '.join(sorted({c.rpartition('.')[2] for c in frozen}))} or use all-linear to adapt them",
             stacklevel=3,
         )
-    return found
+    return found, params
 
 
 @dataclass(frozen=True)
@@ -170,6 +241,7 @@ class LayerSpec:
     rank: int
     alpha: float
     max_rank: int
+    parameter: str | None = None  # an expert's update of this bare parameter (experts.py); None: a linear layer
 
 
 def _first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
@@ -177,31 +249,44 @@ def _first_match(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def resolve_specs(model: nn.Module, config: DynamicLoRAConfig, exclude: list[str]) -> dict[str, LayerSpec]:
-    """Every layer to adapt with its rank, alpha and capacity (``rank_pattern``/``alpha_pattern`` applied)."""
+    """Every layer to adapt with its rank, alpha and capacity (``rank_pattern``/``alpha_pattern`` applied); a bare
+    parameter gives one layer per expert (:func:`~dynlora.experts.target_name`), all with its spec."""
     targets = config.target_modules if config.target_modules is not None else default_target_modules(model)
+    linear, params = find_targets(model, targets, exclude)
     specs, capped = {}, []
-    for name in find_targets(model, targets, exclude):
+    for name in linear + params:
         rank = int(_first_match(config.rank_pattern, name, config.rank))
         alpha = float(_first_match(config.alpha_pattern, name, config.alpha))
-        in_f, out_f = layer_dims(model.get_submodule(name))
+        if name in params:
+            module, _, pname = name.rpartition(".")
+            experts, in_f, out_f = parameter_dims(model.get_submodule(module), pname)
+        else:
+            experts, (in_f, out_f) = 0, layer_dims(model.get_submodule(name))
         limit = min(in_f, out_f)
-        explicit = any(pattern_matches(k, name) for k in config.rank_pattern) or config.max_rank is not None
-        if targets == ALL_LINEAR and rank > limit and not explicit:
+        explicit = any(pattern_matches(k, name) for k in config.rank_pattern)
+        wanted_max = config.max_rank
+        if targets == ALL_LINEAR and max(rank, wanted_max or 0) > limit and not explicit:
             # all-linear names every layer, a router's 1-wide gate too: it gets what it can hold, as in PEFT
-            rank = limit
+            rank, wanted_max = min(rank, limit), None if wanted_max is None else limit
             capped.append(f"{name} ({in_f} -> {out_f})")
-        asked = max(rank, config.max_rank or 0)  # what the user set explicitly must fit
+        asked = max(rank, wanted_max or 0)  # what the user set explicitly must fit
         if asked > limit:
             raise ValueError(
                 f"rank {asked} is larger than layer {name} allows ({in_f} -> {out_f}: at most {limit}); "
                 "lower rank/max_rank or use rank_pattern for this layer"
             )
         # The implicit capacity (2 x rank when re-allocating) is capped at what the layer can hold.
-        max_rank = asked if config.max_rank is not None else min(max(rank, config.capacity), limit)
-        specs[name] = LayerSpec(rank, alpha, max_rank)
+        max_rank = asked if wanted_max is not None else min(max(rank, config.capacity), limit)
+        if name in params:
+            module, _, pname = name.rpartition(".")
+            for e in range(experts):
+                specs[target_name(module, pname, e)] = LayerSpec(rank, alpha, max_rank, pname)
+        else:
+            specs[name] = LayerSpec(rank, alpha, max_rank)
     if capped:
         warnings.warn(
-            f"all-linear: {len(capped)} layer(s) narrower than rank {config.rank} are adapted at their width: "
+            f"all-linear: {len(capped)} layer(s) narrower than rank {max(config.rank, config.max_rank or 0)} are "
+            "adapted at their width: "
             f"{', '.join(capped[:3])}{', ...' if len(capped) > 3 else ''}",
             stacklevel=3,
         )
