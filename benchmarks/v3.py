@@ -98,8 +98,8 @@ def train_once(settings: dict, results: Path, name: str) -> dict:
 
 
 def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
-    """The grid lr whose selection run (the plan's rank, its selection seed) reached the best held-out score; None
-    until every one has finished."""
+    """The grid lr whose selection run (the plan's rank, its selection seed) reached the best held-out score (a tie
+    goes to the lr first in the grid, the smaller); None until every one has finished."""
     seed, rank = plan["selection_seed"], plan["base"]["adapter"]["rank"]
     grid = plan["lr_grid"]
     runs = {r["lr"]: r for r in records if r["method"] == method and r["seed"] == seed and r["rank"] == rank}
