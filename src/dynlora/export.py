@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .experts import ExpertUpdate
+from .experts import ExpertUpdate, split_target_name
 from .io import atomic_write
 from .shipped_models import portable_name
 
@@ -106,7 +106,7 @@ def expert_groups(updates: dict[str, nn.Module]) -> dict[tuple[str, str], list[E
     by_param: dict[tuple[str, str], list[ExpertUpdate]] = {}
     for name, u in updates.items():
         if isinstance(u, ExpertUpdate):
-            by_param.setdefault((name.split(f".lora.{u.parameter}.")[0], u.parameter), []).append(u)
+            by_param.setdefault(split_target_name(name)[:2], []).append(u)
     exported = {k: sorted(v, key=lambda u: u.expert) for k, v in by_param.items() if any(u.rank for u in v)}
     groups = {}
     for (module, parameter), experts in exported.items():
