@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from dynlora import DynamicLoRACallback, DynamicLoRAConfig, default_model_path, get_dynlora_model
-from dynlora.training.data import DataError, collate, load_glue, tokenize
+from dynlora.training.data import DataError, load_glue
+from dynlora.training.data.loader import collate, tokenize
 
 
 class Features(torch.utils.data.Dataset):

@@ -242,7 +242,8 @@ def test_compare_resumes_and_report_draws(tiny_model_dir, tmp_path):
 
 
 def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
-    from dynlora.cli import build_parser, train_settings
+    from dynlora.cli import build_parser
+    from dynlora.training.commands import train_settings
 
     def config(*argv):
         return train_settings(build_parser().parse_args(["train", *argv, "--output-dir", str(tmp_path)]))

@@ -314,7 +314,8 @@ def test_config_file_values_of_the_wrong_type(capsys, tmp_path, text, message):
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
-    from dynlora.cli import build_parser, train_settings
+    from dynlora.cli import build_parser
+    from dynlora.training.commands import train_settings
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text('lr: 1e-3\nbatch_size: "16"\nadapter:\n  warmup: "50"\n  temperature: 2e0\n')

@@ -10,16 +10,14 @@ import torch
 from dynlora.training.data import (
     DataError,
     Example,
-    batches,
-    epoch_order,
     load_custom,
     load_glue,
     read_tsv,
     resolve_glue_dir,
     task_spec,
-    tokenize,
 )
 from dynlora.training.data.glue import from_hub
+from dynlora.training.data.loader import collate, epoch_order, eval_batch_starts, tokenize
 from dynlora.training.data.splits import command_glue_dir
 
 GLUE = Path(os.environ.get("DYNLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
@@ -178,7 +176,7 @@ def test_dynamic_padding_and_deterministic_order():
     examples = [Example("short", None, 0), Example("a much longer sentence than the first one", None, 1)] * 3
     features = tokenize(examples, tok, max_length=128)
     assert features[1]["labels"] == 1 and "token_type_ids" in features[0]
-    first, second = list(batches(features, [0, 2, 1, 4], batch_size=2, pad_token_id=tok.pad_token_id))
+    first, second = (collate([features[i] for i in pair], tok.pad_token_id) for pair in ([0, 2], [1, 4]))
     assert first["input_ids"].shape == (2, 3)  # "[CLS] short [SEP]": padded to the batch, not to 128
     assert second["input_ids"].shape[1] == len(features[1]["input_ids"]) < 128  # long + short: to the long one
     assert second["attention_mask"][1].sum() == 3 and second["input_ids"][1, 3:].eq(tok.pad_token_id).all()
@@ -186,11 +184,11 @@ def test_dynamic_padding_and_deterministic_order():
     pairs = tokenize([Example("q", "p", 0.5)], tok, max_length=128)
     assert pairs[0]["token_type_ids"][-2:] == [1, 1] and isinstance(pairs[0]["labels"], float)
     assert epoch_order(10, seed=1, epoch=2) == epoch_order(10, seed=1, epoch=2) != epoch_order(10, seed=1, epoch=3)
-    assert [len(b["labels"]) for b in batches(features, list(range(6)), 4, 0)] == [4, 2]
+    assert list(eval_batch_starts(6, 4)) == [0, 4]  # the batches of an evaluation: rows 0-3, then 4-5
 
 
 def test_each_process_gets_its_rows_of_the_one_process_batch_padded_alike():
-    from dynlora.training.data import BatchStream
+    from dynlora.training.data.loader import BatchStream
 
     lengths = [3, 9, 4, 5, 7, 2, 6, 8, 3, 4, 5, 6]
     features = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": i % 2} for i, n in enumerate(lengths)]

@@ -1,8 +1,13 @@
 """Reliability round 3, an LLM user's run (docs/reliability.md): each test failed before its fix."""
 
 import importlib.metadata
+import io
 import json
+import os
+import pty
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -11,6 +16,7 @@ from test_cli_errors import run_cli
 import dynlora
 from dynlora import cli
 from dynlora.cli import main
+from dynlora.training import commands
 
 
 def test_the_installed_version_is_the_package_version():
@@ -21,10 +27,62 @@ def test_a_ctrl_c_outside_a_training_step_says_interrupted_once_without_a_traceb
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    monkeypatch.setattr(commands, "cmd_eval", interrupted)
     assert main(["eval", "--task", "sst2"]) == 130
     err = capsys.readouterr().err
     assert "interrupted: stopped at once" in err and "again" not in err and "Traceback" not in err
+
+
+def test_a_ctrl_c_while_torch_and_transformers_import_is_the_same_one_line(capsys, monkeypatch):
+    def interrupted(name, package=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().startswith("interrupted: stopped at once") and "Traceback" not in err
+
+
+HEAVY = ("torch", "transformers", "peft", "sklearn", "scipy", "matplotlib")
+
+
+def test_help_and_a_mistyped_flag_answer_before_torch_is_imported():
+    code = f"""
+import sys
+from dynlora.cli import main
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["train", "--learning-rate", "1"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout[-500:]
+    assert "unrecognized arguments: --learning-rate" in done.stderr
+
+
+def test_on_a_terminal_a_command_says_at_once_that_it_is_loading_then_erases_the_line(tmp_path):
+    # A real terminal (a pty) as stderr; -X importtime writes each import to that same stream, in order.
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-X", "importtime", "-m", "dynlora.cli", "eval", "--adapter", str(tmp_path / "gone")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the command ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=300) == 2
+    os.close(leader)
+    err = b"".join(chunks).decode()
+    torch_imported = re.search(r"\| +torch\r?\n", err).start()
+    status = err.index("dynlora: loading torch and transformers ...")
+    assert status < torch_imported < err.index("\r\x1b[K") < err.index("error: ")
 
 
 def test_under_torchrun_only_the_first_process_prints_an_error(capsys, monkeypatch):
@@ -221,7 +279,8 @@ def test_a_language_model_run_adapts_every_linear_layer_and_names_what_it_trains
     args = quick(tiny_chat_lm_dir, train, tmp_path / "run")
     del args[args.index("--target-modules") : args.index("--target-modules") + 2]  # no target given
     printed = run(capsys, *args)
-    assert printed.splitlines()[0].startswith(f"dynamic on {train} ({tiny_chat_lm_dir}, lm, chat data): ")
+    named = f"({tiny_chat_lm_dir}, lm, chat data, batches of 4 x up to 64 tokens)"  # quick's sizes
+    assert printed.splitlines()[0].startswith(f"dynamic on {train} {named}: ")
     ranks = json.loads((tmp_path / "run" / "results.json").read_text())["ranks"]
     assert {name.rsplit(".", 1)[-1] for name in ranks} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"}  # fmt: skip
@@ -270,3 +329,80 @@ def test_an_interrupted_comparison_of_the_previous_format_resumes(capsys, tmp_pa
     (done / "results.json").unlink()
     assert as_saved({"adapter": {"rank": 2}}, done)["adapter"] == {"rank": 2, "train_untrained_pooler": False}
     assert "| lora |" in run(capsys, *args)  # resumed from its checkpoint, not refused as another run's
+
+
+def test_an_evaluation_shows_its_progress_on_a_terminal_only(capsys, tmp_path, tiny_chat_lm_dir, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(10)))
+    command = ["eval", "--model", tiny_chat_lm_dir, "--dev-file", str(dev), "--batch-size", "4"]
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert main(command) == 0
+        assert ("evaluating:" in stream.getvalue() and "/3 [" in stream.getvalue()) is shown, stream.getvalue()
+        assert "loss" in capsys.readouterr().out  # the results go to stdout either way
+
+
+def test_a_finished_run_is_extended_by_a_larger_max_steps_on_the_longer_runs_schedule(
+    capsys, tmp_path, tiny_chat_lm_dir
+):
+    from test_language_models import chat_file, quick
+    from test_user_faults import ok as run
+
+    from dynlora.cli import build_parser
+    from dynlora.training.commands import _train_settings
+    from dynlora.training.loop import TrainingRun
+
+    train = chat_file(tmp_path / "chat.jsonl")
+
+    def lrs(out) -> dict[int, float]:
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in records if "lr" in r}
+
+    longer, extended = tmp_path / "eight", tmp_path / "four-then-eight"
+    run(capsys, *quick(tiny_chat_lm_dir, train, longer, "--log-every", 1), "--max-steps", 8)
+    run(capsys, *quick(tiny_chat_lm_dir, train, extended, "--log-every", 1))  # 4 steps
+    settings, _ = _train_settings(build_parser().parse_args(["train", "--output-dir", str(extended), "--resume",
+                                                             "--max-steps", "8"]))  # fmt: skip
+    resumed = TrainingRun(settings, extend=True)
+    resumed.restore()  # step 5 is taken at the 8-step schedule's lr (the 8-step run logs it after step 4)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(lrs(longer)[4], rel=1e-6)
+    resumed.release()
+    printed = run(capsys, "train", "--output-dir", extended, "--resume", "--max-steps", 8)
+    assert "changed: max_steps 4 -> 8 (from here its schedules are those of a 8-step run)" in printed
+    assert "dev metrics after 8 steps" in printed
+    assert json.loads((extended / "results.json").read_text())["steps"] == 8
+    assert {s: lr for s, lr in lrs(extended).items() if s > 4} == {s: lr for s, lr in lrs(longer).items() if s > 4}
+    line = run_cli(capsys, "train", "--output-dir", extended, "--resume", "--max-steps", 6)
+    assert "is at step 8, past the 6 steps asked for: extend it with --max-steps above 8" in line
+    assert "had already finished" in run(capsys, "train", "--output-dir", extended, "--resume")
+
+
+def test_a_language_model_left_without_sizes_gets_an_llms_batch_and_length_and_a_classifier_its_own(
+    capsys, tmp_path, tiny_chat_lm_dir
+):
+    from test_language_models import chat_file, quick
+    from test_user_faults import ok as run
+    from transformers import AutoConfig
+
+    from dynlora.training.run_facts import read_run_facts
+    from dynlora.training.settings import TrainSettings
+
+    positions = AutoConfig.from_pretrained(tiny_chat_lm_dir).max_position_embeddings
+    length = min(1024, positions)
+    train = chat_file(tmp_path / "chat.jsonl")
+    args = quick(tiny_chat_lm_dir, train, tmp_path / "run")
+    for flag in ("--batch-size", "--max-length"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    assert f"chat data, batches of 8 x up to {length} tokens): " in run(capsys, *args).splitlines()[0]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["batch_size"], saved["max_length"]) == (8, length)  # a resume reads them back as they ran
+    assert read_run_facts(tmp_path / "run" / "adapter")["max_length"] == length
+    classifier = TrainSettings().sized(language_model=False, positions=512)
+    assert (classifier.batch_size, classifier.max_length) == (32, 128)
+    given = TrainSettings(batch_size=3, max_length=40).sized(language_model=True, positions=8192)
+    assert (given.batch_size, given.max_length) == (3, 40)
+    assert TrainSettings().sized(language_model=True, positions=8192).max_length == 1024

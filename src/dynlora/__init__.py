@@ -4,35 +4,52 @@ The core (this package's top-level modules) wraps a model and runs the engine; `
 ``dynlora`` command's training application, built on the core's public names.
 """
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .allocator import RankAllocator, allocate
-from .config import DynamicLoRAConfig, static_lora
-from .engine import Engine
-from .layer import DynamicLoRALinear
-from .model import DynamicLoRAModel, get_dynlora_model
-from .shipped_models import default_model_path, resolve_model_path
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports each name on first use
+    from .allocator import RankAllocator as RankAllocator
+    from .allocator import allocate as allocate
+    from .callbacks import DynamicLoRACallback as DynamicLoRACallback
+    from .config import DynamicLoRAConfig as DynamicLoRAConfig
+    from .config import static_lora as static_lora
+    from .engine import Engine as Engine
+    from .layer import DynamicLoRALinear as DynamicLoRALinear
+    from .model import DynamicLoRAModel as DynamicLoRAModel
+    from .model import get_dynlora_model as get_dynlora_model
+    from .shipped_models import default_model_path as default_model_path
+    from .shipped_models import resolve_model_path as resolve_model_path
 
-__all__ = [
-    "DynamicLoRACallback",
-    "DynamicLoRAConfig",
-    "DynamicLoRALinear",
-    "DynamicLoRAModel",
-    "Engine",
-    "RankAllocator",
-    "allocate",
-    "default_model_path",
-    "get_dynlora_model",
-    "resolve_model_path",
-    "static_lora",
-]
 __version__ = "0.2.0"
 
 
-def __getattr__(name: str) -> Any:
-    # The callback imports transformers' Trainer stack: only when it is asked for.
-    if name == "DynamicLoRACallback":
-        from .callbacks import DynamicLoRACallback
+# Where each public name lives: imported when first asked for, so that the command line (and `dynlora --help`)
+# starts without loading torch and transformers.
+_HOMES = {
+    "DynamicLoRACallback": "callbacks",
+    "DynamicLoRAConfig": "config",
+    "DynamicLoRALinear": "layer",
+    "DynamicLoRAModel": "model",
+    "Engine": "engine",
+    "RankAllocator": "allocator",
+    "allocate": "allocator",
+    "default_model_path": "shipped_models",
+    "get_dynlora_model": "model",
+    "resolve_model_path": "shipped_models",
+    "static_lora": "config",
+}
 
-        return DynamicLoRACallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+ALL_LINEAR = "all-linear"  # target_modules: every linear layer (PEFT's name)
 INITS = ("lora", "gradient")
 IMPORTANCES = ("sensitivity", "gradient", "update_norm")
 SHARES = ("rank", "parameter")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DynamicLoRAConfig
+from .config import ALL_LINEAR, DynamicLoRAConfig
 from .experts import parameter_dims, target_name
 from .layer import SUPPORTED_BASE_LAYERS, layer_dims
 
@@ -124,9 +124,6 @@ def candidate_summary(model: nn.Module, limit: int = 20) -> str:
     names = list(seen)
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more if names else "(none: the model has no nn.Linear/Conv1D layers)"
-
-
-ALL_LINEAR = "all-linear"
 
 
 def all_linear(model: nn.Module) -> list[str]:

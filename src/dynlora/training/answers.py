@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import collate
 from .data.glue import Example, TaskSpec
 from .data.instruct import conversation, instruction
 from .data.lm import IGNORE, render_chat
+from .data.loader import collate, eval_batch_starts
 from .devices import to_device
 
 
@@ -49,7 +49,7 @@ def answer_scores(
         return _first_token_scores(model, prompts, answer_ids, batch_size, tokenizer.pad_token_id, device)
     rows = [(i, label) for i in range(len(examples)) for label in range(len(answers))]
     scores = torch.full((len(examples), len(answers)), -math.inf)
-    for start in range(0, len(rows), batch_size):
+    for start in eval_batch_starts(len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         features = []
         for i, label in chunk:
@@ -76,7 +76,7 @@ def _first_token_scores(
 ) -> torch.Tensor:
     """[prompts, answers]: each answer's first-token log-probability right after its prompt, one pass per prompt."""
     scores = []
-    for start in range(0, len(prompts), batch_size):
+    for start in eval_batch_starts(len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         features = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in chunk]
         batch = to_device(collate(features, pad_token_id), device)

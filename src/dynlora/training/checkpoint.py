@@ -109,12 +109,15 @@ def _differences(theirs: Any, ours: Any, prefix: str = "") -> list[tuple[str, An
 
 
 def load_checkpoint(
-    root: str | os.PathLike, identity: dict[str, Any], data: dict[str, str] | None = None
+    root: str | os.PathLike,
+    identity: dict[str, Any],
+    data: dict[str, str] | None = None,
+    ignored: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, torch.Tensor], dict, int]:
     """(tensors, state, step) of the latest checkpoint under ``root``, verified against its checksums, brought to
     the current format, and checked against the ``identity`` of the run that wants to resume from it and against
     the contents of its training files (``data``, as :func:`save_checkpoint` took it; checkpoints written before
-    it was recorded are not checked)."""
+    it was recorded are not checked). Settings named in ``ignored`` may differ (a run's length, when extended)."""
     path = latest_checkpoint(root)
     if path is None:
         raise CheckpointError(f"no checkpoint to resume from in {root} (no {LATEST} file); drop --resume to start")
@@ -127,7 +130,7 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} is damaged: {filename} is missing or fails its checksum")
     state = torch.load(path / STATE, weights_only=True)
     manifest, state = migrate(manifest, state, where=str(path))
-    different = _differences(manifest["identity"], identity)
+    different = [d for d in _differences(manifest["identity"], identity) if d[0] not in ignored]
     if different:
         key, theirs, ours = different[0]
         raise CheckpointError(

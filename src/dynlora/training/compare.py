@@ -24,13 +24,11 @@ from .checkpoint import latest_checkpoint
 from .data import task_spec
 from .fields import from_mapping, merge
 from .loop import TrainingRun
-from .methods import METHODS
 from .metrics import MAIN_METRICS, run_score
 from .pool import run_in_pool
-from .settings import SETTINGS, TrainSettings, as_saved
+from .settings import DEFAULT_METHODS, METHODS, SETTINGS, TrainSettings, as_saved
 
 RESULTS = "results.jsonl"
-DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")
 
 
 @dataclass

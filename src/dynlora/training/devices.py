@@ -17,9 +17,6 @@ from collections.abc import Iterator
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
-
 
 def resolve_device(name: str) -> torch.device:
     mps = getattr(torch.backends, "mps", None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import batches
+from .data.loader import collate, eval_batch_starts
 from .devices import to_device
 
 
@@ -18,7 +18,8 @@ def predict(
     model.eval()
     device = next(model.parameters()).device
     preds, gold = [], []
-    for batch in batches(features, range(len(features)), batch_size, pad_token_id):
+    for start in eval_batch_starts(len(features), batch_size):
+        batch = collate(features[start : start + batch_size], pad_token_id)
         labels = batch.pop("labels")
         batch = to_device(batch, device)
         logits = model(**batch).logits

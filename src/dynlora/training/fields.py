@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..targets import ALL_LINEAR
+from ..config import ALL_LINEAR
 from .data.glue import finite_number
 
 ADAPTER = "adapter"

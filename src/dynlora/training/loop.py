@@ -41,7 +41,7 @@ from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
 from .run_facts import write_run_facts
 from .run_log import RunLog
-from .settings import TrainSettings
+from .settings import LENGTH, TrainSettings
 from .setup import build
 from .tasks import Task
 
@@ -53,8 +53,12 @@ class TrainingRun:
     output directory is claimed first (run_dir.py), so a directory that cannot be this run's is refused before
     anything is loaded."""
 
-    def __init__(self, settings: TrainSettings, task: Task | None = None, base: BaseModel | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: TrainSettings, task: Task | None = None, base: BaseModel | None = None, extend: bool = False
+    ) -> None:
+        """``extend``: a resumed run whose length (``max_steps``, ``epochs``) differs from its checkpoint's goes on
+        to the new length, its lr and re-allocation schedules now those of a run of that length."""
+        self.settings, self.extend = settings, extend
         self.out = Path(settings.output_dir)
         self.device = resolve_device(settings.device)
         self.precision = Precision(settings.precision, self.device)
@@ -129,12 +133,23 @@ class TrainingRun:
         barrier(self.world)
 
     def restore(self) -> None:
-        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity(), self.data)
+        ignored = LENGTH if self.extend else frozenset()
+        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity(), self.data, ignored)
+        if step > self.total_steps:
+            raise ValueError(
+                f"the run in {self.out} is at step {step}, past the {self.total_steps} steps asked for: extend it with "
+                f"--max-steps above {step}"
+            )
         missing = {k for k in set(trainable_tensors(self.model)) - set(tensors) if not InputNorm.is_unfolded(k)}
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
         self.model.load_state_dict(tensors, strict=False)
         counters = restore_run_state(state, self.optimizer, self.scheduler)
+        if self.extend:  # the optimizer kept the old schedule's lr for this step: take the new schedule's
+            for group, base, at in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * at(step)
         self.adapted.load_state_dict(state["method"])
         self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
         self.step = step

@@ -22,6 +22,7 @@ from ..config import DynamicLoRAConfig, engine_settings, static_lora
 from ..model import DynamicLoRAModel, get_dynlora_model
 from .adapted import AdaptedModel, Method, SampleBatches, adamw
 from .peft_baselines import PEFT_METHODS
+from .settings import METHODS
 
 __all__ = ["METHODS", "AdaptedModel", "Method", "get_method"]
 
@@ -90,7 +91,6 @@ _METHODS: dict[str, Method] = {
     "lora": DynLoRA("lora", dynamic=False),
     **{m.name: m for m in PEFT_METHODS},
 }
-METHODS = tuple(_METHODS)
 
 
 def get_method(name: str) -> Method:

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import DynamicLoRAConfig
 from ..targets import default_modules_to_save, default_target_modules
 from .adapted import SampleBatches, adamw
+from .settings import METHODS
 
 LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
 EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
@@ -145,4 +146,4 @@ class Peft:
         return PeftAdapted(model, self.variant)
 
 
-PEFT_METHODS = tuple(Peft(f"peft-{variant}", variant) for variant in ("lora", "adalora", "rslora", "loraplus", "eva"))
+PEFT_METHODS = tuple(Peft(name, name.removeprefix("peft-")) for name in METHODS if name.startswith("peft-"))

@@ -15,11 +15,15 @@ from typing import Any
 
 from ..config import DynamicLoRAConfig, setting
 from .data.glue import TASKS
-from .devices import DEVICES, PRECISIONS
 from .fields import settings_of
-from .methods import METHODS
-from .tasks import OBJECTIVES
 
+# The choices of the settings below. This module imports neither torch nor transformers: the command line reads it
+# to build its flags, and `dynlora --help` prints at once.
+METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora", "peft-rslora", "peft-loraplus", "peft-eva")  # methods.py
+DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")  # what dynlora compare runs when not told
+OBJECTIVES = ("auto", "classify", "lm", "instruct")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("linear", "constant")
 QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
 
@@ -50,10 +54,16 @@ class TrainSettings:
     text_pair_col: str | None = setting(None, "column of the second text of a pair, if any")
     label_col: str = setting("label", "column of the label")
     regression: bool = setting(False, "the labels of --train-file are numbers (one-output regression head)")
-    max_length: int = setting(128, "truncate inputs to this many tokens (batches pad to their longest)")
+    max_length: int | None = setting(
+        None,
+        "truncate inputs to this many tokens (batches pad to their longest; a text file's block size); default: 128 "
+        "to classify, for a language model 1024 or its positions if fewer",
+    )
     max_train_samples: int | None = setting(None, "train on a random subset of this size")
     max_eval_samples: int | None = setting(None, "evaluate on a random subset of this size")
-    batch_size: int = setting(32, "examples per micro-batch (per process)")
+    batch_size: int | None = setting(
+        None, "examples per micro-batch (per process); default: 32 to classify, 8 for a language model"
+    )
     grad_accum: int = setting(1, "micro-batches per optimizer step")
     epochs: float = setting(1.0, "training epochs (used when --max-steps is 0)")
     max_steps: int = setting(
@@ -106,7 +116,7 @@ class TrainSettings:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_samples", "max_eval_samples"):  # 0 would leave nothing to train on or score
             value = getattr(self, name)
@@ -128,6 +138,11 @@ class TrainSettings:
             )
         if self.dev_file and not self.train_file:
             raise ValueError("--dev-file needs --train-file: together they replace the GLUE task's data")
+
+    def sized(self, language_model: bool, positions: int | None) -> TrainSettings:
+        """These settings with the batch size and max length the user left out filled in (:func:`default_sizes`)."""
+        given = {k: v for k, v in (("batch_size", self.batch_size), ("max_length", self.max_length)) if v is not None}
+        return dataclasses.replace(self, **{**default_sizes(language_model, positions), **given})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +169,15 @@ class TrainSettings:
         return cls(**settings)
 
 
+def default_sizes(language_model: bool, positions: int | None) -> dict[str, int]:
+    """``batch_size`` and ``max_length`` when not given. A classifier's sentences are short: 32 x 128 tokens. A
+    language model's examples are long and its steps costly: 8 examples of up to 1024 tokens (or the model's
+    positions if fewer), as LLM recipes run; batches pad to their longest example, so short ones cost no more."""
+    if not language_model:
+        return {"batch_size": 32, "max_length": 128}
+    return {"batch_size": 8, "max_length": min(1024, positions or 1024)}
+
+
 # Settings that do not change what a run computes: a checkpoint resumes whatever they are.
 RUN_ONLY = frozenset(
     {
@@ -169,6 +193,11 @@ RUN_ONLY = frozenset(
         "fsdp",  # how the frozen base is laid out over processes: the trainable state is the same either way
     }
 )
+
+
+# How long a run trains: `dynlora train --resume --max-steps N` may change it, to extend a run (its schedules become
+# those of the new length from where it is).
+LENGTH = frozenset({"max_steps", "epochs"})
 
 
 # Adapter settings added after runs were saved, with what those runs did: a config.json without the key predates it
@@ -187,12 +216,15 @@ def as_saved(settings: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     return {**settings, "adapter": {**(settings.get("adapter") or {}), **missing}} if missing else settings
 
 
-def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -> tuple[TrainSettings, list[str]]:
+def resumed_settings(
+    saved: dict[str, Any], given: dict[str, Any], where: str
+) -> tuple[TrainSettings, dict[str, tuple[Any, Any]]]:
     """The settings of a run being resumed: those it was started with (its ``config.json``, ``saved``), with the
-    ``given`` ones that do not change what it computes (output, logging, evaluation) applied. A given setting that
-    would change the run is an error naming it. Returns the settings and the changes applied, as text."""
+    ``given`` ones that do not change what it computes (output, logging, evaluation) applied, and a new length
+    (``max_steps``, ``epochs``: the run is extended). A given setting that would change the run otherwise is an error
+    naming it. Returns the settings and the changes applied: ``{name: (old, new)}``."""
     merged = {**saved, "adapter": {**LEGACY_ADAPTER, **(saved.get("adapter") or {})}}
-    changes = []
+    changes = {}
     for key, value in given.items():
         pairs = value.items() if key == "adapter" else [(key, value)]
         for name, new in pairs:
@@ -200,14 +232,14 @@ def resumed_settings(saved: dict[str, Any], given: dict[str, Any], where: str) -
             label = f"adapter.{name}" if key == "adapter" else name
             if new == old:
                 continue
-            if key == "adapter" or name not in RUN_ONLY | {"resume"}:
+            if key == "adapter" or name not in RUN_ONLY | LENGTH:
                 raise ValueError(
                     f"{label} was {old!r} in the run in {where}, not {new!r}: --resume continues a run with its own "
-                    "settings (only output, logging and evaluation settings may change); drop it, or start a new "
-                    "--output-dir"
+                    "settings (only output, logging and evaluation settings may change, and --max-steps or --epochs "
+                    "to extend it); drop it, or start a new --output-dir"
                 )
             if name != "resume":
-                changes.append(f"{name} {old!r} -> {new!r}")
+                changes[name] = (old, new)
             merged[name] = new
     return TrainSettings.from_settings({**merged, "resume": True}), changes
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 
-from ..config import DynamicLoRAConfig
-from ..targets import ALL_LINEAR
+from ..config import ALL_LINEAR, DynamicLoRAConfig
 from .adapted import AdaptedModel
 from .base_model import BaseModel, quantized_loading
-from .data import BatchStream
+from .data.loader import BatchStream
 from .devices import to_device
 from .methods import get_method
 from .tasks import Task, load_task
@@ -23,7 +22,8 @@ from .tasks import Task, load_task
 def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, Any, BatchStream, dict, AdaptedModel]:
     """(task, tokenizer, training stream, evaluation sets, adapted model) of ``run`` (a TrainingRun: its settings,
     device and process index), in the order that makes a seed reproduce a run: data and base model first, the
-    adapter's initialisation from a fresh seed. Sets ``run.total_steps``."""
+    adapter's initialisation from a fresh seed. Sets ``run.total_steps``, and ``run.settings``' batch size and max
+    length where they were left out (a classifier's or a language model's defaults)."""
     s = run.settings
     random.seed(s.seed)
     torch.manual_seed(s.seed)
@@ -35,6 +35,7 @@ def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, An
         else task.load_model(s.model, **quantized_loading(bits, run.device, run.precision.dtype))
     )
     limit = getattr(base.model.config, "max_position_embeddings", None)
+    s = run.settings = s.sized(task.prompt_format is not None, limit)  # the sizes left out, for this model
     if limit and s.max_length > limit:
         raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
     train = task.train_features(base, s)

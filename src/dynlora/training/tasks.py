@@ -24,17 +24,16 @@ from torch import nn
 from ..shipped_models import resolve_model_path
 from .answers import choose_answers
 from .base_model import BaseModel, center_regression_head, is_causal_lm, load_base, load_causal_lm
-from .data import TaskData, collate, load_task_data, task_spec, tokenize
+from .data import TaskData, load_task_data, task_spec
 from .data.glue import Example, TaskSpec, load_glue
 from .data.instruct import conversation, fitted, instruction
 from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_format
+from .data.loader import collate, eval_batch_starts, tokenize
 from .data.splits import command_glue_dir, subset
 from .devices import to_device
 from .errors import DataError
 from .evaluation import predict
 from .metrics import glue_metrics, main_metric_name
-
-OBJECTIVES = ("auto", "classify", "lm", "instruct")
 
 
 class Task(Protocol):
@@ -169,7 +168,7 @@ def token_losses(
     model.eval()
     device = next(model.parameters()).device
     sums, counts = [], []
-    for start in range(0, len(features), batch_size):
+    for start in eval_batch_starts(len(features), batch_size):
         batch = to_device(collate(features[start : start + batch_size], pad_token_id), device)
         targets = batch.pop("labels")[:, 1:]
         keep = targets != IGNORE  # [rows, seq - 1]

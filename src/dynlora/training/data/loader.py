@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .glue import Example
 
@@ -46,12 +47,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batches(
-    features: Sequence[dict], order: Sequence[int], batch_size: int, pad_token_id: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of ``features`` in ``order``."""
-    for b in range(0, len(order), batch_size):
-        yield collate([features[i] for i in order[b : b + batch_size]], pad_token_id)
+def eval_batch_starts(count: int, batch_size: int) -> Iterable[int]:
+    """Where each evaluation batch of ``count`` rows starts: a progress bar on a terminal (tqdm shows none
+    elsewhere), erased when done so that the command's output stays as it was."""
+    starts = range(0, count, batch_size)
+    return tqdm(starts, desc="evaluating", unit="batch", leave=False, disable=None, dynamic_ncols=True)
 
 
 class BatchStream:
