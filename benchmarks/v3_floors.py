@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from dynlora.training.base_model import load_causal_lm, quiet_transformers
-from dynlora.training.data import collate, load_glue
+from dynlora.training.data import load_glue
+from dynlora.training.data.loader import collate
 
 HERE = Path(__file__).resolve().parent
 PROMPTS = {
