@@ -1,10 +1,13 @@
 """Training step time of adapter methods as ratios to the frozen limit, and merged inference vs the base model.
 
-    python benchmarks/step_time.py [--model minilm|smollm2] [--rounds 15] [--batch 32] [--seq 64]
+    python benchmarks/step_time.py [--model minilm|smollm2|moe] [--rounds 15] [--batch 32] [--seq 64]
 
-Two setups, each on one fixed batch of random token ids on the CPU:
+Three setups, each on one fixed batch of random token ids on the CPU:
 - ``minilm`` (default): MiniLM-L6 sequence classification, adapters on query/value (12 layers), head trainable;
-- ``smollm2``: the shipped SmolLM2-135M as a causal LM, adapters on all 7 projections of its 30 layers (210).
+- ``smollm2``: the shipped SmolLM2-135M as a causal LM, adapters on all 7 projections of its 30 layers (210);
+- ``moe``: a small random Qwen3-MoE causal LM (4 layers of 8 experts, 2 per token), adapters on q_proj, v_proj and
+  every expert of the fused expert weights (the mixtures' default targets): PEFT LoRA adapts the experts through
+  its ``target_parameters``; AdaLoRA has no such path and is left out.
 Configurations are interleaved round by round (one step of each per round) so machine noise hits them alike; each
 figure is the median over rounds after warm-up. A step is forward + backward + AdamW step + zero_grad.
 
@@ -45,6 +48,7 @@ from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
 from dynlora.allocator import Schedule
 from dynlora.input_adaptation import folds_at
 from dynlora.shipped_models import decoder_model_path
+from dynlora.targets import expert_parameters
 
 HERE = Path(__file__).resolve().parent
 QV = ["query", "value"]
@@ -60,17 +64,21 @@ class Setup:
     head: list[str] | None
     causal_lm: bool
     device: str = "cpu"
+    random_model: Callable[[], torch.nn.Module] | None = None  # built from a config, instead of a shipped model
+    vocab: int = 30000
 
     def load(self) -> torch.nn.Module:
         torch.manual_seed(0)
-        if self.causal_lm:
+        if self.random_model is not None:
+            model = self.random_model()
+        elif self.causal_lm:
             model = AutoModelForCausalLM.from_pretrained(str(decoder_model_path()))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
         return model.to(self.device)  # before the adapters are made: they are made where the weights are
 
     def batch(self, size: int, seq: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(1000, 30000, (size, seq), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(self.vocab // 30, self.vocab, (size, seq), generator=torch.Generator().manual_seed(0))
         labels = ids if self.causal_lm else torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(1))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -97,8 +105,13 @@ class Setup:
     def peft_lora(self) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=self.targets, modules_to_save=self.head)
-        return get_peft_model(self.load(), cfg)
+        model = self.load()
+        modules = [t for t in self.targets if t != "experts"]
+        experts = [name for name in expert_parameters(model) if "experts" in self.targets]  # PEFT's ParamWrapper
+        cfg = LoraConfig(
+            r=8, lora_alpha=16, target_modules=modules, target_parameters=experts or None, modules_to_save=self.head
+        )
+        return get_peft_model(model, cfg)
 
     def peft_adalora(self) -> torch.nn.Module:
         from peft import AdaLoraConfig, get_peft_model
@@ -117,7 +130,7 @@ class Setup:
         return get_peft_model(self.load(), cfg)
 
     def train_configs(self) -> dict[str, Callable[[], torch.nn.Module]]:
-        return {
+        configs = {
             "frozen limit": self.frozen_limit,
             "dynlora LoRA r=8": self.dynlora_lora,
             "dynlora LoRA r=8, capacity 16": lambda: self.dynlora_lora(max_rank=16),
@@ -126,11 +139,43 @@ class Setup:
             "PEFT LoRA r=8": self.peft_lora,
             "PEFT AdaLoRA 12->8": self.peft_adalora,
         }
+        if "experts" in self.targets:  # PEFT's AdaLoRA adapts modules only, not a fused experts weight
+            del configs["PEFT AdaLoRA 12->8"]
+        return configs
+
+
+def small_qwen3_moe() -> torch.nn.Module:
+    """A random Qwen3-MoE at a size this CPU times in seconds: 4 layers of 8 experts, 2 routed per token."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        tie_word_embeddings=True,
+    )
+    return Qwen3MoeForCausalLM(config)
 
 
 SETUPS = {
     "minilm": Setup("MiniLM-L6, query/value: 12 adapted layers", QV, ["classifier"], causal_lm=False),
     "smollm2": Setup("SmolLM2-135M, all 7 projections of 30 layers: 210 adapted layers", PROJECTIONS, None, True),
+    "moe": Setup(
+        "Qwen3-MoE (random, hidden 256), q_proj/v_proj and 8 experts x 2 fused weights of 4 layers: 72 updates",
+        ["q_proj", "v_proj", "experts"],
+        None,
+        True,
+        random_model=small_qwen3_moe,
+        vocab=4096,
+    ),
 }
 # A long run's step count for binding the schedule: no re-allocation falls inside the timed steps.
 BIND_STEPS = 100_000
@@ -304,13 +349,15 @@ def main() -> None:
     lines += [f"{name:<30} {t * 1000:>10.0f}ms {t / limit:>14.3f}x" for name, t in train.items()]
     ratio_peft = static / train["PEFT LoRA r=8"]
     infer_ratio = infer["dynlora merged"] / infer["base model"]
-    dyn_vs_ada = {g: train[f"Dynamic LoRA, gate {g}"] / train["PEFT AdaLoRA 12->8"] for g in ("off", "on")}
+    ada = train.get("PEFT AdaLoRA 12->8")
+    dyn_vs_ada = {g: train[f"Dynamic LoRA, gate {g}"] / ada for g in ("off", "on")} if ada else None
     measured = {g: train[f"Dynamic LoRA, gate {g}"] / static - 1 for g in ("off", "on")}
     capacity = train["dynlora LoRA r=8, capacity 16"] / static - 1
     lines.append(f"dynlora static LoRA / PEFT LoRA step time: {ratio_peft:.3f}x")
-    lines.append(
-        f"Dynamic LoRA / PEFT AdaLoRA step time: gate off {dyn_vs_ada['off']:.3f}x, on {dyn_vs_ada['on']:.3f}x"
-    )
+    if dyn_vs_ada:
+        lines.append(
+            f"Dynamic LoRA / PEFT AdaLoRA step time: gate off {dyn_vs_ada['off']:.3f}x, on {dyn_vs_ada['on']:.3f}x"
+        )
     lines.append(
         f"Dynamic LoRA over static LoRA, step medians: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}; "
         f"static LoRA at capacity 16: {capacity:+.2%}"
@@ -362,6 +409,10 @@ def main() -> None:
     verdict = "met" if engine_fraction <= 0.005 else "**not met**"
     gradient_init = setup.config().init == "gradient"
     probe_note = " (it measures ∂L/∂W of every layer in its backward, as the first step does)" if gradient_init else ""
+    versus_adalora = "- PEFT AdaLoRA: not run (it does not adapt fused expert weights)"
+    if dyn_vs_ada:
+        ratios = f"gate off **{dyn_vs_ada['off']:.3f}×**, gate on **{dyn_vs_ada['on']:.3f}×**"
+        versus_adalora = f"- Dynamic LoRA / PEFT AdaLoRA step time: {ratios} (target < 1)"
     body = f"""## Training step time ({setup.title}; batch {args.batch}×{args.seq}, CPU)
 
 `{record["command"]}` — {env["date"]}, {env["machine"]}; torch {env["torch"]}, transformers {env["transformers"]},
@@ -372,8 +423,7 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 {rows}
 
 - dynlora static LoRA / PEFT LoRA step time: **{ratio_peft:.3f}×** (target ≤ 1.00)
-- Dynamic LoRA / PEFT AdaLoRA step time: gate off **{dyn_vs_ada["off"]:.3f}×**, gate on **{dyn_vs_ada["on"]:.3f}×**
-  (target < 1)
+{versus_adalora}
 - Dynamic LoRA's overhead over static LoRA. Step medians (they move by ±1.5 % between runs on MiniLM, ±5-10 % on
   SmolLM2): gate off {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}; static LoRA at Dynamic LoRA's
   capacity, no engine: {capacity:+.2%}. Timed directly, where training
