@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="fine-tune on a GLUE task or your data; prints dev metrics",
-        description="Fine-tune a sequence classifier with an adapter method. With no flags: Dynamic "
-        f"LoRA on the embedded MiniLM-L6, GLUE SST-2, {QUICK_STEPS} steps.",
+        description="Fine-tune a model with an adapter method: a classifier on a GLUE task or your labelled data, "
+        "or a causal language model on your prompt/completion, chat or text data (or a GLUE task posed to it). "
+        f"With no flags: Dynamic LoRA on the embedded MiniLM-L6, GLUE SST-2, {QUICK_STEPS} steps.",
     )
     _add_settings(p)
     p.set_defaults(command_name="cmd_train")

@@ -25,6 +25,12 @@ import torch
 from torch import nn
 
 
+def in_process_group() -> bool:
+    """Whether this process is one of a torch.distributed group: the engine's collectives (synced scores,
+    gradients and input statistics) run only then."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks, as transformers names them (``_no_split_modules``: LlamaDecoderLayer,
     BertLayer, ...), else the members of its longest ``nn.ModuleList``."""

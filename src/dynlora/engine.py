@@ -27,6 +27,7 @@ import torch
 
 from .allocator import RankAllocator, Schedule
 from .config import DynamicLoRAConfig
+from .distributed import in_process_group
 from .importance import make_scorer
 from .input_adaptation import InputStatistics
 from .lowrank import LowRankUpdate
@@ -175,7 +176,7 @@ class Engine:
         """Layer scores averaged over processes under torch.distributed, so every process decides the same.
         A collective: every process must call it (the engine does, at each re-allocation)."""
         values = self.scorer.last_layer_score.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if in_process_group():
             torch.distributed.all_reduce(values)
             values /= torch.distributed.get_world_size()
         return dict(zip(self.layers, values.tolist(), strict=True))

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import in_process_group
+
 MODES = ("mergeable", "per_example")
 
 
@@ -184,7 +186,7 @@ class InputStatistics:
         sums = [rows["pending_sum"] for _key, _norms, rows in groups]
         device = sums[0].device
         counts = [_token_counts([n.pending_tokens.value for n in norms], device) for _k, norms, _r in groups]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if in_process_group():
             packed = torch.cat([t.view(-1) for t in sums + counts])
             torch.distributed.all_reduce(packed)
             parts = packed.split([t.numel() for t in sums + counts])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import DynamicLoRAConfig
+from .conveniences import EcosystemMethods
 from .engine import Engine
 from .experts import DynamicLoRAParameters, split_target_name
 from .export import export_peft
@@ -32,19 +33,19 @@ from .serialization import (
     load_adapter_tensors,
     read_adapter_meta,
     read_adapter_weights,
+    saved_specs,
     write_adapter,
 )
 from .targets import (
     LayerSpec,
     default_modules_to_save,
-    has_module,
     replace_module,
     resolve_saved_modules,
     resolve_specs,
 )
 
 
-class DynamicLoRAModel(nn.Module):
+class DynamicLoRAModel(EcosystemMethods, nn.Module):
     """A Hugging Face model with Dynamic LoRA adapters. Anything it does not define is forwarded to the model,
     so ``forward``, ``generate``, ``config`` and the ``labels -> loss`` API work as before.
 
@@ -142,38 +143,6 @@ class DynamicLoRAModel(nn.Module):
         for name, rank in ranks.items():
             self._layers[name].set_rank(rank, generator)
 
-    def trainable_parameters(self) -> int:
-        """Parameters that train: adapter parameters at the *active* ranks plus the modules to save."""
-        adapters = sum(m.active_parameters() for m in self._layers.values())
-        extra = sum(p.numel() for n in self.saved_module_names for p in self.model.get_submodule(n).parameters())
-        return adapters + extra
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Parameters of the model as it computes (transformers' name): the base model's plus the adapters at their
-        active ranks, not their capacity; ``only_trainable``: :meth:`trainable_parameters`."""
-        if only_trainable:
-            return self.trainable_parameters()
-        adapter_names = {f"{n}.{pname}" for n, m in self._layers.items() for pname, *_ in m.rank_parameters()}
-        base = sum(p.numel() for n, p in self.model.named_parameters() if n not in adapter_names)
-        if exclude_embeddings:
-            base -= sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
-        return base + sum(m.active_parameters() for m in self._layers.values())
-
-    def adapted_summary(self) -> str:
-        """How many updates of each kind are adapted: ``24 linear layers, 32 experts, 2 routers``."""
-        counts = collections.Counter(m.kind for m in self._layers.values())
-        words = {"linear": "linear layer", "expert": "expert", "router": "router"}
-        return ", ".join(f"{counts[k]} {w}{'s' if counts[k] != 1 else ''}" for k, w in words.items() if counts[k])
-
-    def print_trainable_parameters(self) -> None:
-        """``trainable params: ... || all params: ... || trainable%: ...``, as PEFT prints it, then what is adapted
-        (``|| adapted: 24 linear layers, 32 experts, 2 routers``)."""
-        trainable, total = self.trainable_parameters(), self.num_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-            f" || adapted: {self.adapted_summary()}"
-        )
-
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as its base model (the adapters are skipped; modules saved whole,
@@ -187,12 +156,6 @@ class DynamicLoRAModel(nn.Module):
         finally:
             for module in self._adapted.values():
                 module.disabled = False
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """The base model's gradient checkpointing, with its inputs made to require grad (as PEFT does): with
-        reentrant checkpointing a block whose inputs do not require grad passes no gradient to the adapters in it."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        self.model.enable_input_require_grads()
 
     # --- the training state -------------------------------------------------------------------------------------
 
@@ -312,25 +275,11 @@ class DynamicLoRAModel(nn.Module):
         tensors) is an error, never a silently disabled adapter.
         """
         meta = read_adapter_meta(adapter_directory)
-        where = Path(adapter_directory)
-        expected_type = meta["base_model"].get("model_type")
-        actual_type = getattr(getattr(model, "config", None), "model_type", None)
-        if expected_type is not None and expected_type != actual_type:
-            raise ValueError(
-                f"adapter in {where} was trained on a {expected_type!r} model, not this {actual_type!r} one"
-            )
-        modules = {n: split_target_name(n)[0] if v.get("parameter") else n for n, v in meta["layers"].items()}
-        missing = [n for n, module in modules.items() if not has_module(model, module)]
-        if missing:
-            raise ValueError(f"adapter in {where} adapts layers this model does not have: {', '.join(missing[:5])}")
-        specs = {
-            n: LayerSpec(int(v["initial_rank"]), float(v["alpha"]), int(v["max_rank"]), v.get("parameter"))
-            for n, v in meta["layers"].items()
-        }
+        specs = saved_specs(model, meta, Path(adapter_directory))
         config = DynamicLoRAConfig.from_dict(meta["config"])
         wrapped = cls(model, config, _specs=specs, _saved_modules=list(meta["modules_to_save"]))
         wrapped.set_ranks({n: int(v["rank"]) for n, v in meta["layers"].items()})
-        wrapped.load_adapter_state_dict(read_adapter_weights(where))
+        wrapped.load_adapter_state_dict(read_adapter_weights(adapter_directory))
         apply_class_names(model, meta.get("labels"))
         wrapped.engine.started = True  # trained components: never re-started along a gradient
         return wrapped

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import in_process_group
 from .experts import ExpertUpdate
 
 
@@ -108,7 +109,7 @@ def make_probe(layer: nn.Module) -> GradientProbe:
 def synced_gradients(probes: list[GradientProbe]) -> list[torch.Tensor | None]:
     """Each probe's G, summed over processes under torch.distributed (one all-reduce for all layers); None for a
     layer that saw no gradient on any process. A collective: every process must call it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not in_process_group():
         return [p.weight_grad for p in probes]
     flat = torch.cat(
         [

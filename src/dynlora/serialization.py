@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import DynamicLoRAConfig
-from .experts import ExpertUpdate
+from .experts import ExpertUpdate, split_target_name
 from .input_adaptation import InputNorm
 from .io import atomic_write, write_json
 from .lowrank import LowRankUpdate, components
 from .shipped_models import portable_name
+from .targets import LayerSpec, has_module
 
 CONFIG_NAME = "dynlora_config.json"
 WEIGHTS_NAME = "dynlora_model.safetensors"
@@ -150,6 +151,24 @@ def read_adapter_meta(adapter_directory: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta['format_version']}; upgrade dynlora to read it")
     return meta
+
+
+def saved_specs(model: nn.Module, meta: dict[str, Any], where: Path) -> dict[str, LayerSpec]:
+    """Each saved layer's spec (initial rank, alpha, capacity, adapted parameter), after checking that ``model`` is
+    of the family the adapter was trained on and has every layer it adapts: a mismatch is an error, never a silently
+    disabled adapter."""
+    expected_type = meta["base_model"].get("model_type")
+    actual_type = getattr(getattr(model, "config", None), "model_type", None)
+    if expected_type is not None and expected_type != actual_type:
+        raise ValueError(f"adapter in {where} was trained on a {expected_type!r} model, not this {actual_type!r} one")
+    modules = {n: split_target_name(n)[0] if v.get("parameter") else n for n, v in meta["layers"].items()}
+    missing = [n for n, module in modules.items() if not has_module(model, module)]
+    if missing:
+        raise ValueError(f"adapter in {where} adapts layers this model does not have: {', '.join(missing[:5])}")
+    return {
+        n: LayerSpec(int(v["initial_rank"]), float(v["alpha"]), int(v["max_rank"]), v.get("parameter"))
+        for n, v in meta["layers"].items()
+    }
 
 
 def read_adapter_weights(adapter_directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ from ..targets import HEAD_MODULE_NAMES
 
 @dataclass
 class BaseModel:
-    """A sequence classifier, its tokenizer, and the names of the parameters its checkpoint did not provide."""
+    """A base model (a sequence classifier or a causal LM), its tokenizer, and the names of the parameters its
+    checkpoint did not provide."""
 
     model: nn.Module
     tokenizer: object

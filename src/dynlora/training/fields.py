@@ -150,8 +150,7 @@ def add_flags(parser: argparse.ArgumentParser, settings: list[Setting], title: s
     """One flag per setting. A flag not given leaves no attribute (SUPPRESS), so a config file's value stays."""
     group = parser.add_argument_group(title) if title else parser
     for s in settings:
-        shown = s.default if s.field.metadata.get("show_default", True) else None
-        text = s.help + ("" if shown is None else f" (default: {_shown(shown)})")
+        text = s.help + ("" if s.default is None else f" (default: {_shown(s.default)})")
         if bool in _options(s.kind):
             group.add_argument(
                 s.flag, dest=s.dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text

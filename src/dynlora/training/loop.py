@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .devices import Precision, resolve_device, to_device
 from .errors import Diverged, Interrupted
+from .lr_schedule import follow_schedule_from, make_scheduler
 from .metrics import run_score
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
@@ -79,13 +80,7 @@ class TrainingRun:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
-        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
-
-        warmup = int(settings.warmup_ratio * self.total_steps)
-        if settings.lr_schedule == "constant":
-            self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
-        else:
-            self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, settings, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)
@@ -145,11 +140,8 @@ class TrainingRun:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
         self.model.load_state_dict(tensors, strict=False)
         counters = restore_run_state(state, self.optimizer, self.scheduler)
-        if self.extend:  # the optimizer kept the old schedule's lr for this step: take the new schedule's
-            for group, base, at in zip(
-                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
-            ):
-                group["lr"] = base * at(step)
+        if self.extend:
+            follow_schedule_from(self.optimizer, self.scheduler, step)
         self.adapted.load_state_dict(state["method"])
         self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
         self.step = step
