@@ -47,8 +47,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
 from dynlora.allocator import Schedule
 from dynlora.input_adaptation import folds_at
+from dynlora.moe_targets import expert_parameters
 from dynlora.shipped_models import decoder_model_path
-from dynlora.targets import expert_parameters
 
 HERE = Path(__file__).resolve().parent
 QV = ["query", "value"]

@@ -23,7 +23,7 @@ from dynlora.training.data.lm import (
     text_features,
 )
 from dynlora.training.errors import DataError
-from dynlora.training.tasks import language_metrics
+from dynlora.training.evaluation import language_metrics
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from .compare import ComparePlan, plan_from, run_comparison, summary_table
 from .data import task_spec
 from .devices import resolve_device
 from .errors import Interrupted
+from .evaluation import loss_metrics
 from .fields import from_args, from_mapping, merge, read_config_file
 from .generation import GenerateSettings, generate
 from .loop import TrainingRun
@@ -35,7 +36,7 @@ from .metrics import format_metrics, glue_metrics
 from .report import write_report
 from .run_facts import read_run_facts
 from .settings import LENGTH, SETTINGS, TrainSettings, default_sizes, resumed_settings
-from .tasks import ClassifyTask, eval_task, loss_metrics
+from .tasks import ClassifyTask, eval_task
 
 
 def _file_settings(path: str | None, data: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -13,12 +13,10 @@ model, and ``classify`` otherwise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
 from ..shipped_models import resolve_model_path
@@ -27,12 +25,11 @@ from .base_model import BaseModel, center_regression_head, is_causal_lm, load_ba
 from .data import TaskData, load_task_data, task_spec
 from .data.glue import Example, TaskSpec, load_glue
 from .data.instruct import conversation, fitted, instruction
-from .data.lm import IGNORE, chat_features, has_chat_template, lm_features, lm_format
-from .data.loader import collate, eval_batch_starts, tokenize
+from .data.lm import chat_features, has_chat_template, lm_features, lm_format
+from .data.loader import tokenize
 from .data.splits import command_glue_dir, subset
-from .devices import to_device
 from .errors import DataError
-from .evaluation import predict
+from .evaluation import language_metrics, predict, token_losses
 from .metrics import glue_metrics, main_metric_name
 
 
@@ -146,39 +143,6 @@ class LanguageTask:
             {"document": f.get("document", 0), "loss_sum": loss, "tokens": n}
             for f, loss, n in zip(eval_set, sums.tolist(), counts.tolist(), strict=True)
         ]
-
-
-def language_metrics(model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> dict[str, float]:
-    """Mean loss over the tokens that carry one, its perplexity, and ``main`` = −loss (higher is better)."""
-    sums, counts = token_losses(model, features, batch_size, pad_token_id)
-    return loss_metrics(float(sums.sum()), int(counts.sum()))
-
-
-def loss_metrics(total: float, tokens: int) -> dict[str, float]:
-    """From a summed loss over ``tokens`` tokens: the mean loss, its perplexity and ``main`` = −loss."""
-    loss = total / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "main": -loss}
-
-
-@torch.no_grad()
-def token_losses(
-    model: nn.Module, features: list[dict], batch_size: int, pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per feature, the summed loss (nats) of its tokens that carry one and how many they are: [features] each."""
-    model.eval()
-    device = next(model.parameters()).device
-    sums, counts = [], []
-    for start in eval_batch_starts(len(features), batch_size):
-        batch = to_device(collate(features[start : start + batch_size], pad_token_id), device)
-        targets = batch.pop("labels")[:, 1:]
-        keep = targets != IGNORE  # [rows, seq - 1]
-        # float32 for the tokens that carry a loss only, not a copy of the whole [rows, seq, vocab]
-        logits = model(**batch).logits[:, :-1][keep].float()  # [kept tokens, vocab]
-        nll = nn.functional.cross_entropy(logits, targets[keep], reduction="none")
-        row = keep.nonzero()[:, 0]  # the row of each kept token
-        sums.append(torch.zeros(len(keep), device=device).index_add_(0, row, nll))
-        counts.append(keep.sum(-1))
-    return torch.cat(sums).double().cpu(), torch.cat(counts).cpu()  # one read from the device, at the end
 
 
 @dataclass
