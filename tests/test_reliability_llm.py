@@ -98,6 +98,9 @@ def test_own_data_with_no_length_given_trains_one_epoch_and_a_glue_task_its_quic
     assert TrainSettings.from_settings({"train_file": "x.jsonl"}).max_steps == 0  # --epochs' default: 1.0
     assert TrainSettings.from_settings({"train_file": "x.jsonl"}).epochs == 1.0
     assert TrainSettings.from_settings({"task": "rte"}).max_steps == QUICK_STEPS
+    # one default whatever the entry point: the dataclass itself, a config file, the command line
+    assert TrainSettings().max_steps == QUICK_STEPS and TrainSettings(train_file="x.jsonl").max_steps == 0
+    assert TrainSettings(epochs=2.0).max_steps == 0 and TrainSettings().epochs == 1.0
 
 
 def chat_line(*turns) -> str:

@@ -31,7 +31,8 @@ QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a fe
 @dataclass
 class TrainSettings:
     """Everything a training run depends on besides the adapter (``adapter``). ``max_steps`` > 0 overrides
-    ``epochs``."""
+    ``epochs``; with neither given a GLUE task trains the quick ``QUICK_STEPS`` (as ``dynlora train`` with no flags)
+    and a ``train_file`` one epoch (a few hundred steps could be hundreds of epochs of a small file)."""
 
     task: str = setting("sst2", f"GLUE task: {', '.join(TASKS)}")
     model: str | None = setting(
@@ -65,9 +66,9 @@ class TrainSettings:
         None, "examples per micro-batch (per process); default: 32 to classify, 8 for a language model"
     )
     grad_accum: int = setting(1, "micro-batches per optimizer step")
-    epochs: float = setting(1.0, "training epochs (used when --max-steps is 0)")
-    max_steps: int = setting(
-        0,
+    epochs: float | None = setting(None, "training epochs, when --max-steps is 0 or not given (default: 1)")
+    max_steps: int | None = setting(
+        None,
         f"optimizer steps; overrides --epochs (0: use --epochs; with neither given: {QUICK_STEPS} on a GLUE task, "
         "one epoch of --train-file)",
     )
@@ -111,6 +112,10 @@ class TrainSettings:
     adapter: DynamicLoRAConfig = field(default_factory=DynamicLoRAConfig)
 
     def __post_init__(self) -> None:
+        if self.max_steps is None:  # the run's length when neither it nor epochs is given, whatever the entry point
+            self.max_steps = QUICK_STEPS if self.epochs is None and not self.train_file else 0
+        if self.epochs is None:
+            self.epochs = 1.0
         if isinstance(self.adapter, dict):
             self.adapter = DynamicLoRAConfig.from_dict(self.adapter)
         if self.method not in METHODS:
@@ -157,12 +162,7 @@ class TrainSettings:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> TrainSettings:
-        """From plain, already typed settings (a nested ``adapter`` dict included): the quick default length on a
-        GLUE task when neither ``epochs`` nor ``max_steps`` is given, as ``dynlora train`` with no flags (a
-        ``train_file`` trains one epoch: a few hundred steps could be hundreds of epochs of a small file)."""
-        settings = dict(settings)
-        if "max_steps" not in settings and "epochs" not in settings and not settings.get("train_file"):
-            settings["max_steps"] = QUICK_STEPS
+        """From plain, already typed settings (a nested ``adapter`` dict included); an unknown name is an error."""
         unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; see dynlora train --help")
