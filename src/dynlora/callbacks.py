@@ -50,8 +50,8 @@ class DynamicLoRACallback(TrainerCallback):
         if self._resume_checked:
             return
         self._resume_checked = True
-        engine = _unwrap(model).engine
-        if state.global_step == 0 or engine.allocator is None:
+        dyn = _unwrap(model)
+        if state.global_step == 0 or not dyn.reallocates:
             return
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
         if not os.path.isfile(path):
@@ -60,7 +60,7 @@ class DynamicLoRACallback(TrainerCallback):
                 "restored. Resume from a checkpoint under output_dir written with DynamicLoRACallback."
             )
         # Trainer restored the full state dict (all capacity rows); put each layer back at its saved rank.
-        engine.load_state_dict(torch.load(path, weights_only=True), restore_ranks=True)
+        dyn.load_engine_state_dict(torch.load(path, weights_only=True), restore_ranks=True)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # Trainer increments global_step after this event: this is optimizer step global_step + 1.
@@ -68,15 +68,15 @@ class DynamicLoRACallback(TrainerCallback):
             self.reallocations += 1
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        engine = _unwrap(model).engine
-        if engine.allocator is None or not state.is_world_process_zero:
+        dyn = _unwrap(model)
+        if not dyn.reallocates or not state.is_world_process_zero:
             return
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
-        atomic_write(path, lambda tmp: torch.save(engine.state_dict(), tmp))
+        atomic_write(path, lambda tmp: torch.save(dyn.engine_state_dict(), tmp))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         dyn = _unwrap(model)
-        if dyn.engine.reallocation_due_by(state.global_step) and not dyn.allocation_events():
+        if dyn.reallocation_due_by(state.global_step) and not dyn.allocation_events():
             warnings.warn(
                 "Dynamic LoRA never re-allocated ranks during this run although its schedule says it should have; "
                 "the adapter trained as a static LoRA",

@@ -22,7 +22,9 @@ INPUT_ADAPTATIONS = ("mergeable", "per_example")
 def setting(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with its help text (PEFT's ``field(metadata={"help": ...})``); ``extra`` goes into the
     metadata too: ``flag="--schedule-warmup"`` where the command-line name differs from the field's, ``choices``
-    for a string with a fixed set of values, ``engine=True`` for a setting only Dynamic LoRA's engine uses."""
+    for a string with a fixed set of values, and tags (:func:`tagged`): ``engine=True`` for a setting only Dynamic
+    LoRA's engine uses, ``every_method=True`` for one every method reads (PEFT's baselines too), ``run_only=True`` for
+    a run setting that does not change what the run computes, ``length=True`` for one that sets how long it trains."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -41,10 +43,15 @@ class DynamicLoRAConfig:
         "linear layer but the output layer, and every expert and router), or one regex for the whole name; "
         "default: the attention projections of the model's family (and a mixture's experts; dynlora train on a "
         "language model: all-linear)",
+        every_method=True,
     )
-    rank: int = setting(8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget")
+    rank: int = setting(
+        8, "initial rank of every adapted layer (LoRA's r); it also fixes the budget", every_method=True
+    )
     alpha: float = setting(
-        16.0, "LoRA alpha: each layer's update is scaled by alpha / its initial rank (alpha / its root with rslora)"
+        16.0,
+        "LoRA alpha: each layer's update is scaled by alpha / its initial rank (alpha / its root with rslora)",
+        every_method=True,
     )
     rslora: bool = setting(
         False,
@@ -52,16 +59,18 @@ class DynamicLoRAConfig:
         "update no longer shrinks as 1/r (for dynlora's methods; PEFT's is --method peft-rslora)",
     )
     max_rank: int | None = setting(None, "rank a layer can grow to (default: 2 x rank when re-allocating, else rank)")
-    dropout: float = setting(0.0, "dropout probability on the adapter's input path")
+    dropout: float = setting(0.0, "dropout probability on the adapter's input path", every_method=True)
     modules_to_save: list[str] | None = setting(
         None,
         "extra modules kept fully trainable and saved with the adapter; default: the task head of a "
         "classification model; an empty list: none",
+        every_method=True,
     )
     train_untrained_pooler: bool = setting(
         True,
         "with the default modules_to_save: also train a pooler the checkpoint never trained (all-zero bias, as a "
         "sentence-transformers model ships it), which a frozen head would read almost constant features through",
+        every_method=True,
     )
     rank_pattern: dict[str, int] = setting({}, "per-layer initial rank: {name regex: rank}, matched like PEFT's")
     alpha_pattern: dict[str, float] = setting({}, "per-layer alpha: {name regex: alpha}")
@@ -205,10 +214,16 @@ class DynamicLoRAConfig:
         return cls(**data)
 
 
+def tagged(settings: type, tag: str) -> tuple[str, ...]:
+    """The names of the fields of the settings dataclass ``settings`` whose metadata carries ``tag`` (see
+    :func:`setting`): the one way settings are grouped."""
+    return tuple(f.name for f in dataclasses.fields(settings) if f.metadata.get(tag))
+
+
 def engine_settings() -> tuple[str, ...]:
     """Settings that act only in Dynamic LoRA's engine (re-allocation, input normalisation): static LoRA ignores
     them."""
-    return tuple(f.name for f in dataclasses.fields(DynamicLoRAConfig) if f.metadata.get("engine"))
+    return tagged(DynamicLoRAConfig, "engine")
 
 
 def static_lora(config: DynamicLoRAConfig) -> DynamicLoRAConfig:

@@ -1,9 +1,12 @@
 """What the Hugging Face ecosystem expects of an adapted model, by the names PEFT and transformers give it:
-parameter counts, a summary of what is adapted, gradient checkpointing that reaches the adapters."""
+parameter counts, a summary of what is adapted, gradient checkpointing that reaches the adapters, computing
+without the adapters, merging them into the weights and back."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -16,6 +19,7 @@ class EcosystemMethods:
 
     model: nn.Module
     _layers: dict[str, LowRankUpdate]
+    _adapted: dict[str, nn.Module]  # the modules that hold updates: a linear layer, a mixture's experts
     saved_module_names: list[str]
 
     def trainable_parameters(self) -> int:
@@ -55,3 +59,28 @@ class EcosystemMethods:
         reentrant checkpointing a block whose inputs do not require grad passes no gradient to the adapters in it."""
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         self.model.enable_input_require_grads()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as its base model (the adapters are skipped; modules saved whole,
+        such as a new task head, stay as trained). As PEFT's ``disable_adapter``."""
+        if any(m.merged for m in self._adapted.values()):
+            raise RuntimeError("the adapters are merged into the weights: call unmerge_adapter() first")
+        for module in self._adapted.values():
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in self._adapted.values():
+                module.disabled = False
+
+    def merge_adapter(self) -> None:
+        """Fold every adapter into its base weight (reversible with :meth:`unmerge_adapter`)."""
+        for module in self._adapted.values():  # all or none: refused before any layer changes
+            module.check_mergeable()
+        for module in self._adapted.values():
+            module.merge()
+
+    def unmerge_adapter(self) -> None:
+        for module in self._adapted.values():
+            module.unmerge()

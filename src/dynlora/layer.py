@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .input_adaptation import MODES, InputNorm, TokenGate
+from .config import INPUT_ADAPTATIONS
+from .input_adaptation import InputNorm, TokenGate
 from .lowrank import LowRankUpdate, adapter_dtype, components
 
 __all__ = ["SUPPORTED_BASE_LAYERS", "DynamicLoRALinear", "components", "is_quantized", "layer_dims"]
@@ -62,8 +63,8 @@ class DynamicLoRALinear(LowRankUpdate):
         input_norm_strength: float = 1.0,
         rslora: bool = False,
     ) -> None:
-        if input_adaptive is not None and input_adaptive not in MODES:
-            raise ValueError(f"input_adaptive must be None or one of {MODES}, got {input_adaptive!r}")
+        if input_adaptive is not None and input_adaptive not in INPUT_ADAPTATIONS:
+            raise ValueError(f"input_adaptive must be None or one of {INPUT_ADAPTATIONS}, got {input_adaptive!r}")
         if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
             raise TypeError(f"DynamicLoRALinear adapts nn.Linear or Conv1D, got {type(base_layer).__name__}")
         weight = base_layer.weight

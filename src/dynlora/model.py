@@ -9,10 +9,8 @@ PEFT format: export.py.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,20 +141,6 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         for name, rank in ranks.items():
             self._layers[name].set_rank(rank, generator)
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model computes as its base model (the adapters are skipped; modules saved whole,
-        such as a new task head, stay as trained). As PEFT's ``disable_adapter``."""
-        if any(m.merged for m in self._adapted.values()):
-            raise RuntimeError("the adapters are merged into the weights: call unmerge_adapter() first")
-        for module in self._adapted.values():
-            module.disabled = True
-        try:
-            yield
-        finally:
-            for module in self._adapted.values():
-                module.disabled = False
-
     # --- the training state -------------------------------------------------------------------------------------
 
     def _training_state_names(self) -> set[str]:
@@ -218,23 +202,31 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         """Every re-allocation so far, oldest first: ``{"step", "ranks", "scores"}`` (empty for a static LoRA)."""
         return [dict(e) for e in self.engine.events]
 
+    def engine_state_dict(self) -> dict[str, Any]:
+        """The engine's state (scores, ranks, budget, events, growth RNG; empty for a static allocation): what a
+        checkpoint holds beside the weights so that the allocation resumes exactly."""
+        return self.engine.state_dict()
+
+    def load_engine_state_dict(self, state: dict[str, Any], restore_ranks: bool = False) -> None:
+        """Restore :meth:`engine_state_dict`; ``restore_ranks``: set each layer's rank from it, for weights restored
+        at full capacity (a whole :meth:`state_dict`, as ``transformers.Trainer`` checkpoints hold)."""
+        self.engine.load_state_dict(state, restore_ranks=restore_ranks)
+
+    @property
+    def reallocates(self) -> bool:
+        """Whether the engine moves rank between layers (False for a static allocation, such as static LoRA)."""
+        return self.engine.allocator is not None
+
+    def reallocation_due_by(self, step: int) -> bool:
+        """Whether the schedule has a re-allocation at or before optimizer step ``step``."""
+        return self.engine.reallocation_due_by(step)
+
     def importance(self) -> dict[str, float]:
         """Module name -> current importance score of this process (empty for a static LoRA). Local: safe to call
         from one process only, e.g. for logging."""
         return self.engine.importance()
 
     # --- merge -------------------------------------------------------------------------------------------------
-
-    def merge_adapter(self) -> None:
-        """Fold every adapter into its base weight (reversible with :meth:`unmerge_adapter`)."""
-        for module in self._adapted.values():  # all or none: refused before any layer changes
-            module.check_mergeable()
-        for module in self._adapted.values():
-            module.merge()
-
-    def unmerge_adapter(self) -> None:
-        for module in self._adapted.values():
-            module.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the adapters and return the plain Hugging Face model, with no Dynamic LoRA module left in it."""

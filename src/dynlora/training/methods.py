@@ -56,11 +56,11 @@ class DynLoRAAdapted:
         self.model.save_pretrained(directory)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"engine": self.model.engine.state_dict()}
+        return {"engine": self.model.engine_state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The checkpoint restored every parameter at full capacity; set the ranks the engine recorded.
-        self.model.engine.load_state_dict(state["engine"], restore_ranks=True)
+        self.model.load_engine_state_dict(state["engine"], restore_ranks=True)
 
     def make_optimizer(
         self, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None

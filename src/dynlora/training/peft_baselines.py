@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DynamicLoRAConfig
+from ..config import DynamicLoRAConfig, tagged
 from ..targets import default_modules_to_save, default_target_modules
 from .adapted import SampleBatches, adamw
 from .settings import METHODS
@@ -30,7 +30,7 @@ from .settings import METHODS
 LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
 EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
 
-PEFT_SETTINGS = ("target_modules", "rank", "alpha", "dropout", "modules_to_save", "train_untrained_pooler")
+PEFT_SETTINGS = tagged(DynamicLoRAConfig, "every_method")  # what PEFT's methods read of the adapter settings
 
 
 class PeftAdapted:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DynamicLoRAConfig, setting
+from ..config import DynamicLoRAConfig, setting, tagged
 from .data.glue import TASKS
 from .fields import settings_of
 
@@ -61,16 +61,19 @@ class TrainSettings:
         "to classify, for a language model 1024 or its positions if fewer",
     )
     max_train_samples: int | None = setting(None, "train on a random subset of this size")
-    max_eval_samples: int | None = setting(None, "evaluate on a random subset of this size")
+    max_eval_samples: int | None = setting(None, "evaluate on a random subset of this size", run_only=True)
     batch_size: int | None = setting(
         None, "examples per micro-batch (per process); default: 32 to classify, 8 for a language model"
     )
     grad_accum: int = setting(1, "micro-batches per optimizer step")
-    epochs: float | None = setting(None, "training epochs, when --max-steps is 0 or not given (default: 1)")
+    epochs: float | None = setting(
+        None, "training epochs, when --max-steps is 0 or not given (default: 1)", length=True
+    )
     max_steps: int | None = setting(
         None,
         f"optimizer steps; overrides --epochs (0: use --epochs; with neither given: {QUICK_STEPS} on a GLUE task, "
         "one epoch of --train-file)",
+        length=True,
     )
     lr: float = setting(5e-4, "peak learning rate of AdamW")
     weight_decay: float = setting(0.0, "AdamW weight decay")
@@ -89,7 +92,10 @@ class TrainSettings:
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0: off)")
     seed: int = setting(0, "seed of data order, initialisation and dropout")
     device: str = setting(
-        "auto", "where to compute: auto (CUDA, else MPS, else CPU) | cpu | cuda | mps", choices=DEVICES
+        "auto",
+        "where to compute: auto (CUDA, else MPS, else CPU) | cpu | cuda | mps",
+        choices=DEVICES,
+        run_only=True,  # a checkpoint resumes on another device
     )
     load_in_4bit: bool = setting(False, "load the base model's linear layers in 4 bits (NF4, bitsandbytes: QLoRA)")
     load_in_8bit: bool = setting(False, "load the base model's linear layers in 8 bits (bitsandbytes)")
@@ -101,14 +107,17 @@ class TrainSettings:
     fsdp: bool = setting(
         False,
         "under torchrun: shard the frozen base model over the processes (FSDP2); the adapters stay whole on each",
+        run_only=True,  # the trainable state is the same however the frozen base is laid out
     )
-    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
-    save_every: int = setting(0, "checkpoint every N steps (0: only at the end or on interrupt)")
-    log_every: int = setting(10, "write a loss record to log.jsonl every N steps")
-    max_nonfinite_steps: int = setting(5, "stop after this many non-finite steps in a row")
-    output_dir: str = setting("runs/latest", "run directory (the command's default: runs/<task>-<method>-<time>)")
-    resume: bool = setting(False, "continue the run in --output-dir from its last checkpoint")
-    progress: bool = setting(True, "show a progress bar")
+    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)", run_only=True)
+    save_every: int = setting(0, "checkpoint every N steps (0: only at the end or on interrupt)", run_only=True)
+    log_every: int = setting(10, "write a loss record to log.jsonl every N steps", run_only=True)
+    max_nonfinite_steps: int = setting(5, "stop after this many non-finite steps in a row", run_only=True)
+    output_dir: str = setting(
+        "runs/latest", "run directory (the command's default: runs/<task>-<method>-<time>)", run_only=True
+    )
+    resume: bool = setting(False, "continue the run in --output-dir from its last checkpoint", run_only=True)
+    progress: bool = setting(True, "show a progress bar", run_only=True)
     adapter: DynamicLoRAConfig = field(default_factory=DynamicLoRAConfig)
 
     def __post_init__(self) -> None:
@@ -178,26 +187,10 @@ def default_sizes(language_model: bool, positions: int | None) -> dict[str, int]
     return {"batch_size": 8, "max_length": min(1024, positions or 1024)}
 
 
-# Settings that do not change what a run computes: a checkpoint resumes whatever they are.
-RUN_ONLY = frozenset(
-    {
-        "resume",
-        "progress",
-        "eval_every",
-        "save_every",
-        "log_every",
-        "output_dir",
-        "max_eval_samples",
-        "max_nonfinite_steps",
-        "device",  # where a run computes: a checkpoint resumes on another device
-        "fsdp",  # how the frozen base is laid out over processes: the trainable state is the same either way
-    }
-)
-
-
-# How long a run trains: `dynlora train --resume --max-steps N` may change it, to extend a run (its schedules become
-# those of the new length from where it is).
-LENGTH = frozenset({"max_steps", "epochs"})
+# Settings that do not change what a run computes (run_only): a checkpoint resumes whatever they are. How long a run
+# trains (length): `dynlora train --resume --max-steps N` may change it, to extend a run.
+RUN_ONLY = frozenset(tagged(TrainSettings, "run_only"))
+LENGTH = frozenset(tagged(TrainSettings, "length"))
 
 
 # Adapter settings added after runs were saved, with what those runs did: a config.json without the key predates it
