@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from step_time import write_section
+from common import write_section
 
 from dynlora.training.compare import read_results, seed_stats, summary_table
 from dynlora.training.metrics import run_score

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from common import write_section
 from glue import run_timed
 from matplotlib.figure import Figure
-from step_time import write_section
 
 from dynlora.training.compare import read_results, summary_table
 from dynlora.training.metrics import glue_metrics, run_score

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from step_time import SETUPS, make_step, write_section
+from common import write_section
+from step_time import SETUPS, make_step
 
 from dynlora.diagnostics import HostReads
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from step_time import write_section
+from common import write_section
 
 from dynlora.training.compare import read_results
 

@@ -51,7 +51,8 @@ def main() -> None:
         measure_one(args.one, args.steps, args.batch, args.seq)
         return
 
-    from step_time import SETUPS, write_section
+    from common import write_section
+    from step_time import SETUPS
 
     configs = SETUPS["minilm"].train_configs()
     samples: dict[str, list[float]] = {name: [] for name in configs}

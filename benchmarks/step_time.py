@@ -42,11 +42,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import write_section
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from dynlora import DynamicLoRAConfig, default_model_path, get_dynlora_model
 from dynlora.allocator import Schedule
-from dynlora.input_adaptation import folds_at
+from dynlora.input_statistics import folds_at
 from dynlora.moe_targets import expert_parameters
 from dynlora.shipped_models import decoder_model_path
 
@@ -298,18 +299,6 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmu
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def write_section(results_md: Path, name: str, body: str) -> None:
-    """Replace (or append) the section between this benchmark's markers, keeping the rest of the file."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results_md.write_text(text)
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from common import write_section
 from matplotlib.figure import Figure
-from step_time import write_section
 from v3 import PREDICTIONS
 
 HERE = Path(__file__).resolve().parent

@@ -7,7 +7,7 @@ from test_engine import data, engine_config, make, train
 from torch import nn
 
 from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
-from dynlora.input_adaptation import InputStatistics
+from dynlora.input_statistics import InputStatistics
 
 
 def logits(model, inputs):

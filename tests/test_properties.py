@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dynlora import DynamicLoRALinear, allocate
-from dynlora.input_adaptation import InputStatistics
+from dynlora.input_statistics import InputStatistics
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -29,7 +29,7 @@ from .allocator import RankAllocator, Schedule
 from .config import DynamicLoRAConfig
 from .distributed import in_process_group
 from .importance import make_scorer
-from .input_adaptation import InputStatistics
+from .input_statistics import InputStatistics
 from .lowrank import LowRankUpdate
 from .optim_state import clear_state, init_grown_state, rebase_state
 from .probe import make_probe, synced_gradients, top_directions
