@@ -1,5 +1,7 @@
 """Under torch.distributed (DDP, gloo on CPU) every process must make the identical rank allocation."""
 
+import datetime
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,7 +14,9 @@ STEPS = 20
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A collective that one process never joins fails after two minutes instead of holding CI to its limit.
+    timeout = datetime.timedelta(minutes=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
     try:
         torch.manual_seed(0)
         model = get_dynlora_model(build("bert"), engine_config())

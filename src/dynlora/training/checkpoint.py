@@ -151,13 +151,6 @@ def data_digests(*files: str | None) -> dict[str, str]:
     return {file: _sha256(Path(file)) for file in files if file and Path(file).is_file()}
 
 
-def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a training checkpoint holds of the model: trainable parameters (at full capacity), plus the input
-    adaptation's running statistics."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names or ".input_norm." in k}
-
-
 def run_state(optimizer, scheduler, method_state: dict, counters: dict[str, Any]) -> dict[str, Any]:
     """Everything besides the tensors that makes a resumed run continue exactly (restored by
     :func:`restore_run_state`)."""

@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import average_gradients, shard_frozen
-from ..input_adaptation import InputNorm
 from ..io import replace_directory, write_json
 from .base_model import BaseModel
 from .checkpoint import (
@@ -32,18 +31,17 @@ from .checkpoint import (
     restore_run_state,
     run_state,
     save_checkpoint,
-    trainable_tensors,
 )
 from .devices import Precision, resolve_device, to_device
 from .errors import Diverged, Interrupted
 from .lr_schedule import follow_schedule_from, make_scheduler
 from .metrics import run_score
+from .parts import build_parts
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
 from .run_facts import write_run_facts
 from .run_log import RunLog
 from .settings import LENGTH, TrainSettings
-from .setup import build
 from .tasks import Task
 
 
@@ -69,18 +67,21 @@ class TrainingRun:
         if self.writer:
             self.run_dir.claim(settings.resume)
         try:
-            self.task, self.tokenizer, self.stream, self.eval_sets, self.adapted = build(self, task, base)
+            parts = build_parts(settings, self.device, self.precision.dtype, self.process_index, self.world, task, base)
         except BaseException:
             self.release(failed=True)
             raise
-        self.model = self.adapted.model
+        self.settings, self.total_steps = parts.settings, parts.total_steps
+        self.task, self.tokenizer, self.stream = parts.task, parts.tokenizer, parts.stream
+        self.eval_sets, self.adapted, self.model = parts.eval_sets, parts.adapted, parts.adapted.model
         if settings.fsdp and self.world > 1:
             shard_frozen(self.model)
         elif settings.fsdp and self.writer:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.adapted.make_optimizer(settings.lr, settings.weight_decay, settings.loraplus_lr_ratio)
-        self.scheduler = make_scheduler(self.optimizer, settings, self.total_steps)
+        s = self.settings
+        self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.loraplus_lr_ratio)
+        self.scheduler = make_scheduler(self.optimizer, s, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (skipped steps consume data but are not optimizer steps)
@@ -122,7 +123,7 @@ class TrainingRun:
         if self.writer:
             counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
             state = run_state(self.optimizer, self.scheduler, self.adapted.state_dict(), counters)
-            tensors = trainable_tensors(self.model)
+            tensors = self.adapted.training_tensors()
             identity = self.settings.identity()
             save_checkpoint(self.out / "checkpoints", self.step, tensors, state, identity, self.data)
         barrier(self.world)
@@ -135,10 +136,7 @@ class TrainingRun:
                 f"the run in {self.out} is at step {step}, past the {self.total_steps} steps asked for: extend it with "
                 f"--max-steps above {step}"
             )
-        missing = {k for k in set(trainable_tensors(self.model)) - set(tensors) if not InputNorm.is_unfolded(k)}
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {sorted(missing)[0]}")
-        self.model.load_state_dict(tensors, strict=False)
+        self.adapted.load_training_tensors(tensors)
         counters = restore_run_state(state, self.optimizer, self.scheduler)
         if self.extend:
             follow_schedule_from(self.optimizer, self.scheduler, step)

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..config import DynamicLoRAConfig, engine_settings, static_lora
 from ..model import DynamicLoRAModel, get_dynlora_model
-from .adapted import AdaptedModel, Method, SampleBatches, adamw
 from .peft_baselines import PEFT_METHODS
+from .protocols import AdaptedModel, Method, SampleBatches, adamw
 from .settings import METHODS
 
 __all__ = ["METHODS", "AdaptedModel", "Method", "get_method"]
@@ -48,6 +48,12 @@ class DynLoRAAdapted:
 
     def allocation_events(self) -> list[dict[str, Any]]:
         return self.model.allocation_events()
+
+    def training_tensors(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()  # DynamicLoRAModel's state dict is its training state
+
+    def load_training_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(tensors)
 
     def trainable_parameters(self) -> int:
         return self.model.trainable_parameters()

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import DynamicLoRAConfig, tagged
 from ..targets import default_modules_to_save, default_target_modules
-from .adapted import SampleBatches, adamw
+from .protocols import SampleBatches, adamw
 from .settings import METHODS
 
 LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
@@ -63,6 +63,16 @@ class PeftAdapted:
 
     def allocation_events(self) -> list[dict[str, Any]]:
         return []
+
+    def training_tensors(self) -> dict[str, torch.Tensor]:
+        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: t for name, t in self.model.state_dict().items() if name in trained}
+
+    def load_training_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.training_tensors()) - set(tensors))
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {missing[0]}")
+        self.model.load_state_dict(tensors, strict=False)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)

@@ -6,50 +6,67 @@ import dataclasses
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config import ALL_LINEAR, DynamicLoRAConfig
-from .adapted import AdaptedModel
 from .base_model import BaseModel, quantized_loading
 from .data.loader import BatchStream
 from .devices import to_device
 from .methods import get_method
+from .protocols import AdaptedModel
+from .settings import TrainSettings
 from .tasks import Task, load_task
 
 
-def build(run: Any, task: Task | None, base: BaseModel | None) -> tuple[Task, Any, BatchStream, dict, AdaptedModel]:
-    """(task, tokenizer, training stream, evaluation sets, adapted model) of ``run`` (a TrainingRun: its settings,
-    device and process index), in the order that makes a seed reproduce a run: data and base model first, the
-    adapter's initialisation from a fresh seed. Sets ``run.total_steps``, and ``run.settings``' batch size and max
-    length where they were left out (a classifier's or a language model's defaults)."""
-    s = run.settings
+@dataclass
+class RunParts:
+    """What a training run trains and how long: built by :func:`build_parts`."""
+
+    settings: TrainSettings  # as given, with the batch size and max length left out filled in for the model
+    task: Task
+    tokenizer: Any
+    stream: BatchStream  # the training micro-batches
+    eval_sets: dict[str, list]
+    adapted: AdaptedModel
+    total_steps: int
+
+
+def build_parts(
+    s: TrainSettings,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    process_index: int = 0,
+    world: int = 1,
+    task: Task | None = None,
+    base: BaseModel | None = None,
+) -> RunParts:
+    """The parts of a run of ``s`` computing on ``device`` in ``dtype`` as process ``process_index`` of ``world``,
+    made in the order that makes a seed reproduce a run: data and base model first, the adapter's initialisation
+    from a fresh seed. ``task`` and ``base`` are loaded from the settings unless given."""
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     task = task if task is not None else load_task(s)
     bits = 4 if s.load_in_4bit else 8 if s.load_in_8bit else None
-    base = (
-        base
-        if base is not None
-        else task.load_model(s.model, **quantized_loading(bits, run.device, run.precision.dtype))
-    )
+    base = base if base is not None else task.load_model(s.model, **quantized_loading(bits, device, dtype))
     limit = getattr(base.model.config, "max_position_embeddings", None)
-    s = run.settings = s.sized(task.prompt_format is not None, limit)  # the sizes left out, for this model
+    s = s.sized(task.prompt_format is not None, limit)  # the sizes left out, for this model
     if limit and s.max_length > limit:
         raise ValueError(f"--max-length {s.max_length} is more than the model takes ({limit} positions)")
     train = task.train_features(base, s)
     eval_sets = task.eval_sets(base.tokenizer, s)
-    stream = BatchStream(train, s.batch_size, s.seed, base.tokenizer.pad_token_id, run.process_index, run.world)
-    per_step = s.batch_size * s.grad_accum * run.world
-    run.total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / per_step))
+    stream = BatchStream(train, s.batch_size, s.seed, base.tokenizer.pad_token_id, process_index, world)
+    per_step = s.batch_size * s.grad_accum * world
+    total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / per_step))
 
     torch.manual_seed(s.seed)  # adapter init does not depend on how much data was tokenised
     if not getattr(base.model, "is_quantized", False):  # a quantised base was loaded onto its device
-        base.model.to(run.device)  # before wrapping: the adapters and the engine's state are made where it is
-    batches = first_batches(stream, run.device)
-    adapted = get_method(s.method).wrap(base.model, adapter_config(s.adapter, task), run.total_steps, batches)
-    return task, base.tokenizer, stream, eval_sets, adapted
+        base.model.to(device)  # before wrapping: the adapters and the engine's state are made where it is
+    batches = first_batches(stream, device)
+    adapted = get_method(s.method).wrap(base.model, adapter_config(s.adapter, task), total_steps, batches)
+    return RunParts(s, task, base.tokenizer, stream, eval_sets, adapted, total_steps)
 
 
 def adapter_config(config: DynamicLoRAConfig, task: Task) -> DynamicLoRAConfig:
