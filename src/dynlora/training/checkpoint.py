@@ -171,3 +171,29 @@ def restore_run_state(state: dict[str, Any], optimizer, scheduler) -> dict[str, 
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
     return {"best": json.loads(state["best"]), "micro": int(state["micro"]), "skipped": int(state["skipped"])}
+
+
+class RunCheckpoints:
+    """The checkpoints of one run under ``root``: written at optimizer-step boundaries by the first process
+    (``writer``) and read back exactly, for a run of the given ``identity`` (its settings) on the training files
+    whose contents ``data`` holds (:func:`data_digests`)."""
+
+    def __init__(self, root: Path, identity: dict[str, Any], data: dict[str, str], writer: bool) -> None:
+        self.root, self.identity, self.data, self.writer = root, identity, data, writer
+
+    def save(self, step: int, adapted: Any, optimizer, scheduler, counters: dict[str, Any]) -> None:
+        """Checkpoint ``adapted`` (the method's protocol, protocols.py) with its optimizer, schedule and counters."""
+        if self.writer:
+            state = run_state(optimizer, scheduler, adapted.state_dict(), counters)
+            save_checkpoint(self.root, step, adapted.training_tensors(), state, self.identity, self.data)
+
+    def restore(
+        self, adapted: Any, optimizer, scheduler, ignored: frozenset[str] = frozenset()
+    ) -> tuple[int, dict[str, Any]]:
+        """Load the latest checkpoint into ``adapted``, ``optimizer`` and ``scheduler``; its step and counters.
+        Settings named in ``ignored`` may differ from the checkpoint's."""
+        tensors, state, step = load_checkpoint(self.root, self.identity, self.data, ignored)
+        adapted.load_training_tensors(tensors)
+        counters = restore_run_state(state, optimizer, scheduler)
+        adapted.load_state_dict(state["method"])
+        return step, counters

@@ -24,14 +24,7 @@ from tqdm.auto import tqdm
 from ..distributed import average_gradients, shard_frozen
 from ..io import replace_directory, write_json
 from .base_model import BaseModel
-from .checkpoint import (
-    data_digests,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_run_state,
-    run_state,
-    save_checkpoint,
-)
+from .checkpoint import RunCheckpoints, data_digests, latest_checkpoint
 from .devices import Precision, resolve_device, to_device
 from .errors import Diverged, Interrupted
 from .lr_schedule import follow_schedule_from, make_scheduler
@@ -63,7 +56,6 @@ class TrainingRun:
         self.precision = Precision(settings.precision, self.device)
         self.process_index, self.world = init_distributed(self.device)
         self.run_dir = RunDirectory(self.out)
-        self.data = data_digests(settings.train_file)  # checked on resume: an edited file is other data
         if self.writer:
             self.run_dir.claim(settings.resume)
         try:
@@ -72,6 +64,9 @@ class TrainingRun:
             self.release(failed=True)
             raise
         self.settings, self.total_steps = parts.settings, parts.total_steps
+        # an edited training file is other data: its contents are part of what a checkpoint must agree on
+        digests = data_digests(settings.train_file)
+        self.checkpoints = RunCheckpoints(self.out / "checkpoints", self.settings.identity(), digests, self.writer)
         self.task, self.tokenizer, self.stream = parts.task, parts.tokenizer, parts.stream
         self.eval_sets, self.adapted, self.model = parts.eval_sets, parts.adapted, parts.adapted.model
         if settings.fsdp and self.world > 1:
@@ -120,27 +115,20 @@ class TrainingRun:
     # --- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        if self.writer:
-            counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
-            state = run_state(self.optimizer, self.scheduler, self.adapted.state_dict(), counters)
-            tensors = self.adapted.training_tensors()
-            identity = self.settings.identity()
-            save_checkpoint(self.out / "checkpoints", self.step, tensors, state, identity, self.data)
+        counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
+        self.checkpoints.save(self.step, self.adapted, self.optimizer, self.scheduler, counters)
         barrier(self.world)
 
     def restore(self) -> None:
         ignored = LENGTH if self.extend else frozenset()
-        tensors, state, step = load_checkpoint(self.out / "checkpoints", self.settings.identity(), self.data, ignored)
+        step, counters = self.checkpoints.restore(self.adapted, self.optimizer, self.scheduler, ignored)
         if step > self.total_steps:
             raise ValueError(
                 f"the run in {self.out} is at step {step}, past the {self.total_steps} steps asked for: extend it with "
                 f"--max-steps above {step}"
             )
-        self.adapted.load_training_tensors(tensors)
-        counters = restore_run_state(state, self.optimizer, self.scheduler)
         if self.extend:
             follow_schedule_from(self.optimizer, self.scheduler, step)
-        self.adapted.load_state_dict(state["method"])
         self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
         self.step = step
         self.log.truncate(step)
