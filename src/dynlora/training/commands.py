@@ -35,7 +35,7 @@ from .loop import TrainingRun
 from .metrics import format_metrics, glue_metrics
 from .report import write_report
 from .run_facts import read_run_facts
-from .settings import LENGTH, SETTINGS, TrainSettings, default_sizes, resumed_settings
+from .settings import LENGTH, SETTINGS, TrainSettings, resumed_settings
 from .tasks import ClassifyTask, eval_task
 
 
@@ -128,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         given.setdefault("max_length", facts["max_length"])
     if not given.get("task") and not given.get("dev_file"):
         raise ValueError("give --task (a GLUE task) or --dev-file (your own data) to evaluate on")
-    s = argparse.Namespace(**{**TrainSettings().to_dict(), **given})  # the flags eval has, over the defaults
+    s = TrainSettings.from_settings(given)  # the flags eval has, over the defaults
     if args.predictions and s.max_eval_samples:
         raise ValueError("--predictions writes one line per dev example in the file's order; drop --max-eval-samples")
     quiet_transformers()
@@ -146,9 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         outputs = model.config.num_labels
         if s.dev_file and not (s.regression or outputs == 1):
             labels = label_names(model, args.adapter)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    for name, value in default_sizes(outputs is None, positions).items():  # those left out, as training fills them
-        setattr(s, name, value if getattr(s, name) is None else getattr(s, name))
+    s = s.sized(outputs is None, getattr(model.config, "max_position_embeddings", None))  # as training sizes them
     if not getattr(model, "is_quantized", False) and not adapter_base_bits(args.adapter or ""):
         model.to(resolve_device(s.device))
     task = eval_task(s, outputs, labels)

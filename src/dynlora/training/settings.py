@@ -150,8 +150,6 @@ class TrainSettings:
                 "--fsdp does not shard bitsandbytes' quantised weights: drop --fsdp (a 4-bit base is small) or "
                 "--load-in-4bit/--load-in-8bit"
             )
-        if self.dev_file and not self.train_file:
-            raise ValueError("--dev-file needs --train-file: together they replace the GLUE task's data")
 
     def sized(self, language_model: bool, positions: int | None) -> TrainSettings:
         """These settings with the batch size and max length the user left out filled in (:func:`default_sizes`)."""

@@ -31,6 +31,7 @@ from .data.splits import command_glue_dir, subset
 from .errors import DataError
 from .evaluation import language_metrics, predict, token_losses
 from .metrics import glue_metrics, main_metric_name
+from .settings import TrainSettings
 
 
 class Task(Protocol):
@@ -43,11 +44,11 @@ class Task(Protocol):
         """The base model and tokenizer; ``loading``: from_pretrained's arguments for a quantised base."""
         ...
 
-    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+    def train_features(self, base: BaseModel, settings: TrainSettings) -> list[dict]:
         """Tokenised training examples (a task may also set up ``base``'s head from them)."""
         ...
 
-    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+    def eval_sets(self, tokenizer: Any, settings: TrainSettings) -> dict[str, list]:
         """What :meth:`evaluate` scores, by split."""
         ...
 
@@ -79,13 +80,13 @@ class ClassifyTask:
             base.model.config.label2id = {name: i for i, name in enumerate(self.labels)}
         return base
 
-    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+    def train_features(self, base: BaseModel, settings: TrainSettings) -> list[dict]:
         train = subset(self.data.splits["train"], settings.max_train_samples, settings.seed)
         if self.data.regression:
             center_regression_head(base.model, base.fresh, sum(e.label for e in train) / len(train))
         return tokenize(train, base.tokenizer, settings.max_length)
 
-    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+    def eval_sets(self, tokenizer: Any, settings: TrainSettings) -> dict[str, list]:
         limit, seed, length = settings.max_eval_samples, settings.seed, settings.max_length
         splits = self.data.splits.items()
         return {name: tokenize(subset(x, limit, seed), tokenizer, length) for name, x in splits if name != "train"}
@@ -125,11 +126,11 @@ class LanguageTask:
             )
         return base
 
-    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+    def train_features(self, base: BaseModel, settings: TrainSettings) -> list[dict]:
         features = lm_features(self.train_file, base.tokenizer, settings.max_length)
         return subset(features, settings.max_train_samples, settings.seed)
 
-    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+    def eval_sets(self, tokenizer: Any, settings: TrainSettings) -> dict[str, list]:
         features = lm_features(self.dev_file, tokenizer, settings.max_length)
         return {"validation": subset(features, settings.max_eval_samples, settings.seed)}
 
@@ -172,7 +173,7 @@ class InstructTask:
             )
         return base
 
-    def train_features(self, base: BaseModel, settings: Any) -> list[dict]:
+    def train_features(self, base: BaseModel, settings: TrainSettings) -> list[dict]:
         train = subset(self.splits["train"], settings.max_train_samples, settings.seed)
         length, tok = settings.max_length, base.tokenizer
         return [
@@ -180,7 +181,7 @@ class InstructTask:
             for i, e in enumerate(train, start=1)
         ]
 
-    def eval_sets(self, tokenizer: Any, settings: Any) -> dict[str, list]:
+    def eval_sets(self, tokenizer: Any, settings: TrainSettings) -> dict[str, list]:
         limit, seed, length = settings.max_eval_samples, settings.seed, settings.max_length
         return {
             name: [fitted(self.spec, e, tokenizer, length) for e in subset(x, limit, seed)]
@@ -212,8 +213,10 @@ def _model_is_causal_lm(model: str | None) -> bool:
     return bool(architectures) and all(is_causal_lm(a) for a in architectures)
 
 
-def load_task(settings: Any) -> Task:
+def load_task(settings: TrainSettings) -> Task:
     """The task ``settings`` describe (see the module doc for how ``auto`` chooses)."""
+    if settings.dev_file and not settings.train_file:  # dynlora eval scores a dev file alone (eval_task)
+        raise DataError("--dev-file needs --train-file: together they replace the GLUE task's data")
     objective = settings.objective
     if objective == "auto":
         if settings.train_file:
@@ -245,7 +248,7 @@ def load_task(settings: Any) -> Task:
     return ClassifyTask(data, settings.train_file or task_spec(settings.task).name)
 
 
-def eval_task(settings: Any, num_outputs: int | None, labels: tuple[str, ...] | None) -> Task:
+def eval_task(settings: TrainSettings, num_outputs: int | None, labels: tuple[str, ...] | None) -> Task:
     """The task ``dynlora eval`` scores an adapter on: ``settings``' task or dev file, for a saved model with
     ``num_outputs`` head outputs and class names ``labels`` (None for a language model)."""
     if num_outputs is None:  # a causal language model
