@@ -9,7 +9,7 @@ from test_engine import data, engine_config
 from transformers import Trainer, TrainingArguments
 
 from dynlora import DynamicLoRACallback, get_dynlora_model
-from dynlora.callbacks import ALLOCATOR_STATE_NAME
+from dynlora.callbacks import ENGINE_STATE_NAME
 
 
 class Rows(torch.utils.data.Dataset):
@@ -49,16 +49,20 @@ def test_trainer_user_gets_reallocation_and_checkpointed_allocator(tmp_path):
     assert isinstance(model.engine.optimizer, torch.optim.Optimizer)  # bound to the Trainer's optimizer
     assert [h["step"] for h in model.allocation_events()] == [4, 7, 10, 13, 16]
     assert model.rank_pattern() != initial
-    assert (tmp_path / "checkpoint-10" / ALLOCATOR_STATE_NAME).is_file()
+    assert (tmp_path / "checkpoint-10" / ENGINE_STATE_NAME).is_file()
     assert model.engine.total_cost() <= model.engine.budget
 
 
-def test_resume_from_trainer_checkpoint_restores_the_allocation(tmp_path):
+@pytest.mark.parametrize("old_name", [False, True])
+def test_resume_from_trainer_checkpoint_restores_the_allocation(tmp_path, old_name):
     straight = get_dynlora_model(build("bert"), engine_config())
     trainer(straight, tmp_path / "a").train()
 
     first = get_dynlora_model(build("bert"), engine_config())
     trainer(first, tmp_path / "b").train()  # writes checkpoint-10 on the way
+    if old_name:  # a checkpoint written before the engine's state file was renamed
+        saved = tmp_path / "b" / "checkpoint-10"
+        (saved / ENGINE_STATE_NAME).rename(saved / "dynlora_allocator.pt")
     resumed = get_dynlora_model(build("bert"), engine_config())
     trainer(resumed, tmp_path / "b").train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
     assert resumed.allocation_events() == straight.allocation_events()  # includes steps 4, 7, 10 from the checkpoint
@@ -94,7 +98,7 @@ def test_warns_when_the_schedule_never_ran(tmp_path):
 def test_resume_without_allocator_state_is_a_clear_error(tmp_path):
     first = get_dynlora_model(build("bert"), engine_config())
     trainer(first, tmp_path).train()
-    (tmp_path / "checkpoint-10" / ALLOCATOR_STATE_NAME).unlink()
+    (tmp_path / "checkpoint-10" / ENGINE_STATE_NAME).unlink()
     resumed = get_dynlora_model(build("bert"), engine_config())
     with pytest.raises(FileNotFoundError, match="cannot be restored"):
         trainer(resumed, tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))

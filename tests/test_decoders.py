@@ -161,7 +161,7 @@ def test_sft_trainer_with_the_callback_trains_and_reallocates(tmp_path):
     )
     trainer.train()
     assert [e["step"] for e in model.allocation_events()] == [3, 6, 9]
-    assert (tmp_path / "checkpoint-12" / "dynlora_allocator.pt").is_file()
+    assert (tmp_path / "checkpoint-12" / "dynlora_engine.pt").is_file()
     assert trainer.state.log_history[-1]["train_loss"] < 11
 
 

@@ -53,7 +53,7 @@ def test_trainer_callback_example_runs(tmp_path):
     done = run_example("trainer_callback.py", "--steps", 4, "--data-dir", GLUE, "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dev accuracy" in done.stdout and "re-allocations: " in done.stdout
-    assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()
+    assert (tmp_path / "checkpoint-2" / "dynlora_engine.pt").is_file()
     assert (tmp_path / "adapter" / "dynlora_config.json").is_file()
 
 
@@ -65,5 +65,5 @@ def test_sft_trainer_example_runs_on_the_shipped_smollm2(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trainable params:" in done.stdout and "re-allocations: " in done.stdout
     assert "the merged model generates the same: True" in done.stdout
-    assert (tmp_path / "checkpoint-2" / "dynlora_allocator.pt").is_file()
+    assert (tmp_path / "checkpoint-2" / "dynlora_engine.pt").is_file()
     assert (tmp_path / "adapter" / "dynlora_config.json").is_file()

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 from .io import atomic_write
 from .model import DynamicLoRAModel
 
-ALLOCATOR_STATE_NAME = "dynlora_allocator.pt"
+ENGINE_STATE_NAME = "dynlora_engine.pt"  # in each Trainer checkpoint: the engine's state
+OLD_ENGINE_STATE_NAME = "dynlora_allocator.pt"  # the same file, as earlier checkpoints name it
 
 
 def _unwrap(model) -> DynamicLoRAModel:
@@ -31,7 +32,8 @@ class DynamicLoRACallback(TrainerCallback):
 
     - binds the Trainer's optimizer and its ``max_steps`` at the start of training (no ``total_step`` by hand);
     - after every optimizer step (before gradients are zeroed) updates importance and re-allocates on schedule;
-    - saves the allocator state into each Trainer checkpoint and restores it on ``resume_from_checkpoint``;
+    - saves the engine's state into each Trainer checkpoint (``dynlora_engine.pt``) and restores it on
+      ``resume_from_checkpoint``;
     - warns loudly at the end if the schedule promised re-allocations and none happened (PEFT #1327).
     """
 
@@ -53,7 +55,10 @@ class DynamicLoRACallback(TrainerCallback):
         dyn = _unwrap(model)
         if state.global_step == 0 or not dyn.reallocates:
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(checkpoint, ENGINE_STATE_NAME)
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(checkpoint, OLD_ENGINE_STATE_NAME)):
+            path = os.path.join(checkpoint, OLD_ENGINE_STATE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} is missing: the rank allocation cannot be "
@@ -71,7 +76,7 @@ class DynamicLoRACallback(TrainerCallback):
         dyn = _unwrap(model)
         if not dyn.reallocates or not state.is_world_process_zero:
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ALLOCATOR_STATE_NAME)
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ENGINE_STATE_NAME)
         atomic_write(path, lambda tmp: torch.save(dyn.engine_state_dict(), tmp))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

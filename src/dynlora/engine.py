@@ -207,14 +207,14 @@ class Engine:
         if state.get("format_version", 1) == 1:
             state = _state_v1_to_v2(state)
         if set(state["ranks"]) != set(self.layers):
-            raise ValueError("allocator state is for other layers than this model's adapters")
+            raise ValueError("engine state is for other layers than this model's adapters")
         if restore_ranks:
             for name, rank in state["ranks"].items():
                 self.layers[name].set_rank(int(rank), init_new=False)
         if state["ranks"] != self.ranks():
-            raise ValueError("allocator state does not match the adapter's current ranks; load the adapter first")
+            raise ValueError("engine state does not match the adapter's current ranks; load the adapter first")
         if state["budget"] != self.budget:
-            raise ValueError(f"allocator state has budget {state['budget']}, this model {self.budget}")
+            raise ValueError(f"engine state has budget {state['budget']}, this model {self.budget}")
         self.scorer.load_state_dict(state["scorer"])
         self.events = [dict(e) for e in state["events"]]
         self.generator.set_state(state["generator"])

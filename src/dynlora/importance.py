@@ -4,7 +4,7 @@ Every scorer turns the adapter's parameters and gradients into a raw score per a
 (row i of A, column i of B), smooths it with an EMA Ī, and optionally with its uncertainty
 U = EMA|I − Ī| (AdaLoRA, Zhang et al. 2023). A layer's score is the *sum* over its active components. A component
 that was just added has B_i = 0 and so no sensitivity yet; a mean would fall at every growth and pull the layer
-back at the next decision (we saw ranks oscillate), a sum does not. With allocation ∝ score (allocator.py) this
+back at the next decision, so ranks would oscillate; a sum does not. With allocation ∝ score (allocator.py) this
 makes each re-allocation a multiplicative update, r_l ← r_l · (importance per unit rank of l) / average, whose fixed
 point is equal marginal importance across layers.
 

@@ -93,7 +93,7 @@ class PeftAdapted:
         for key, value in state.items():
             setattr(self.allocator, key, dict(value))
         # AdaLoRA keeps the mask it last applied only in its config, which a restart loses (and after its final
-        # step it masks with that, so a resumed run crashed). The mask is exactly the zeroed entries of the
+        # step it masks with that: a resumed run would fail). The mask is exactly the zeroed entries of the
         # restored lora_E, so rebuild it from them, the way PEFT names it.
         params = self.model.base_model.model.named_parameters()
         masks = {n: (p != 0).view(-1).tolist() for n, p in params if "lora_E." in n}
