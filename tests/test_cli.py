@@ -1,22 +1,15 @@
 """The `dynlora` command end to end, as a user runs it: train -> eval -> export -> merge; errors; torchrun."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_data import GLUE, needs_glue
+from helpers import ENV, GLUE, dynlora, needs_glue, wait_until_training
 
 pytestmark = needs_glue
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def dynlora(*args, timeout=600, module=("-m", "dynlora.cli")):
-    cmd = [sys.executable, *module, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def quick(model, out, *extra):
@@ -256,16 +249,6 @@ def test_schedule_flags_and_unknown_adapter_settings(tmp_path):
     bad.write_text("adapter:\n  rnak: 4\n")
     done = dynlora("train", "--config", bad)
     assert done.returncode == 2 and "unknown setting(s) adapter.rnak" in done.stderr and "Traceback" not in done.stderr
-
-
-def wait_until_training(proc: subprocess.Popen, logs: list[Path], timeout: float = 300) -> None:
-    """Until every run of ``logs`` has logged training steps (start record + two loss records)."""
-    import time
-
-    deadline = time.time() + timeout
-    while not all(p.is_file() and len(p.read_text().splitlines()) > 2 for p in logs):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.5)
 
 
 def test_sigterm_stops_a_parallel_comparison_resumably(tiny_model_dir, tmp_path):

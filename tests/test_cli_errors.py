@@ -3,11 +3,11 @@ was wrong and how to fix it, no traceback, and nothing half-written (no new run 
 
 In-process (cli.main) to keep it fast; test_cli.py runs a sample of them as real subprocesses."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from helpers import run_cli, tree_digest
 
 from dynlora.cli import main
 
@@ -22,22 +22,6 @@ def glue_dir(root: Path, task_dir: str = "SST-2", train: bytes | None = None, he
     (root / task_dir / "dev.tsv").write_text(good)
     (root / task_dir / "train.tsv").write_bytes(train if train is not None else good.encode())
     return root
-
-
-def run_cli(capsys, *args) -> str:
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
-def tree_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 BAD_TRAIN_FILES = [
@@ -131,7 +115,7 @@ def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
     ],
 )
 def test_adapter_settings_impossible_for_the_model(capsys, tmp_path, tiny_model_dir, extra, message):
-    from test_data import GLUE, needs_glue
+    from helpers import GLUE, needs_glue
 
     if not GLUE.is_dir():
         pytest.skip(needs_glue.kwargs["reason"])
@@ -165,7 +149,7 @@ def test_model_path_that_is_not_a_model(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
-    from test_data import GLUE
+    from helpers import GLUE
 
     if not GLUE.is_dir():
         pytest.skip("no GLUE data")
@@ -252,7 +236,7 @@ def test_adapter_directory_problems(capsys, tmp_path, finished_run):
 
 
 def test_exporting_a_per_example_gate_to_peft(capsys, tmp_path, tiny_model_dir):
-    from test_data import GLUE
+    from helpers import GLUE
 
     if not GLUE.is_dir():
         pytest.skip("no GLUE data")

@@ -1,11 +1,11 @@
 """GLUE readers on the real shared data and on fixtures in the exact GLUE layout; custom data; padding."""
 
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import GLUE, needs_glue
 
 from dynlora.training.data import (
     DataError,
@@ -19,9 +19,6 @@ from dynlora.training.data import (
 from dynlora.training.data.glue import from_hub
 from dynlora.training.data.loader import collate, epoch_order, eval_batch_starts, tokenize
 from dynlora.training.data.splits import command_glue_dir
-
-GLUE = Path(os.environ.get("DYNLORA_GLUE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"))
-needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"no GLUE data at {GLUE}")
 
 
 @needs_glue

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 from conftest import build
-from test_cli_errors import run_cli
-from test_user_faults import csv_data, ok, train_args
+from helpers import csv_data, ok, run_cli, train_args
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
 from dynlora.training.devices import Precision, resolve_device

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_data import GLUE, needs_glue
+from helpers import GLUE, needs_glue
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,13 +2,12 @@
 train -> eval -> generate with the adapter, its merge and its PEFT export, and bad input in one line."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import save_tiny_llama
-from test_cli_errors import run_cli
-from test_user_faults import ok as run
+from helpers import chat_file, quick, run_cli
+from helpers import ok as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynlora.training.answers import answer_scores, choose_answers
@@ -127,49 +126,6 @@ def test_a_language_dev_loss_is_the_mean_over_the_tokens_that_carry_one(tiny_cha
 # --- through the command ---------------------------------------------------------------------------------------
 
 
-def chat_file(path: Path, n: int = 16, assistant: bool = True) -> Path:
-    rows = []
-    for i in range(n):
-        messages = [{"role": "user", "content": f"what is {i} plus one"}]
-        if assistant:
-            messages.append({"role": "assistant", "content": f"it is {i + 1}"})
-        rows.append(json.dumps({"messages": messages}))
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def quick(model: str, train: Path, out: Path, *extra) -> list:
-    return [
-        "train",
-        "--model",
-        model,
-        "--train-file",
-        train,
-        "--dev-file",
-        train,
-        "--max-steps",
-        4,
-        "--batch-size",
-        4,
-        "--max-length",
-        64,
-        "--rank",
-        2,
-        "--target-modules",
-        "all-linear",
-        "--output-dir",
-        out,
-        "--no-progress",
-        "--schedule-warmup",
-        2,
-        "--schedule-interval",
-        1,
-        "--schedule-final",
-        3,
-        *extra,
-    ]
-
-
 def test_train_eval_and_generate_with_the_adapter_its_merge_and_its_peft_export(capsys, tmp_path, tiny_chat_lm_dir):
     train = chat_file(tmp_path / "chat.jsonl")
     out = tmp_path / "run"
@@ -217,7 +173,7 @@ def test_text_jsonl_documents_are_cut_into_blocks_of_their_own_and_scored_per_do
 
 
 def test_a_glue_task_is_posed_as_an_instruction_to_a_chat_model(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_data import GLUE, needs_glue
+    from helpers import GLUE, needs_glue
 
     if not GLUE.is_dir():
         pytest.skip(needs_glue.kwargs["reason"])
@@ -274,7 +230,7 @@ def test_language_model_input_that_cannot_train_is_one_line(capsys, tmp_path, ti
 
 
 def test_compare_runs_methods_side_by_side_on_an_instruction_task(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_data import GLUE, needs_glue
+    from helpers import GLUE, needs_glue
 
     if not GLUE.is_dir():
         pytest.skip(needs_glue.kwargs["reason"])

@@ -100,8 +100,8 @@ def test_a_classifier_on_a_trained_pooler_leaves_it_frozen(path):
 
 
 def test_the_run_says_it_trains_minilms_untrained_pooler(path, tmp_path, capsys):
-    from test_data import GLUE, needs_glue
-    from test_user_faults import ok as run
+    from helpers import GLUE, needs_glue
+    from helpers import ok as run
 
     if not GLUE.is_dir():
         pytest.skip(needs_glue.kwargs["reason"])

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 from conftest import save_tiny_llama
-from test_cli_errors import run_cli
-from test_language_models import chat_file, quick, run
+from helpers import chat_file, quick, run_cli
+from helpers import ok as run
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
 from dynlora.cli import main

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from test_data import GLUE, needs_glue
+from helpers import GLUE, needs_glue
 
 from dynlora.training import checkpoint
 from dynlora.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ import sys
 import warnings
 
 import pytest
-from test_cli_errors import run_cli
+from helpers import run_cli
 
 import dynlora
 from dynlora import cli
@@ -199,8 +199,8 @@ def _write(path, turns) -> str:
 
 def test_eval_uses_the_runs_max_length_and_generate_continues_a_text_adapter(capsys, tmp_path, tiny_chat_lm_dir,
                                                                               monkeypatch):  # fmt: skip
-    from test_language_models import quick
-    from test_user_faults import ok as run
+    from helpers import ok as run
+    from helpers import quick
 
     from dynlora.training.run_facts import read_run_facts
 
@@ -229,8 +229,8 @@ def test_eval_uses_the_runs_max_length_and_generate_continues_a_text_adapter(cap
 
 
 def test_compare_on_own_data_names_the_file_and_shows_the_loss(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_language_models import chat_file
-    from test_user_faults import ok as run
+    from helpers import chat_file
+    from helpers import ok as run
 
     train = chat_file(tmp_path / "chat.jsonl")
     args = ["compare", "--model", tiny_chat_lm_dir, "--train-file", train, "--dev-file", train, "--methods", "lora"]
@@ -243,7 +243,7 @@ def test_compare_on_own_data_names_the_file_and_shows_the_loss(capsys, tmp_path,
 
 
 def test_an_empty_language_model_dev_file_is_called_empty(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_language_models import chat_file, quick
+    from helpers import chat_file, quick
 
     train, dev = chat_file(tmp_path / "chat.jsonl"), tmp_path / "dev.jsonl"
     dev.write_text("")
@@ -253,8 +253,8 @@ def test_an_empty_language_model_dev_file_is_called_empty(capsys, tmp_path, tiny
 
 
 def test_a_training_file_edited_before_resume_is_refused(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_language_models import chat_file, quick
-    from test_user_faults import ok as run
+    from helpers import chat_file, quick
+    from helpers import ok as run
 
     train = chat_file(tmp_path / "chat.jsonl")
     out = tmp_path / "run"
@@ -275,8 +275,8 @@ def test_a_run_saved_before_the_pooler_was_trained_resumes_with_it_frozen():
 
 
 def test_a_language_model_run_adapts_every_linear_layer_and_names_what_it_trains(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_language_models import chat_file, quick
-    from test_user_faults import ok as run
+    from helpers import chat_file, quick
+    from helpers import ok as run
 
     train = chat_file(tmp_path / "chat.jsonl")
     args = quick(tiny_chat_lm_dir, train, tmp_path / "run")
@@ -309,8 +309,8 @@ def test_all_linear_adapts_a_layer_narrower_than_the_rank_at_its_width_and_says_
 
 
 def test_an_interrupted_comparison_of_the_previous_format_resumes(capsys, tmp_path, tiny_chat_lm_dir):
-    from test_language_models import chat_file
-    from test_user_faults import ok as run
+    from helpers import chat_file
+    from helpers import ok as run
 
     from dynlora.training.settings import as_saved
 
@@ -352,8 +352,8 @@ def test_an_evaluation_shows_its_progress_on_a_terminal_only(capsys, tmp_path, t
 def test_a_finished_run_is_extended_by_a_larger_max_steps_on_the_longer_runs_schedule(
     capsys, tmp_path, tiny_chat_lm_dir
 ):
-    from test_language_models import chat_file, quick
-    from test_user_faults import ok as run
+    from helpers import chat_file, quick
+    from helpers import ok as run
 
     from dynlora.cli import build_parser
     from dynlora.training.commands import _train_settings
@@ -387,8 +387,8 @@ def test_a_finished_run_is_extended_by_a_larger_max_steps_on_the_longer_runs_sch
 def test_a_language_model_left_without_sizes_gets_an_llms_batch_and_length_and_a_classifier_its_own(
     capsys, tmp_path, tiny_chat_lm_dir
 ):
-    from test_language_models import chat_file, quick
-    from test_user_faults import ok as run
+    from helpers import chat_file, quick
+    from helpers import ok as run
     from transformers import AutoConfig
 
     from dynlora.training.run_facts import read_run_facts

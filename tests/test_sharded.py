@@ -10,9 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import VOCAB, build, save_tiny_llama
+from helpers import GLUE, dynlora, needs_glue
 from safetensors.torch import load_file
-from test_cli import dynlora
-from test_data import GLUE, needs_glue
 from torch.distributed.tensor import DTensor
 
 from dynlora import DynamicLoRAConfig, get_dynlora_model
@@ -158,7 +157,7 @@ def test_sigterm_stops_every_fsdp_process_after_the_same_step_and_the_run_resume
     import subprocess
     import sys
 
-    from test_cli import ENV, wait_until_training
+    from helpers import ENV, wait_until_training
 
     command = [*train_command(save_tiny_llama(tmp_path / "llama", chat_template=None), steps=60), "--fsdp"]
     straight = dynlora(*command, "--batch-size", 4, "--output-dir", tmp_path / "straight", module=TORCHRUN)

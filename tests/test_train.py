@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from test_data import GLUE, needs_glue
+from helpers import GLUE, needs_glue
 
 from dynlora import DynamicLoRAModel
 from dynlora.training.base_model import center_regression_head, load_base

@@ -8,56 +8,13 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from test_cli_errors import run_cli, tree_digest
+from helpers import csv_data, ok, run_cli, train_args, tree_digest
 
 from dynlora.cli import main
 from dynlora.training.run_dir import RunDirectory
-
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "terrible", "lovely", "dull"]
-
-
-def csv_data(root: Path, labels: list, n: int = 24, name: str = "train.csv", header: str = "text,label") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    rows = [f"{WORDS[i % 10]} {WORDS[(3 * i) % 10]} movie,{labels[i % len(labels)]}" for i in range(n)]
-    (root / name).write_text(header + "\n" + "\n".join(rows) + "\n")
-    return root / name
-
-
-def train_args(model: str, train: Path, out: Path, *extra) -> list:
-    dev = train.with_name("dev" + train.suffix) if train.with_name("dev" + train.suffix).exists() else train
-    return [
-        "train",
-        "--model",
-        model,
-        "--train-file",
-        train,
-        "--dev-file",
-        dev,
-        "--max-steps",
-        2,
-        "--batch-size",
-        4,
-        "--max-length",
-        32,
-        "--rank",
-        2,
-        "--output-dir",
-        out,
-        "--no-progress",
-        *extra,
-    ]
-
-
-def ok(capsys, *args) -> str:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    return out.out
-
 
 # --- data lost or results silently wrong ----------------------------------------------------------------------
 
