@@ -22,17 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import average_gradients, shard_frozen
-from ..io import replace_directory, write_json
+from ..io import write_json
 from .base_model import BaseModel
 from .checkpoint import RunCheckpoints, data_digests, latest_checkpoint
 from .devices import Precision, resolve_device, to_device
 from .errors import Diverged, Interrupted
 from .lr_schedule import follow_schedule_from, make_scheduler
-from .metrics import run_score
+from .outputs import RunOutputs
 from .parts import build_parts
 from .processes import StopFlag, barrier, init_distributed
 from .run_dir import RunDirectory
-from .run_facts import write_run_facts
 from .run_log import RunLog
 from .settings import LENGTH, TrainSettings
 from .tasks import Task
@@ -69,12 +68,13 @@ class TrainingRun:
         self.checkpoints = RunCheckpoints(self.out / "checkpoints", self.settings.identity(), digests, self.writer)
         self.task, self.tokenizer, self.stream = parts.task, parts.tokenizer, parts.stream
         self.eval_sets, self.adapted, self.model = parts.eval_sets, parts.adapted, parts.adapted.model
+        s = self.settings
+        self.outputs = RunOutputs(self.out, self.writer, self.adapted, self.task.prompt_format, s.max_length)
         if settings.fsdp and self.world > 1:
             shard_frozen(self.model)
         elif settings.fsdp and self.writer:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        s = self.settings
         self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.loraplus_lr_ratio)
         self.scheduler = make_scheduler(self.optimizer, s, self.total_steps)
         self.adapted.bind(self.optimizer, self.total_steps)
@@ -132,24 +132,6 @@ class TrainingRun:
         self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
         self.step = step
         self.log.truncate(step)
-
-    def save_adapter(self, directory: Path) -> None:
-        """The adapter in its method's format, with what the run knows of its inputs (run_facts.py)."""
-        self.adapted.save(directory)
-        write_run_facts(directory, self.task.prompt_format, self.settings.max_length)
-
-    def save_best(self, metrics: dict[str, dict[str, float]]) -> None:
-        score = run_score(metrics)
-        if self.best is not None and score <= self.best["score"]:
-            return
-        self.best = best = {"score": score, "step": self.step, "metrics": metrics}
-        if self.writer:
-
-            def write(tmp: Path) -> None:
-                self.save_adapter(tmp)
-                write_json(tmp / "metrics.json", best)
-
-            replace_directory(self.out / "best", write)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -232,7 +214,8 @@ class TrainingRun:
         """Log, evaluate and checkpoint as the settings ask, after optimizer step ``self.step``."""
         s = self.settings
         ranks, lr = self.adapted.ranks(), self.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"ranks": _span(ranks)} if ranks else {}))
+        span = {"ranks": f"{min(ranks.values())}-{max(ranks.values())}"} if ranks else {}
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **span)
         for event in self._reallocated:
             self.log.write({"step": self.step, "event": "allocation", **event})
         if self.step % s.log_every == 0 or self.step == self.total_steps:
@@ -241,7 +224,7 @@ class TrainingRun:
         if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total_steps:
             metrics = self.evaluate()
             self.log.write({"step": self.step, "event": "eval", "metrics": metrics})
-            self.save_best(metrics)
+            self.best = self.outputs.keep_best(self.best, self.step, metrics)
         if s.save_every and self.step % s.save_every == 0:
             self.save()
 
@@ -249,7 +232,7 @@ class TrainingRun:
         s, labels = self.settings, self.task.labels
         metrics = self.evaluate()
         self.log.write({"step": self.step, "event": "eval", "metrics": metrics, "final": True})
-        self.save_best(metrics)
+        self.best = self.outputs.keep_best(self.best, self.step, metrics)
         self.save()
         result = {
             "task": self.task.name,
@@ -263,9 +246,7 @@ class TrainingRun:
             "ranks": self.adapted.ranks(),
             "labels": list(labels) if labels is not None else None,
         }
-        if self.writer:
-            write_json(self.out / "results.json", result)
-            replace_directory(self.out / "adapter", self.save_adapter)
+        self.outputs.write_final(result)
         return result
 
     def _train_step(self) -> float | None:
@@ -309,11 +290,6 @@ class TrainingRun:
         loss_value, norm_value, stop = values.tolist()
         self.stop_agreed = stop > 0
         return loss_value, math.isfinite(loss_value) and math.isfinite(norm_value)
-
-
-def _span(ranks: dict[str, int]) -> str:
-    values = list(ranks.values())
-    return f"{min(values)}-{max(values)}"
 
 
 def train(settings: TrainSettings) -> dict[str, Any]:
