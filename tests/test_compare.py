@@ -6,21 +6,21 @@ from dynlora.training.compare import ComparePlan, read_results, run_comparison, 
 def plan(tmp_path) -> ComparePlan:
     return ComparePlan(
         tasks=["cola", "rte"],
-        methods=["dynamic", "dynamic-nogate"],
+        methods=["dynamic", "dynamic-noinput"],
         seeds=[0, 1],
         output_dir=str(tmp_path),
         base={"lr": 1e-3, "adapter": {"rank": 8}},
         per_task={"rte": {"epochs": 2, "adapter": {"rank": 4}}},
-        per_method={"dynamic-nogate": {"method": "dynamic", "adapter": {"input_adaptive": None}}},
+        per_method={"dynamic-noinput": {"method": "dynamic", "adapter": {"input_adaptive": None}}},
     )
 
 
 def test_settings_layer_and_variants_run_their_method(tmp_path):
     p = plan(tmp_path)
-    s = p.settings("rte", "dynamic-nogate", 1)
+    s = p.settings("rte", "dynamic-noinput", 1)
     assert s["method"] == "dynamic" and s["epochs"] == 2 and s["lr"] == 1e-3
     assert s["adapter"] == {"rank": 4, "input_adaptive": None}  # adapter dicts merge key by key
-    assert s["output_dir"].endswith("rte/dynamic-nogate/seed1")
+    assert s["output_dir"].endswith("rte/dynamic-noinput/seed1")
     assert p.settings("cola", "dynamic", 0)["adapter"] == {"rank": 8}
 
 
@@ -33,7 +33,7 @@ def test_results_keep_the_variant_name_and_resume(tmp_path):
 
     results = run_comparison(plan(tmp_path), train, log=lambda _m: None)
     assert len(results) == 8 and len(calls) == 8
-    assert {r["method"] for r in results} == {"dynamic", "dynamic-nogate"}
+    assert {r["method"] for r in results} == {"dynamic", "dynamic-noinput"}
     assert all(r["runs"] == "dynamic" for r in results)
     assert all(c[1] == "dynamic" for c in calls)
 
@@ -44,8 +44,8 @@ def test_results_keep_the_variant_name_and_resume(tmp_path):
     assert len(calls) == 3  # only the runs missing from results.jsonl
     assert len(read_results(tmp_path / "results.jsonl")) == 8
 
-    table = summary_table(read_results(tmp_path / "results.jsonl"), ["cola", "rte"], ["dynamic", "dynamic-nogate"])
-    assert "| dynamic-nogate | 10 |" in table and "(n=2)" in table
+    table = summary_table(read_results(tmp_path / "results.jsonl"), ["cola", "rte"], ["dynamic", "dynamic-noinput"])
+    assert "| dynamic-noinput | 10 |" in table and "(n=2)" in table
 
 
 def _fake_train(settings):  # module level: sent to worker processes
@@ -62,7 +62,7 @@ def test_jobs_run_in_worker_processes_and_record_every_run(tmp_path):
     assert len(results) == 8 and len(messages) == 8 and all("done:" in m for m in messages)
     assert os.getpid() not in {r["pid"] for r in results}
     assert sorted((r["task"], r["method"], r["seed"]) for r in results) == sorted(
-        (t, m, s) for t in ("cola", "rte") for m in ("dynamic", "dynamic-nogate") for s in (0, 1)
+        (t, m, s) for t in ("cola", "rte") for m in ("dynamic", "dynamic-noinput") for s in (0, 1)
     )
 
 

@@ -52,7 +52,7 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
     for name, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"layer {name} is merged: call unmerge_adapter() before exporting")
-        a, b = layer.mergeable_factors()  # folds a mergeable input gate into A; refuses a per-example one
+        a, b = layer.mergeable_factors()  # folds the mergeable input scale into A; refuses a per-example gate
         # PEFT's lora_A/lora_B are nn.Linear weights, (r, in) and (out, r), for Conv1D targets too.
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (b.detach() * layer.scaling).cpu().contiguous()

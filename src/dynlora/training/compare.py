@@ -4,8 +4,8 @@ Each finished run appends one line to ``results.jsonl``; a run that was interrup
 a run already in the file is skipped. So an interrupted comparison, started again with the same command, picks up
 where it stopped. Settings: the shared ones (``base``), then ``per_task[task]``, then ``per_method[method]``.
 
-A name in ``methods`` may be a variant of a method: ``per_method: {dynamic-nogate: {method: dynamic, adapter:
-{input_adaptive: null}}}`` runs Dynamic LoRA without the gate under the name ``dynamic-nogate`` (its own run
+A name in ``methods`` may be a variant of a method: ``per_method: {dynamic-noinput: {method: dynamic, adapter:
+{input_adaptive: null}}}`` runs Dynamic LoRA without input adaptation under the name ``dynamic-noinput`` (its own run
 directory, its own row in the table).
 """
 
