@@ -65,14 +65,14 @@ class TrainingRun:
         self.settings, self.total_steps = parts.settings, parts.total_steps
         # an edited training file is other data: its contents are part of what a checkpoint must agree on
         digests = data_digests(settings.train_file)
-        self.checkpoints = RunCheckpoints(self.out / "checkpoints", self.settings.identity(), digests, self.writer)
+        self.checkpoints = RunCheckpoints(self.out / "checkpoints", parts.settings.identity(), digests, self.writer)
         self.task, self.tokenizer, self.stream = parts.task, parts.tokenizer, parts.stream
         self.eval_sets, self.adapted, self.model = parts.eval_sets, parts.adapted, parts.adapted.model
         s = self.settings
         self.outputs = RunOutputs(self.out, self.writer, self.adapted, self.task.prompt_format, s.max_length)
-        if settings.fsdp and self.world > 1:
+        if s.fsdp and self.world > 1:
             shard_frozen(self.model)
-        elif settings.fsdp and self.writer:
+        elif s.fsdp and self.writer:
             warnings.warn("--fsdp with one process shards nothing: use torchrun --nproc_per_node N", stacklevel=2)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.adapted.make_optimizer(s.lr, s.weight_decay, s.loraplus_lr_ratio)
