@@ -231,10 +231,8 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge the adapters and return the plain Hugging Face model, with no Dynamic LoRA module left in it."""
         self._check_not_unloaded()
-        for module in self._adapted.values():  # all or none: refused before any layer changes
-            module.check_mergeable()
+        self.merge_adapter()  # all or none: refused before any layer changes
         for name, module in self._adapted.items():
-            module.merge()
             replace_module(self.model, name, module.base_layer)
         self.unloaded = True
         return self.model

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from ..io import as_created_tree, atomic_write
 from .errors import CheckpointError
 from .migrations import CHECKPOINT_VERSION, migrate
+from .protocols import AdaptedModel
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
@@ -181,14 +182,14 @@ class RunCheckpoints:
     def __init__(self, root: Path, identity: dict[str, Any], data: dict[str, str], writer: bool) -> None:
         self.root, self.identity, self.data, self.writer = root, identity, data, writer
 
-    def save(self, step: int, adapted: Any, optimizer, scheduler, counters: dict[str, Any]) -> None:
-        """Checkpoint ``adapted`` (the method's protocol, protocols.py) with its optimizer, schedule and counters."""
+    def save(self, step: int, adapted: AdaptedModel, optimizer, scheduler, counters: dict[str, Any]) -> None:
+        """Checkpoint ``adapted`` with its optimizer, schedule and counters."""
         if self.writer:
             state = run_state(optimizer, scheduler, adapted.state_dict(), counters)
             save_checkpoint(self.root, step, adapted.training_tensors(), state, self.identity, self.data)
 
     def restore(
-        self, adapted: Any, optimizer, scheduler, ignored: frozenset[str] = frozenset()
+        self, adapted: AdaptedModel, optimizer, scheduler, ignored: frozenset[str] = frozenset()
     ) -> tuple[int, dict[str, Any]]:
         """Load the latest checkpoint into ``adapted``, ``optimizer`` and ``scheduler``; its step and counters.
         Settings named in ``ignored`` may differ from the checkpoint's."""
