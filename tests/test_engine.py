@@ -138,11 +138,96 @@ def test_optimizer_state_follows_rank_changes():
     assert torch.equal(state_a["exp_avg"][:4], m_before)
     assert state_a["exp_avg"][4:6].abs().sum() == 0
     assert torch.allclose(state_a["exp_avg_sq"][4:6], v_before_mean.expand(2, state_a["exp_avg_sq"].shape[1]))
-    # Shrink: re-based, state mapped into the new basis, dropped rows zeroed; shapes never change.
+    # Shrink: re-based, state mapped into the new basis, dropped rows gone with their parameters' rows.
     model.engine.resize({**model.rank_pattern(), name: 2})
-    assert layer.rank == 2 and state_a["exp_avg"].shape == layer.lora_A.shape
-    assert state_a["exp_avg"][2:].abs().sum() == 0 and state_a["exp_avg_sq"][2:].abs().sum() == 0
-    assert opt.state[layer.lora_B]["exp_avg"][:, 2:].abs().sum() == 0
+    assert layer.rank == 2 and state_a["exp_avg"].shape == layer.lora_A.shape == (2, layer.in_features)
+    assert opt.state[layer.lora_B]["exp_avg_sq"].shape == layer.lora_B.shape == (layer.out_features, 2)
+
+
+def test_factors_store_the_active_rank_and_their_optimizer_state_follows_every_reallocation():
+    model, opt = make()
+
+    def check(m, step):
+        for layer in m.lora_layers().values():
+            assert layer.lora_A.shape[0] == layer.rank == layer.lora_B.shape[1]
+            for p in (layer.lora_A, layer.lora_B):
+                assert all(v.shape == p.shape for v in opt.state[p].values() if v.dim())
+
+    train(model, opt, 1, 20, 20, check)
+    assert len(set(model.rank_pattern().values())) > 1
+
+
+def test_a_loss_the_training_loop_keeps_across_a_reallocation_does_not_break_the_next_backward():
+    """A loop that holds on to its last loss keeps that step's graph, and with it autograd's record of each
+    parameter's shape, alive while the re-allocation resizes the parameters."""
+    model, opt = make()
+    model.bind_optimizer(opt, 20)
+    model.train()
+    for step in range(1, 9):
+        loss = model(**data(step)).loss
+        loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad(set_to_none=False)  # gradients kept as zero tensors, resized with their parameters
+    assert model.allocation_events() and loss.grad_fn is not None
+
+
+def test_under_torch_distributed_the_factors_keep_their_capacity_and_train_the_same(monkeypatch):
+    """DDP fixes parameter shapes when it wraps a model: launched as one of several processes, the factors store
+    the whole capacity and the engine slices them, to the same result."""
+    compact, opt = make()
+    train(compact, opt, 1, 20, 20)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fixed, opt2 = make()
+    shapes = {n: (m.lora_A.shape, m.lora_B.shape) for n, m in fixed.lora_layers().items()}
+    train(fixed, opt2, 1, 20, 20)
+
+    assert {n: (m.lora_A.shape, m.lora_B.shape) for n, m in fixed.lora_layers().items()} == shapes
+    assert all(m.lora_A.shape[0] == 8 for m in fixed.lora_layers().values())
+    assert [(e["step"], e["ranks"]) for e in fixed.allocation_events()] == [
+        (e["step"], e["ranks"]) for e in compact.allocation_events()
+    ]
+    a, b = compact.adapter_state_dict(), fixed.adapter_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_checkpoint_written_at_the_whole_capacity_resumes_exactly_in_the_compact_layout(monkeypatch):
+    """As a Trainer resume does it: the state dict, then the optimizer's state, then the engine's ranks."""
+    straight, opt = make()
+    train(straight, opt, 1, 20, 20)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    first, opt1 = make()
+    train(first, opt1, 1, 8, 20)  # past two re-allocations
+    saved = {"weights": first.state_dict(), "optimizer": opt1.state_dict(), "engine": first.engine_state_dict()}
+    monkeypatch.delenv("WORLD_SIZE")
+
+    resumed, opt2 = make()
+    resumed.bind_optimizer(opt2, 20)
+    resumed.load_state_dict(saved["weights"])
+    opt2.load_state_dict(saved["optimizer"])
+    resumed.load_engine_state_dict(saved["engine"], restore_ranks=True)
+    assert all(m.lora_A.shape[0] == m.rank for m in resumed.lora_layers().values())
+    resumed.train()
+    for step in range(9, 21):
+        resumed(**data(step)).loss.backward()
+        opt2.step()
+        resumed.update_and_allocate(step)
+        opt2.zero_grad()
+
+    assert [e["ranks"] for e in resumed.allocation_events()] == [e["ranks"] for e in straight.allocation_events()]
+    a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_optimizer_state_that_cannot_follow_a_resize_is_dropped_for_the_optimizer_to_start_again():
+    model, opt = make()
+    train(model, opt, 1, 2, 20)
+    name, layer = next(iter(model.lora_layers().items()))
+    # A quantised optimizer's state (as bitsandbytes' 8-bit AdamW keeps): codes per element, scales per block.
+    opt.state[layer.lora_A] = {"state1": torch.zeros(layer.lora_A.shape, dtype=torch.uint8), "absmax1": torch.ones(3)}
+    model.set_ranks({name: 6})
+    assert opt.state[layer.lora_A] == {}
+    assert opt.state[layer.lora_B]["exp_avg"].shape == layer.lora_B.shape == (layer.out_features, 6)
 
 
 def test_rebase_maps_first_moments_exactly():
@@ -167,14 +252,18 @@ def test_same_seed_same_decisions_and_weights():
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
-def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("written_at_capacity", [False, True], ids=["compact", "optimizer-state-at-capacity"])
+def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path, monkeypatch, written_at_capacity):
     straight, opt = make()
     train(straight, opt, 1, 20, 20)
 
+    if written_at_capacity:  # as under torch.distributed, or by a dynlora that stored the whole capacity
+        monkeypatch.setenv("WORLD_SIZE", "2")
     first, opt1 = make()
     train(first, opt1, 1, 8, 20)  # past two re-allocations
     first.save_pretrained(tmp_path)
     torch.save({"optimizer": opt1.state_dict(), "allocator": first.engine.state_dict()}, tmp_path / "state.pt")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
 
     resumed = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
     opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=5e-3)
@@ -189,7 +278,11 @@ def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
         resumed.update_and_allocate(step)
         opt2.zero_grad()
 
-    assert resumed.allocation_events() == straight.allocation_events()
+    assert [(e["step"], e["ranks"]) for e in resumed.allocation_events()] == [
+        (e["step"], e["ranks"]) for e in straight.allocation_events()
+    ]
+    if not written_at_capacity:  # the same layout throughout: the same numbers
+        assert resumed.allocation_events() == straight.allocation_events()
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

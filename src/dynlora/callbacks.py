@@ -64,7 +64,7 @@ class DynamicLoRACallback(TrainerCallback):
                 f"resuming at step {state.global_step} but {path} is missing: the rank allocation cannot be "
                 "restored. Resume from a checkpoint under output_dir written with DynamicLoRACallback."
             )
-        # Trainer restored the full state dict (all capacity rows); put each layer back at its saved rank.
+        # Trainer restored the state dict (the factors as stored); put each layer back at its saved rank.
         dyn.load_engine_state_dict(torch.load(path, weights_only=True), restore_ranks=True)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):

@@ -21,6 +21,8 @@ parameter): ~80 MB for rank 8 on every linear layer of a 1B model, against the b
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -29,6 +31,12 @@ def in_process_group() -> bool:
     """Whether this process is one of a torch.distributed group: the engine's collectives (synced scores,
     gradients and input statistics) run only then."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def launched_distributed() -> bool:
+    """Whether this process is, or will be, one of several: in a process group already, or started by a launcher
+    that says so (torchrun, ``accelerate launch``: ``WORLD_SIZE`` > 1) before any group exists."""
+    return in_process_group() or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

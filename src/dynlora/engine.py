@@ -31,7 +31,7 @@ from .distributed import in_process_group
 from .importance import make_scorer
 from .input_statistics import InputStatistics
 from .lowrank import LowRankUpdate
-from .optim_state import clear_state, init_grown_state, rebase_state
+from .optim_state import clear_state, fit_state, init_grown_state, rebase_state
 from .probe import make_probe, synced_gradients, top_directions
 
 
@@ -140,15 +140,21 @@ class Engine:
             if new < old:
                 t, t_inv = layer.rebase()
                 rebase_state(self.optimizer, layer, t, t_inv)
-                layer.set_rank(new)
+                self.set_rank(name, new)
                 clear_state(self.optimizer, layer, new, old)
                 if self.scorer is not None:
                     self.scorer.rebased(name, old, new)
             elif new > old:
-                layer.set_rank(new, self.generator)
+                self.set_rank(name, new, self.generator)
                 start_components(self.optimizer, layer, old, new, weight_grads.get(name))
                 if self.scorer is not None:
                     self.scorer.grown(name, old, new)
+
+    def set_rank(self, name: str, rank: int, generator: torch.Generator | None = None, init_new: bool = True) -> None:
+        """Set one layer's active rank (:meth:`LowRankUpdate.set_rank`), its optimizer state following its storage."""
+        layer = self.layers[name]
+        layer.set_rank(rank, generator, init_new=init_new)
+        fit_state(self.optimizer, layer)
 
     # --- reading -------------------------------------------------------------------------------------------------
 
@@ -201,7 +207,11 @@ class Engine:
 
         By default the layers' ranks must already match (restored with the adapter weights) and a mismatch is an
         error, never a silent divergence. ``restore_ranks=True`` sets them from the state instead, for weights
-        restored at full capacity (a whole ``state_dict()``, as ``transformers.Trainer`` checkpoints hold)."""
+        restored from a whole ``state_dict()`` (as ``transformers.Trainer`` checkpoints hold). Either way the bound
+        optimizer's state, loaded as it was saved, is fitted to the layers' storage (a checkpoint written at the
+        whole capacity resumes)."""
+        for layer in self.layers.values():
+            fit_state(self.optimizer, layer)
         if self.allocator is None:
             return
         if state.get("format_version", 1) == 1:
@@ -210,7 +220,7 @@ class Engine:
             raise ValueError("engine state is for other layers than this model's adapters")
         if restore_ranks:
             for name, rank in state["ranks"].items():
-                self.layers[name].set_rank(int(rank), init_new=False)
+                self.set_rank(name, int(rank), init_new=False)
         if state["ranks"] != self.ranks():
             raise ValueError("engine state does not match the adapter's current ranks; load the adapter first")
         if state["budget"] != self.budget:

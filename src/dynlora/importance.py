@@ -99,7 +99,7 @@ class ImportanceScorer:
                 ranks.append(0)
         raw = torch.zeros_like(self.mean)
         if part_a:
-            capacities = tuple(layers[n].max_rank if r else 0 for n, r in zip(self.names, ranks, strict=True))
+            capacities = tuple(layers[n].stored if r else 0 for n, r in zip(self.names, ranks, strict=True))
             flat, fan_in, fan_out, scaling = self._components(capacities, layers, raw.device)
             scores = self.combine(torch.cat(part_a), torch.cat(part_b), fan_in, fan_out, scaling)
             raw.view(-1).index_copy_(0, flat, scores.float())

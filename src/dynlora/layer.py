@@ -79,7 +79,7 @@ class DynamicLoRALinear(LowRankUpdate):
         if input_adaptive == "mergeable":
             self.input_norm = InputNorm(self.in_features, strength=input_norm_strength).to(weight.device)
         if input_adaptive == "per_example":
-            self.token_gate = TokenGate(self.max_rank).to(device=weight.device, dtype=dtype)
+            self.token_gate = TokenGate(self.stored).to(device=weight.device, dtype=dtype)
         self.disabled = False  # DynamicLoRAModel.disable_adapter(): compute as the base layer
 
     @property

@@ -3,10 +3,15 @@
     ΔW = s · B[:, :r] A_eff[:r],        A_eff = A · diag(g)  (g: an input scale, when there is one),
     s = alpha / r_init                  (rsLoRA: alpha / √r_init)
 
-A has a *capacity* of ``max_rank`` rows; only the first ``r`` (the *active rank*) take part. The active rank is
-changed in place with :meth:`LowRankUpdate.set_rank`, so the module, the model and the optimizer's parameter list
-stay the same objects (parameter shapes never change, which also keeps DDP's buckets valid), while users of the
-factors slice them: compute and memory traffic follow the active rank.
+A and B have a *capacity* of ``max_rank`` components; only the first ``r`` (the *active rank*) take part. The
+rank is changed in place with :meth:`LowRankUpdate.set_rank`: the module, the model and the optimizer's parameter
+list stay the same objects. What the factors *store* is the active part only (A ``[r, in]``, B ``[out, r]``): so
+the forward reads whole contiguous tensors, and the backward, gradients and optimizer (AdamW over every element)
+cost what rank ``r`` costs, not the capacity. Re-allocation resizes the stored parameters (same Parameter objects,
+new data) and the engine resizes their optimizer state with them (optim_state.py). Inactive components hold
+nothing worth keeping: a dropped one is gone, a grown one starts afresh. Under torch.distributed the factors store
+the whole capacity instead and users slice them, because DDP fixes every parameter's shape when it wraps the model
+(:func:`~dynlora.distributed.launched_distributed`, decided when the update is built).
 
 The scale ``s`` is fixed at construction from the *initial* rank, not the active one: growing the rank with zero
 columns of B must leave the update unchanged, which a scale of ``alpha / r_active`` would break.
@@ -23,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from .distributed import launched_distributed
+
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Factors stay float32 on a half-precision (or quantised) base, as PEFT's autocast_adapter_dtype: their updates
@@ -35,6 +42,16 @@ def components(tensor: torch.Tensor, axis: int, start: int, stop: int) -> torch.
     """View of rank components [start, stop) of a rank-indexed tensor (parameter or optimizer state), rank axis
     first."""
     return tensor.movedim(axis, 0)[start:stop]
+
+
+def resized(tensor: torch.Tensor, axis: int, count: int) -> torch.Tensor:
+    """``tensor`` with ``count`` rank components along ``axis``: its leading ones, then zeros."""
+    shape = list(tensor.shape)
+    shape[axis] = count
+    out = tensor.new_zeros(shape)
+    kept = min(count, tensor.shape[axis])
+    components(out, axis, 0, kept).copy_(components(tensor, axis, 0, kept))
+    return out
 
 
 class LowRankUpdate(nn.Module):
@@ -81,14 +98,51 @@ class LowRankUpdate(nn.Module):
         # Optional input adaptation (input_adaptation.py): set by a subclass that sees the update's inputs.
         self.input_norm: nn.Module | None = None
         self.token_gate: nn.Module | None = None
-        self.reset_parameters()
+        self.reset_parameters()  # the whole capacity is drawn, so the random stream is the same in both layouts
+        self.keeps_capacity = launched_distributed()  # module doc: DDP needs fixed shapes
+        self.store(self.stored_rank(rank))
 
     def reset_parameters(self) -> None:
         """Standard LoRA init: A Kaiming-uniform (as nn.Linear), B zero, so the update starts as a no-op."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    # --- active rank -------------------------------------------------------------------------------------------
+    # --- active rank and storage ---------------------------------------------------------------------------------
+
+    @property
+    def stored(self) -> int:
+        """Rank components the parameters hold (``rank <= stored <= max_rank``)."""
+        return self.lora_A.shape[0]
+
+    def stored_rank(self, rank: int) -> int:
+        """What the parameters hold at active rank ``rank``: the rank itself, or the capacity (module doc)."""
+        return self.max_rank if self.keeps_capacity else rank
+
+    @torch.no_grad()
+    def store(self, count: int) -> None:
+        """Make every rank-indexed parameter (and its gradient) hold ``count`` components: the leading ones kept,
+        new ones zero. The parameters stay the same objects; their optimizer state follows with
+        :func:`~dynlora.optim_state.fit_state`."""
+        for _, param, axis, _ in self.rank_parameters():
+            if param.shape[axis] != count:
+                data, grad = resized(param.data, axis, count), param.grad
+                param.grad = None
+                # Autograd caches a parameter's gradient accumulator with its shape while any graph holds it (a
+                # loss the training loop kept); new data of another shape alone does not renew it, of another
+                # dtype does.
+                param.data = data.new_empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32)
+                param.data = data
+                if grad is not None:
+                    param.grad = resized(grad, axis, count)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # A state dict holds the factors as stored when it was written (the active rank, or the whole capacity):
+        # take that storage, so that the rank can then be restored from the engine's state.
+        incoming = state_dict.get(prefix + "lora_A")
+        if torch.is_tensor(incoming) and incoming.dim() == 2 and incoming.shape[0] <= self.max_rank:
+            self.store(incoming.shape[0])
+            self.rank = min(self.rank, incoming.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def set_rank(self, rank: int, generator: torch.Generator | None = None, *, init_new: bool = True) -> None:
         """Change the active rank in place.
@@ -96,13 +150,15 @@ class LowRankUpdate(nn.Module):
         Growing re-initialises the new rows of A (Kaiming-uniform, drawn from ``generator`` when given) and zeroes
         the new columns of B, so the update does not change at the moment of growth. Shrinking drops the
         trailing components; put the least important ones last first (see the allocator). ``init_new=False``
-        only moves the boundary: for restoring a rank whose rows were loaded from a full-capacity state dict.
+        only moves the boundary: for restoring a rank whose rows were loaded from a state dict. The optimizer
+        state of the resized parameters must follow (:func:`~dynlora.optim_state.fit_state`).
         """
         if self.merged:
             raise RuntimeError("cannot change the rank of a merged layer: call unmerge() first")
         if not 0 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} is outside [0, max_rank={self.max_rank}]")
         old = self.rank
+        self.store(self.stored_rank(rank))
         if rank > old and init_new:
             with torch.no_grad():
                 bound = 1.0 / math.sqrt(self.in_features)  # what kaiming_uniform_(a=sqrt(5)) gives
@@ -173,7 +229,7 @@ class LowRankUpdate(nn.Module):
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A[:r], B[:, :r]): views of the active part, no copy."""
         r = self.rank
-        if r == self.max_rank:
+        if r == self.stored:
             return self.lora_A, self.lora_B
         return self.lora_A[:r], self.lora_B[:, :r]
 

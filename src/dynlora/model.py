@@ -139,7 +139,7 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         if unknown:
             raise KeyError(f"not an adapted layer: {', '.join(unknown[:5])}")
         for name, rank in ranks.items():
-            self._layers[name].set_rank(rank, generator)
+            self.engine.set_rank(name, rank, generator)
 
     # --- the training state -------------------------------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         return names
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """The training state, not the frozen base model: every adapter tensor at full capacity, the input
+        """The training state, not the frozen base model: every adapter tensor as stored (lowrank.py), the input
         adaptation's statistics and the modules saved whole. It is what a ``transformers.Trainer`` checkpoint holds
         of this model: megabytes instead of the base model's gigabytes, and no tied weights (which safetensors
         refuses). ``model.model.state_dict()`` is the whole base model; :meth:`adapter_state_dict` the adapter at
@@ -209,7 +209,7 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
 
     def load_engine_state_dict(self, state: dict[str, Any], restore_ranks: bool = False) -> None:
         """Restore :meth:`engine_state_dict`; ``restore_ranks``: set each layer's rank from it, for weights restored
-        at full capacity (a whole :meth:`state_dict`, as ``transformers.Trainer`` checkpoints hold)."""
+        from a whole :meth:`state_dict` (as ``transformers.Trainer`` checkpoints hold)."""
         self.engine.load_state_dict(state, restore_ranks=restore_ranks)
 
     @property

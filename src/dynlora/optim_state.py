@@ -1,7 +1,8 @@
 """Keep an optimizer's per-parameter state consistent with a layer whose rank or basis changed.
 
-Parameters never change shape (the layer slices to its active rank), so the optimizer stays bound to the same
-tensors; only the rows of A / columns of B of the changed components need their state fixed:
+The parameters stay the same objects, so the optimizer stays bound to them; when their storage is resized
+(lowrank.py) :func:`fit_state` resizes their per-element state alike (leading components kept, new ones zero), and
+the rows of A / columns of B of the changed components get their state fixed:
 
 - re-basing (A' = T A, B' = B T⁻¹) maps gradients as ∂L/∂A' = T⁻ᵀ ∂L/∂A and ∂L/∂B' = ∂L/∂B Tᵀ. First moments
   (Adam's ``exp_avg``, SGD's ``momentum_buffer``) are linear in the gradient and are mapped exactly. Second moments
@@ -11,14 +12,16 @@ tensors; only the rows of A / columns of B of the changed components need their 
 - grown components get zero first moments and, for second moments, the mean of the layer's active entries: an
   Adam state of zero under a late, already bias-corrected step count would make their first updates ~3-6× larger
   than everyone else's for hundreds of steps.
-Any other per-element state (an optimizer we do not know) is zeroed for the changed components.
+Any other per-element state (an optimizer we do not know) is zeroed for the changed components. State that is not
+per-element (a quantised optimizer's blocks, as bitsandbytes' 8-bit AdamW keeps) cannot follow a resize: the
+parameter's state is then dropped and the optimizer starts it again at its next step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lowrank import LowRankUpdate, components
+from .lowrank import LowRankUpdate, components, resized
 
 LINEAR_KEYS = ("exp_avg", "momentum_buffer")
 SQUARED_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
@@ -30,6 +33,29 @@ def _buffers(optimizer: torch.optim.Optimizer | None, param: torch.Tensor):
         return []
     state = optimizer.state.get(param, {})
     return [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
+
+
+@torch.no_grad()
+def fit_state(optimizer: torch.optim.Optimizer | None, layer: LowRankUpdate) -> None:
+    """Give the state of the layer's rank-indexed parameters their parameters' current shapes (module doc)."""
+    if optimizer is None:
+        return
+    for _, param, axis, _ in layer.rank_parameters():
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        stale = {
+            k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == param.dim() and v.shape != param.shape
+        }
+        if not all(v.is_floating_point() and _others(v, axis) == _others(param, axis) for v in stale.values()):
+            optimizer.state[param] = {}
+            continue
+        for key, value in stale.items():
+            state[key] = resized(value, axis, param.shape[axis])
+
+
+def _others(tensor: torch.Tensor, axis: int) -> list[int]:
+    return [n for i, n in enumerate(tensor.shape) if i != axis]
 
 
 @torch.no_grad()

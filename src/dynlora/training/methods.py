@@ -65,7 +65,7 @@ class DynLoRAAdapted:
         return {"engine": self.model.engine_state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # The checkpoint restored every parameter at full capacity; set the ranks the engine recorded.
+        # The checkpoint restored the factors as stored; set the ranks the engine recorded.
         self.model.load_engine_state_dict(state["engine"], restore_ranks=True)
 
     def make_optimizer(
