@@ -7,6 +7,7 @@ from test_engine import data, engine_config, make, train
 from torch import nn
 
 from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
+from dynlora.input_adaptation import InputNorm
 from dynlora.input_statistics import InputStatistics
 
 
@@ -175,6 +176,23 @@ def test_a_training_state_written_before_statistics_were_folded_in_blocks_loads_
     model.load_state_dict(state)  # strict: every other key must be there
     with pytest.raises(RuntimeError, match="missing"):
         model.load_state_dict({k: v for k, v in state.items() if not k.endswith("mean_sq")})
+
+
+def test_layers_reading_one_input_share_its_statistics_and_a_changed_input_is_measured_again():
+    """q/k/v (and gate/up) read one tensor: its reduction is made once and given to each of them."""
+    first, second, subsampled = InputNorm(4), InputNorm(4), InputNorm(4, max_tokens=2)
+    x = torch.randn(6, 4)
+    first.observe(x)
+    second.observe(x)
+    assert torch.equal(first.pending_sum, second.pending_sum) and second.pending_tokens.value == 6
+    subsampled.observe(x)  # another subsample of the same tensor
+    assert subsampled.pending_tokens.value == 2 and torch.allclose(subsampled.pending_sum, x[::3].square().sum(0))
+    x.mul_(2)  # changed in place: the same object, a new version
+    second.observe(x)
+    assert torch.allclose(second.pending_sum, first.pending_sum * 5)
+    y = torch.randn(6, 4)
+    first.observe(y)
+    assert torch.allclose(first.pending_sum, (x / 2).square().sum(0) + y.square().sum(0))
 
 
 def test_nonfinite_statistics_are_dropped():

@@ -28,6 +28,8 @@ each input, so it cannot be merged into a weight: ``merge_and_unload()`` and ``e
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -72,11 +74,17 @@ class InputNorm(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Accumulate a training batch (a strided subsample of at most ``max_tokens`` tokens)."""
-        flat = x.detach().reshape(-1, x.shape[-1])
-        flat = flat[:: max(1, flat.shape[0] // self.max_tokens)]
-        self.pending_sum += flat.float().square().sum(dim=0)
-        self.pending_tokens.value += flat.shape[0]
+        """Accumulate a training batch (a strided subsample of at most ``max_tokens`` tokens). Layers that read the
+        same input (q/k/v, gate/up) share one reduction: it is computed for the first of them."""
+        seen = _LAST_INPUT
+        if seen.of is None or seen.of() is not x or seen.version != x._version or seen.max_tokens != self.max_tokens:
+            flat = x.reshape(-1, x.shape[-1])  # under no_grad: nothing recorded
+            if flat.shape[0] >= 2 * self.max_tokens:
+                flat = flat[:: flat.shape[0] // self.max_tokens]
+            seen.of, seen.version, seen.max_tokens = weakref.ref(x), x._version, self.max_tokens
+            seen.sum, seen.tokens = flat.float().square().sum(dim=0), flat.shape[0]
+        self.pending_sum += seen.sum
+        self.pending_tokens.value += seen.tokens
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -92,6 +100,21 @@ class _Tally:
 
     def __init__(self) -> None:
         self.value = 0
+
+
+class _LastInput:
+    """The last input observed and its reduction (``sum`` of x² over ``tokens`` tokens), held by a weak reference:
+    the same tensor object, unchanged since (its version), gives the same reduction."""
+
+    __slots__ = ("of", "version", "max_tokens", "sum", "tokens")
+
+    def __init__(self) -> None:
+        self.of: weakref.ref | None = None
+        self.version = self.max_tokens = self.tokens = 0
+        self.sum: torch.Tensor | None = None
+
+
+_LAST_INPUT = _LastInput()
 
 
 def _empty_block_when_absent(module: InputNorm, state_dict: dict, prefix: str, *_args) -> None:

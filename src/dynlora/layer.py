@@ -74,7 +74,7 @@ class DynamicLoRALinear(LowRankUpdate):
         self.base_layer = base_layer
         # Conv1D stores its weight as (in, out) and computes x @ W: the delta must be transposed to merge.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None  # none: no call per forward
         self.input_adaptive = input_adaptive
         if input_adaptive == "mergeable":
             self.input_norm = InputNorm(self.in_features, strength=input_norm_strength).to(weight.device)
@@ -104,7 +104,7 @@ class DynamicLoRALinear(LowRankUpdate):
             if self.training:
                 self.input_norm.observe(x)
             a = a * self.input_norm.scale().to(a.dtype)  # O(r·d) per step, not a pass over x
-        h = F.linear(self.dropout(x).to(a.dtype), a)
+        h = F.linear((x if self.dropout is None else self.dropout(x)).to(a.dtype), a)
         if self.token_gate is not None:
             h = self.token_gate(h)
         if h.dtype == result.dtype:
