@@ -201,14 +201,15 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
         if chosen:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else f"{chosen}-r{rank}"
-    lines, met = [], []
+    lines, met, compared = [], [], False
     for rank in ranks:
         double = 2 * rank
         if ("dynamic", rank) in runs and ("lora", double) in runs:
             x = table.interval(runs[("dynamic", rank)], runs[("lora", double)])
             lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, 4)}")
             met += [rank] if x is not None and x[1] >= 0 else []
-    if lines:
+            compared |= x is not None
+    if compared:
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
         lines.insert(0, f"- Verdict: {where}")
     if not any(table.seeds(r) for r in runs.values()):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from v3_report import Table, units  # noqa: E402
+from v3_report import Table, frontier, units  # noqa: E402
 
 PLAN = {
     "lr_grid": [1e-4, 1e-3],
@@ -71,6 +71,19 @@ def test_seeds_that_disagree_widen_the_interval_beyond_the_examples_own(tmp_path
     narrow = Table("sst2", PLAN, tmp_path / "steady").interval("a", "b")
     wide = Table("sst2", PLAN, tmp_path / "swinging").interval("a", "b")
     assert narrow[0] == wide[0] == pytest.approx(10.0) and wide[2] - wide[1] > narrow[2] - narrow[1]
+
+
+def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path):
+    plan = PLAN | {"frontier": {"ranks": [4], "methods": ["dynamic", "lora"]}}
+    write(tmp_path, "sst2", GRID, {})  # both lrs chosen, no frontier run scored yet
+    lines, _figure = frontier(plan, Table("sst2", plan, tmp_path))
+    assert not any("Verdict" in line for line in lines)
+    small = run("dynamic", 1e-3, 0, 0.8) | {"variant": "dynamic-lr1.0e-03-r4", "rank": 4}
+    runs = [r | {"trainable_parameters": 100 * r["rank"]} for r in [*GRID, small]]
+    scored = {("dynamic-lr1.0e-03-r4", s): answers(80) for s in (0, 1)}
+    write(tmp_path / "b", "sst2", runs, scored | {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)})
+    lines, _figure = frontier(plan, Table("sst2", plan, tmp_path / "b"))
+    assert lines[0] == "- Verdict: **met** at rank 4"  # rank 4 at +10 points over rank 8
 
 
 def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
