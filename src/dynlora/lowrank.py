@@ -55,7 +55,8 @@ def resized(tensor: torch.Tensor, axis: int, count: int) -> torch.Tensor:
 
 
 class LowRankUpdate(nn.Module):
-    """The factors A ``[max_rank, in]`` and B ``[out, max_rank]`` of one update, at a changeable active rank.
+    """The factors A ``[r, in]`` and B ``[out, r]`` of one update, at a changeable active rank ``r`` of at most
+    ``max_rank`` (stored at ``max_rank`` under torch.distributed: module doc).
 
     Args:
         in_features, out_features: the updated weight is ``out × in``.
@@ -130,7 +131,7 @@ class LowRankUpdate(nn.Module):
                 # Autograd caches a parameter's gradient accumulator with its shape while any graph holds it (a
                 # loss the training loop kept); new data of another shape alone does not renew it, of another
                 # dtype does.
-                param.data = data.new_empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32)
+                param.data = data.new_empty(0, dtype=torch.float16 if data.dtype != torch.float16 else torch.float32)
                 param.data = data
                 if grad is not None:
                     param.grad = resized(grad, axis, count)
