@@ -37,9 +37,12 @@ def v1_run(method: str, tmp_path: Path, model_dir: str) -> Path:
 
 
 def settings(method: str, run: Path, model_dir: str, **changes) -> TrainSettings:
-    """The settings the fixture's run was written with (its config.json), as this dynlora reads them."""
+    """The settings the fixture's run was written with (its config.json), as this dynlora reads them; for AdaLoRA,
+    the schedule it really ran (it read none of the schedule settings then)."""
     data = run.parent / "data"
     adapter = {"rank": 2, "target_modules": ["query", "value"], "warmup": 2, "interval": 1, "final": 5}
+    if method == "peft-adalora":
+        adapter.update(warmup=0.1, interval=0.05, final=0.8)
     adapter["train_untrained_pooler"] = False  # what resumed_settings reads into a config.json written before it
     if method == "dynamic":  # dynlora 0.1's defaults: the gradient start (recorded), a fold every step (not)
         adapter.update(init="gradient", input_norm_every=1)
@@ -130,6 +133,9 @@ EVERY_STEP = {"input_norm_every": 1}  # format 1 folded input statistics in afte
             None,
         ),
         ("peft-lora", {"temperature": 3.0}, {}, None),  # PEFT never used the engine's settings
+        # AdaLoRA pruned on fixed fractions until it read the schedule settings (format 8), whatever they said
+        ("peft-adalora", {"warmup": 2}, {}, None),
+        ("peft-adalora", {"warmup": 2}, {"warmup": 2}, r"adapter\.warmup was 0\.1, now 2"),
     ],
 )
 def test_settings_a_format_1_checkpoint_did_not_record_resume_at_what_the_library_did_then(

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from dynlora import DynamicLoRAConfig
 from dynlora.training.methods import METHODS, get_method
+from dynlora.training.peft_baselines import adalora_schedule
 
 CONFIG = DynamicLoRAConfig(rank=2, target_modules=["query", "value"])
 
@@ -24,6 +25,21 @@ def test_adalora_layer_pruned_to_rank_zero_saves_without_a_sharding_warning(tmp_
         adapted.save(tmp_path)
     shapes = [t.shape for t in load_file(tmp_path / "adapter_model.safetensors").values()]
     assert any(0 in s for s in shapes)  # the layer really was saved at rank 0
+
+
+def test_adalora_prunes_on_the_runs_schedule_settings():
+    config = DynamicLoRAConfig(rank=2, target_modules=["query", "value"], warmup=0.2, interval=3, final=0.5)
+    peft_config = get_method("peft-adalora").wrap(tiny_bert(), config, 100).model.peft_config["default"]
+    assert (peft_config.tinit, peft_config.deltaT, peft_config.tfinal, peft_config.total_step) == (20, 3, 50, 100)
+    steps = DynamicLoRAConfig(warmup=10, interval=5, final=90)
+    assert adalora_schedule(steps, 100) == {"tinit": 10, "tfinal": 10, "deltaT": 5}
+
+
+def test_adalora_on_the_default_schedule_prunes_where_it_always_did():
+    """Before it read the settings, AdaLoRA ran on int(0.1 T), int(0.2 T) and int(0.05 T) (at least 1) steps."""
+    for total in range(1, 3001):
+        old = {"tinit": int(0.1 * total), "tfinal": int(0.2 * total), "deltaT": max(1, int(0.05 * total))}
+        assert adalora_schedule(DynamicLoRAConfig(), total) == old, total
 
 
 @pytest.mark.parametrize("method", ["lora", "peft-lora"])

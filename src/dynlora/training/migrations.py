@@ -17,6 +17,8 @@ every step.
 Format 6: ``loraplus_lr_ratio`` recorded; every earlier run left it to the method (none but peft-loraplus's 16).
 Format 7: ``lr_schedule`` and ``adapter.train_untrained_pooler`` recorded; every earlier run decayed its lr
 linearly and left an untrained pooler frozen.
+Format 8: ``peft-adalora`` records the schedule settings it now reads (``warmup``, ``interval``, ``final``); every
+earlier AdaLoRA run pruned on fixed fractions of the run, 0.1, 0.05 and 0.8, whatever they were set to.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 7
+CHECKPOINT_VERSION = 8
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -86,6 +88,14 @@ def _v6_to_v7(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": identity}, state
 
 
+def _v7_to_v8(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    identity = manifest["identity"]
+    if identity["method"] != "peft-adalora":
+        return manifest, state
+    identity = {**identity, "adapter": {**identity["adapter"], "warmup": 0.1, "interval": 0.05, "final": 0.8}}
+    return {**manifest, "identity": identity}, state
+
+
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
@@ -93,6 +103,7 @@ MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     4: _v4_to_v5,
     5: _v5_to_v6,
     6: _v6_to_v7,
+    7: _v7_to_v8,
 }
 
 

@@ -1,7 +1,8 @@
 """The PEFT baselines, PEFT's own implementations at dynlora's budget, read from the same DynamicLoRAConfig:
 
 - ``peft-lora``: LoRA at ``rank`` (the baseline users have today);
-- ``peft-adalora``: AdaLoRA from ``1.5 × rank`` down to ``rank`` (its final budget equals the others');
+- ``peft-adalora``: AdaLoRA from ``1.5 × rank`` down to ``rank`` (its final budget equals the others'), on the
+  run's schedule (``warmup``, ``interval``, ``final``: :func:`adalora_schedule`);
 - ``peft-rslora``: LoRA with rsLoRA's scale alpha / sqrt(r) (``use_rslora``);
 - ``peft-loraplus``: LoRA trained with LoRA+'s optimizer, B at 16 × the learning rate of A and of the task head
   (adapted.py's ``adamw``);
@@ -31,6 +32,20 @@ LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
 EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
 
 PEFT_SETTINGS = tagged(DynamicLoRAConfig, "every_method")  # what PEFT's methods read of the adapter settings
+SCHEDULE_SETTINGS = ("warmup", "interval", "final")  # what AdaLoRA reads besides
+
+
+def adalora_schedule(config: DynamicLoRAConfig, total_steps: int) -> dict[str, int]:
+    """AdaLoRA's ``tinit``, ``tfinal`` and ``deltaT`` from the run's schedule: it starts pruning after ``warmup``,
+    every ``interval``, and fixes its budget for the steps after ``final``. A fraction of the run is rounded down,
+    as PEFT's own examples do (``int(0.1 * total_step)``); a step count is taken as it is."""
+
+    def steps(value: float | int, fraction: float | None = None) -> int:
+        return value if isinstance(value, int) else int((value if fraction is None else fraction) * total_steps)
+
+    # The steps after `final`: its complement as a fraction, rounded to undo float noise (1 - 0.8 = 0.19999...).
+    tfinal = total_steps - config.final if isinstance(config.final, int) else steps(round(1.0 - config.final, 12))
+    return {"tinit": steps(config.warmup), "tfinal": tfinal, "deltaT": max(1, steps(config.interval))}
 
 
 class PeftAdapted:
@@ -114,7 +129,8 @@ class Peft:
     variant: str  # lora | adalora | rslora | loraplus | eva
 
     def identity(self, config: DynamicLoRAConfig) -> dict[str, Any]:
-        return {k: getattr(config, k) for k in PEFT_SETTINGS}
+        read = PEFT_SETTINGS + (SCHEDULE_SETTINGS if self.variant == "adalora" else ())
+        return {k: getattr(config, k) for k in read}
 
     def wrap(
         self, base: nn.Module, config: DynamicLoRAConfig, total_steps: int, batches: SampleBatches | None = None
@@ -128,14 +144,11 @@ class Peft:
             target_modules=targets, lora_alpha=config.alpha, lora_dropout=config.dropout, modules_to_save=saved or None
         )
         if self.variant == "adalora":
-            # AdaLoRA's own schedule, in the same fractions as ours: warm up 10 %, fix the budget for the last 20 %.
             peft_config = AdaLoraConfig(
                 init_r=max(config.rank + 1, round(1.5 * config.rank)),
                 target_r=config.rank,
                 total_step=total_steps,
-                tinit=int(0.1 * total_steps),
-                tfinal=int(0.2 * total_steps),
-                deltaT=max(1, int(0.05 * total_steps)),
+                **adalora_schedule(config, total_steps),
                 **common,
             )
         elif self.variant == "eva":
