@@ -39,7 +39,8 @@ class ImportanceScorer:
     :meth:`combine`. On the CPU the parts are taken one layer at a time, where stacking layers would cost more
     memory traffic than it saves, and combined for all layers at once; on an accelerator all layers of one shape
     go together, where each of a few small ops per layer would otherwise be a kernel launch. Either way over the
-    whole capacity (a slice costs as much as the arithmetic on these sizes), inactive components masked.
+    stored components (lowrank.py: the active ones, or the whole capacity under torch.distributed, where a slice
+    would cost as much as the arithmetic on these sizes), inactive components masked.
     ``batched`` forces either way."""
 
     name = ""
@@ -84,7 +85,7 @@ class ImportanceScorer:
         return layer.rank > 0 and not (self.needs_grad and (layer.lora_A.grad is None or layer.lora_B.grad is None))
 
     def _raw_per_layer(self, layers: dict[str, LowRankUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each layer's scores over its whole capacity (no slicing: on a CPU each slice costs as much as the
+        """Each layer's scores over its stored components (no slicing: on a CPU each slice costs as much as the
         arithmetic; inactive components are masked), written into the ``[layers, capacity]`` table in one copy."""
         part_a, part_b, ranks = [], [], []
         for name in self.names:
@@ -106,8 +107,8 @@ class ImportanceScorer:
         return raw, self._mask(tuple(ranks), raw.device)
 
     def _raw_batched(self, layers: dict[str, LowRankUpdate]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All layers of one (A, B) shape in one computation at full capacity; a layer without gradients is left
-        out of its group this step."""
+        """All layers of one (A, B) shape in one computation over their stored components; a layer without
+        gradients is left out of its group this step."""
         device = self.mean.device
         raw = torch.zeros_like(self.mean)
         groups: dict[tuple, list[str]] = {}
