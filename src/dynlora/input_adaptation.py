@@ -75,16 +75,22 @@ class InputNorm(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Accumulate a training batch (a strided subsample of at most ``max_tokens`` tokens). Layers that read the
-        same input (q/k/v, gate/up) share one reduction: it is computed for the first of them."""
-        seen = _LAST_INPUT
-        if seen.of is None or seen.of() is not x or seen.version != x._version or seen.max_tokens != self.max_tokens:
-            flat = x.reshape(-1, x.shape[-1])  # under no_grad: nothing recorded
-            if flat.shape[0] >= 2 * self.max_tokens:
-                flat = flat[:: flat.shape[0] // self.max_tokens]
-            seen.of, seen.version, seen.max_tokens = weakref.ref(x), x._version, self.max_tokens
-            seen.sum, seen.tokens = flat.float().square().sum(dim=0), flat.shape[0]
-        self.pending_sum += seen.sum
-        self.pending_tokens.value += seen.tokens
+        same input (q/k/v, gate/up) share one reduction, computed for the first of them; under torch.compile each
+        layer computes its own, since the check that an input is the same tensor would break the graph."""
+        if torch.compiler.is_compiling():
+            total, tokens = _square_sum(x, self.max_tokens)
+        else:
+            seen = _LAST_INPUT
+            if (
+                seen.of is None
+                or seen.of() is not x
+                or (seen.version, seen.max_tokens) != (x._version, self.max_tokens)
+            ):
+                seen.of, seen.version, seen.max_tokens = weakref.ref(x), x._version, self.max_tokens
+                seen.sum, seen.tokens = _square_sum(x, self.max_tokens)
+            total, tokens = seen.sum, seen.tokens
+        self.pending_sum += total
+        self.pending_tokens.value += tokens
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -100,6 +106,14 @@ class _Tally:
 
     def __init__(self) -> None:
         self.value = 0
+
+
+def _square_sum(x: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """Σ x² per feature over a strided subsample of at most ``max_tokens`` of x's tokens, and the tokens taken."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] >= 2 * max_tokens:
+        flat = flat[:: flat.shape[0] // max_tokens]
+    return flat.float().square().sum(dim=0), flat.shape[0]
 
 
 class _LastInput:
