@@ -207,12 +207,7 @@ def test_a_checkpoint_written_at_the_whole_capacity_resumes_exactly_in_the_compa
     opt2.load_state_dict(saved["optimizer"])
     resumed.load_engine_state_dict(saved["engine"], restore_ranks=True)
     assert all(m.lora_A.shape[0] == m.rank for m in resumed.lora_layers().values())
-    resumed.train()
-    for step in range(9, 21):
-        resumed(**data(step)).loss.backward()
-        opt2.step()
-        resumed.update_and_allocate(step)
-        opt2.zero_grad()
+    train(resumed, opt2, 9, 20, 20)
 
     assert [e["ranks"] for e in resumed.allocation_events()] == [e["ranks"] for e in straight.allocation_events()]
     a, b = straight.adapter_state_dict(), resumed.adapter_state_dict()
@@ -271,12 +266,7 @@ def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path, monke
     opt2.load_state_dict(saved["optimizer"])
     resumed.bind_optimizer(opt2, 20)
     resumed.engine.load_state_dict(saved["allocator"])
-    resumed.train()
-    for step in range(9, 21):
-        resumed(**data(step)).loss.backward()
-        opt2.step()
-        resumed.update_and_allocate(step)
-        opt2.zero_grad()
+    train(resumed, opt2, 9, 20, 20)
 
     assert [(e["step"], e["ranks"]) for e in resumed.allocation_events()] == [
         (e["step"], e["ranks"]) for e in straight.allocation_events()
