@@ -5,7 +5,8 @@
 On a machine without CUDA it prints one line and exits 0 (``--device cpu`` runs the same code on the CPU as a
 smoke test, and writes nothing). For each setup of step_time.py (MiniLM-L6 q/v, SmolLM2-135M with its 210
 projections) and each method (the frozen limit, dynlora static LoRA, Dynamic LoRA, PEFT LoRA, PEFT AdaLoRA),
-one at a time on the device: ``--steps`` training steps after a warm-up, then
+one at a time on the device (step_time.py's rows: static LoRA also at Dynamic LoRA's capacity, Dynamic LoRA with the
+input adaptation off and on): ``--steps`` training steps after a warm-up, then
 
 - step time, as a ratio to the frozen limit (device-synchronised wall time over the steps);
 - peak device memory (``torch.cuda.max_memory_allocated``) of that method alone;
@@ -37,7 +38,6 @@ from step_time import SETUPS, make_step
 from dynlora.diagnostics import HostReads
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["frozen limit", "dynlora LoRA r=8", "Dynamic LoRA, gate on", "PEFT LoRA r=8", "PEFT AdaLoRA 12->8"]
 SYNC_STEPS = 20
 BATCH = {"minilm": (32, 128), "smollm2": (8, 256)}
 
@@ -95,13 +95,13 @@ def main() -> None:
         setup = dataclasses.replace(SETUPS[name], device=args.device)
         batch = setup.batch(*BATCH[name])
         configs = setup.train_configs()
-        results[name] = {m: measure(configs[m], batch, args.steps, dtype, device) for m in METHODS}
+        results[name] = {m: measure(build, batch, args.steps, dtype, device) for m, build in configs.items()}
         limit = results[name]["frozen limit"]["step_s"]
         lines.append(f"{setup.title}; batch {BATCH[name][0]}x{BATCH[name][1]}, {args.precision}, {device}")
-        lines.append(f"  {'method':<24} {'step / frozen':>14} {'peak MiB':>10} {'host reads/step':>16}")
+        lines.append(f"  {'method':<30} {'step / frozen':>14} {'peak MiB':>10} {'host reads/step':>16}")
         for method, r in results[name].items():
             lines.append(
-                f"  {method:<24} {r['step_s'] / limit:>13.3f}x {r['peak_mib']:>10.0f} {r['host_reads_per_step']:>16.1f}"
+                f"  {method:<30} {r['step_s'] / limit:>13.3f}x {r['peak_mib']:>10.0f} {r['host_reads_per_step']:>16.1f}"
             )
     print("\n".join(lines))
     if device.type != "cuda":
