@@ -23,8 +23,9 @@ def setting(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with its help text (PEFT's ``field(metadata={"help": ...})``); ``extra`` goes into the
     metadata too: ``flag="--schedule-warmup"`` where the command-line name differs from the field's, ``choices``
     for a string with a fixed set of values, and tags (:func:`tagged`): ``engine=True`` for a setting only Dynamic
-    LoRA's engine uses, ``every_method=True`` for one every method reads (PEFT's baselines too), ``run_only=True`` for
-    a run setting that does not change what the run computes, ``length=True`` for one that sets how long it trains."""
+    LoRA's engine uses, ``every_method=True`` for one every method reads (PEFT's baselines too), ``schedule=True`` for
+    one of the re-allocation schedule (PEFT's AdaLoRA prunes on it too), ``run_only=True`` for a run setting that
+    does not change what the run computes, ``length=True`` for one that sets how long it trains."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -106,18 +107,21 @@ class DynamicLoRAConfig:
         "first re-allocation: a fraction of the run (float <= 1) or a step count (int)",
         flag="--schedule-warmup",
         engine=True,
+        schedule=True,
     )
     interval: float | int = setting(
         0.05,
         "steps between re-allocations: a fraction of the run or a step count",
         flag="--schedule-interval",
         engine=True,
+        schedule=True,
     )
     final: float | int = setting(
         0.8,
         "last re-allocation, after which ranks are frozen: a fraction of the run or a step count",
         flag="--schedule-final",
         engine=True,
+        schedule=True,
     )
     beta1: float = setting(0.85, "EMA factor of the importance score", engine=True)
     beta2: float = setting(0.85, "EMA factor of the importance score's uncertainty", engine=True)

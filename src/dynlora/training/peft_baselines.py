@@ -32,7 +32,7 @@ LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
 EVA_BATCHES = 32  # training batches EVA may look at (it stops earlier once each layer's directions settle)
 
 PEFT_SETTINGS = tagged(DynamicLoRAConfig, "every_method")  # what PEFT's methods read of the adapter settings
-SCHEDULE_SETTINGS = ("warmup", "interval", "final")  # what AdaLoRA reads besides
+SCHEDULE_SETTINGS = tagged(DynamicLoRAConfig, "schedule")  # what AdaLoRA reads besides
 
 
 def adalora_schedule(config: DynamicLoRAConfig, total_steps: int) -> dict[str, int]:
@@ -40,12 +40,12 @@ def adalora_schedule(config: DynamicLoRAConfig, total_steps: int) -> dict[str, i
     every ``interval``, and fixes its budget for the steps after ``final``. A fraction of the run is rounded down,
     as PEFT's own examples do (``int(0.1 * total_step)``); a step count is taken as it is."""
 
-    def steps(value: float | int, fraction: float | None = None) -> int:
-        return value if isinstance(value, int) else int((value if fraction is None else fraction) * total_steps)
+    def steps(value: float | int) -> int:
+        return value if isinstance(value, int) else int(value * total_steps)
 
-    # The steps after `final`: its complement as a fraction, rounded to undo float noise (1 - 0.8 = 0.19999...).
-    tfinal = total_steps - config.final if isinstance(config.final, int) else steps(round(1.0 - config.final, 12))
-    return {"tinit": steps(config.warmup), "tfinal": tfinal, "deltaT": max(1, steps(config.interval))}
+    # The steps after `final`; as a fraction, its complement rounded to undo float noise (1 - 0.8 = 0.19999...).
+    after_final = total_steps - config.final if isinstance(config.final, int) else steps(round(1.0 - config.final, 12))
+    return {"tinit": steps(config.warmup), "tfinal": after_final, "deltaT": max(1, steps(config.interval))}
 
 
 class PeftAdapted:
