@@ -1,6 +1,7 @@
 """The `dynlora` command end to end, as a user runs it: train -> eval -> export -> merge; errors; torchrun."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,9 +41,10 @@ def quick(model, out, *extra):
 
 def test_train_eval_export_merge(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    done = dynlora(*quick(tiny_model_dir, run))
+    done = dynlora(*quick(tiny_model_dir, run, "--start-ratio", 1.5))  # over-parameterised, pruned to the budget
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dev metrics after 6 steps" in done.stdout and "final ranks" in done.stdout
+    assert re.search(r"trainable parameters: [\d,]+, pruned from [\d,]+", done.stdout)
     accuracy = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
 
     done = dynlora(

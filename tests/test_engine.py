@@ -104,6 +104,36 @@ def test_max_rank_change_moves_every_layer_at_most_that_far_per_reallocation():
     assert max(abs(r - 4) for r in unbounded.rank_pattern().values()) > 1
 
 
+def test_an_over_parameterised_start_is_pruned_to_the_budget_along_a_cubic_schedule():
+    model, opt = make(engine_config(start_ratio=1.5))
+    engine, schedule_costs = model.engine, []
+    assert set(model.rank_pattern().values()) == {6}  # round(1.5 x 4), within the capacity of 8
+    assert engine.start_budget == engine.total_cost() == 6 * engine.budget // 4
+    assert {m.scaling for m in model.lora_layers().values()} == {8 / 4}  # the scale is the budget's rank's
+
+    def check(m, step):
+        if m.engine.schedule.is_reallocation(step):
+            planned = m.engine.allocator.budget_at(m.engine.schedule.progress(step))
+            assert m.engine.total_cost() <= planned
+            schedule_costs.append((step, planned, m.engine.total_cost()))
+
+    train(model, opt, 1, 20, 20, check)
+    planned = [p for _, p, _ in schedule_costs]
+    assert [s for s, _, _ in schedule_costs] == [4, 7, 10, 13, 16]
+    # P(t) = P + (P0 - P)(1 - p)^3 with p = 0, 1/4, ..., 1: it starts at P0 and meets the budget at final.
+    p0, p = engine.start_budget, engine.budget
+    assert planned == [p + int((p0 - p) * (1 - k / 4) ** 3) for k in range(5)]
+    assert planned[0] == p0 and planned[-1] == p and engine.total_cost() <= p
+    assert all(later <= earlier for earlier, later in zip(planned, planned[1:], strict=False))
+
+
+def test_a_step_limit_too_tight_to_prune_in_time_is_held_and_said(recwarn):
+    model, opt = make(engine_config(start_ratio=2.0, max_rank_change=1, final=7))
+    train(model, opt, 1, 20, 20)
+    assert min(model.rank_pattern().values()) >= 8 - 2 and model.engine.total_cost() > model.engine.budget
+    assert any("max_rank_change=1 shrinks layers too slowly" in str(w.message) for w in recwarn)
+
+
 def test_unknown_scorer_and_impossible_budget_are_clear_errors():
     with pytest.raises(ValueError, match="unknown importance scorer"):
         make(engine_config(importance="magic"))
@@ -111,6 +141,11 @@ def test_unknown_scorer_and_impossible_budget_are_clear_errors():
         make(engine_config(budget=100, min_rank=1))
     with pytest.raises(RuntimeError, match="bind the optimizer"):
         make()[0].update_and_allocate(1)
+    with pytest.raises(ValueError, match="start_ratio must be a number >= 1"):
+        engine_config(start_ratio=0.5)
+    with pytest.raises(ValueError, match="above their capacity 8; raise max_rank or lower start_ratio"):
+        engine_config(start_ratio=2.5)
+    engine_config(start_ratio=2.5, reallocate=False)  # an engine setting: static LoRA ignores it
 
 
 def test_growth_leaves_outputs_unchanged_and_shrink_changes_little():
@@ -247,14 +282,20 @@ def test_same_seed_same_decisions_and_weights():
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
-@pytest.mark.parametrize("written_at_capacity", [False, True], ids=["compact", "optimizer-state-at-capacity"])
-def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path, monkeypatch, written_at_capacity):
-    straight, opt = make()
+@pytest.mark.parametrize(
+    "written_at_capacity, start_ratio",
+    [(False, 1.0), (True, 1.0), (False, 1.5)],
+    ids=["compact", "optimizer-state-at-capacity", "over-parameterised"],
+)
+def test_resume_makes_the_same_decisions_as_an_uninterrupted_run(
+    tmp_path, monkeypatch, written_at_capacity, start_ratio
+):
+    straight, opt = make(engine_config(start_ratio=start_ratio))
     train(straight, opt, 1, 20, 20)
 
     if written_at_capacity:  # as under torch.distributed, or by a dynlora that stored the whole capacity
         monkeypatch.setenv("WORLD_SIZE", "2")
-    first, opt1 = make()
+    first, opt1 = make(engine_config(start_ratio=start_ratio))
     train(first, opt1, 1, 8, 20)  # past two re-allocations
     first.save_pretrained(tmp_path)
     torch.save({"optimizer": opt1.state_dict(), "allocator": first.engine.state_dict()}, tmp_path / "state.pt")
@@ -284,6 +325,18 @@ def test_allocator_state_mismatch_is_an_error():
     fresh, _ = make()
     with pytest.raises(ValueError, match="current ranks"):
         fresh.engine.load_state_dict(state)
+    over, _ = make(engine_config(start_ratio=1.5))
+    with pytest.raises(ValueError, match="start_budget"):
+        over.engine.load_state_dict({**over.engine.state_dict(), "start_budget": state["budget"]})
+
+
+def test_engine_state_from_before_the_over_parameterised_start_loads_as_starting_at_the_budget():
+    model, opt = make()
+    train(model, opt, 1, 8, 20)
+    state = model.engine.state_dict()
+    older = {k: v for k, v in state.items() if k != "start_budget"} | {"format_version": 2}
+    model.engine.load_state_dict(older)
+    assert model.engine.state_dict()["start_budget"] == state["budget"] == model.engine.start_budget
 
 
 def test_missing_and_nonfinite_gradients_are_skipped():

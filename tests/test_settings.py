@@ -23,10 +23,14 @@ def _options(kind) -> tuple:
 
 # Settings that need another one to make sense.
 COMPANIONS = {"dev_file": {"train_file": "train.csv"}}
+# Settings whose default is the lowest value they accept.
+AT_THEIR_LOWEST = {"start_ratio": ("1.5", 1.5)}
 
 
 def sample(setting) -> tuple[str, object]:
     """A value other than the default that the setting's checks accept: (command-line text, typed value)."""
+    if setting.name in AT_THEIR_LOWEST:
+        return AT_THEIR_LOWEST[setting.name]
     options, default = _options(setting.kind), setting.default
     choices = setting.field.metadata.get("choices")
     if choices:

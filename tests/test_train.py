@@ -117,6 +117,21 @@ def test_resume_after_sigint_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
     assert len(log_steps) == len(set(log_steps))  # the resumed run did not log steps twice
 
 
+def test_an_over_parameterised_run_resumed_equals_an_uninterrupted_one_and_reports_its_final_and_peak_size(
+    tiny_model_dir, tmp_path
+):
+    adapter = {"rank": 4, "warmup": 0.25, "interval": 0.25, "final": 0.75, "start_ratio": 1.5}
+    straight = train(config(tiny_model_dir, tmp_path / "a", adapter=adapter))
+    resumed = _interrupted_then_resumed(tiny_model_dir, tmp_path / "b", at_step=6, adapter=adapter)
+    assert resumed["metrics"] == straight["metrics"] and resumed["ranks"] == straight["ranks"]
+    layers = len(straight["ranks"])  # query and value of every block: one cost per rank
+    assert sum(straight["ranks"].values()) <= 4 * layers  # pruned to the budget by the last re-allocation
+    for result in (straight, resumed):
+        pruned = 6 * layers - sum(result["ranks"].values())  # every layer started at round(1.5 x 4) = 6
+        # a rank of a 32-wide tiny model's projection is 32 + 32 parameters
+        assert result["peak_trainable_parameters"] - result["trainable_parameters"] == pruned * 2 * 32 > 0
+
+
 def test_adalora_resumed_after_its_budget_is_fixed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     # 12 steps: AdaLoRA fixes its budget at step 10 and masks with it after; stop at 11, past that point.
     straight = train(config(tiny_model_dir, tmp_path / "a", method="peft-adalora"))

@@ -14,6 +14,12 @@ A layer's score is a sum over its components, so r_l ∝ score_l settles where e
 the same. A rank of a wide layer costs more parameters (in + out) than one of a narrow layer, though, so under a
 parameter budget the optimum is equal importance per *parameter*: ``share="parameter"`` allocates with
 w_l from score_l / (in_l + out_l) instead. engine.py carries the decision out.
+
+Layers may start above the budget (``start_ratio`` > 1: over-parameterise, then prune, as AdaLoRA's init_r →
+target_r). The budget of a re-allocation then falls from the starting cost P₀ to the budget P along AdaLoRA's
+cubic schedule, P(t) = P + (P₀ − P)·(1 − p)³ with p the fraction of the schedule done (0 at warmup, 1 at final):
+it prunes fastest while the scores are young and the components least trained, and meets P at the last
+re-allocation.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ class Schedule:
         upcoming = self.warmup + -(-ahead // self.interval) * self.interval
         return upcoming if upcoming <= self.final else None
 
+    def progress(self, step: int) -> float:
+        """Fraction of the schedule done at ``step``: 0 up to warmup, 1 from final."""
+        if self.final == self.warmup:
+            return 1.0 if step >= self.final else 0.0
+        return min(1.0, max(0.0, (step - self.warmup) / (self.final - self.warmup)))
+
     def is_scored(self, step: int) -> bool:
         """Whether importance is scored after ``step``: it is one of the ``window`` steps up to a re-allocation."""
         upcoming = self.next_reallocation(step)
@@ -130,8 +142,10 @@ def allocate(
 class RankAllocator:
     """The budget and the decision: which rank each layer gets for given importance scores.
 
-    Costs are adapter parameters per rank of a layer (in + out); the budget defaults to what the initial ranks
-    use. It only decides; engine.py moves the layers, their optimizer state and their scores."""
+    Costs are adapter parameters per rank of a layer (in + out); the budget defaults to what the layers' initial
+    ranks (the ranks they were built with, which set their scale) use; layers that start above it are pruned to it
+    on the schedule (:meth:`budget_at`). It only decides; engine.py moves the layers, their optimizer state and
+    their scores."""
 
     def __init__(self, layers: dict[str, LowRankUpdate], config: DynamicLoRAConfig) -> None:
         self.layers = layers
@@ -140,30 +154,35 @@ class RankAllocator:
         self.max_rank_change = config.max_rank_change
         self.costs = {n: m.in_features + m.out_features for n, m in layers.items()}
         self.min_ranks = {n: min(config.min_rank, m.max_rank) for n, m in layers.items()}
-        initial = self.total_cost()
+        initial = sum(self.costs[n] * m.initial_rank for n, m in layers.items())
         self.budget = config.budget if config.budget is not None else initial
+        self.start_budget = max(self.budget, self.total_cost())  # P₀: what the layers start with (module doc)
         floor = sum(self.costs[n] * self.min_ranks[n] for n in layers)
         if self.budget < floor:
             raise ValueError(
                 f"budget of {self.budget} adapter parameters is below what min_rank={config.min_rank} on all "
                 f"{len(layers)} layers needs ({floor}); raise budget or lower min_rank"
             )
-        if initial > self.budget:
-            raise ValueError(
-                f"the initial ranks use {initial} adapter parameters, more than the budget of {self.budget}; "
-                "lower rank or raise budget"
-            )
 
-    def decide(self, scores: dict[str, float]) -> dict[str, int]:
-        """Target rank of every layer for these scores (see :func:`allocate`), within :meth:`bounds`."""
+    def budget_at(self, progress: float) -> int:
+        """The budget of a re-allocation ``progress`` of the way through the schedule: P₀ falling to the budget
+        along a cubic (module doc); the budget itself when the layers did not start above it."""
+        return self.budget + int((self.start_budget - self.budget) * (1.0 - progress) ** 3)
+
+    def decide(self, scores: dict[str, float], budget: int | None = None) -> dict[str, int]:
+        """Target rank of every layer for these scores (see :func:`allocate`), within :meth:`bounds`, spending
+        ``budget`` (default: the budget). A step limit (``max_rank_change``) can hold the cost above ``budget``:
+        then each layer shrinks by the limit, and the schedule's later re-allocations prune the rest."""
         names = list(self.layers)
         lows, highs = self.bounds()
+        budget = self.budget if budget is None else budget
+        budget = max(budget, sum(self.costs[n] * lows[n] for n in names))
         # Per parameter: a rank of layer l costs c_l, so r_l ∝ score_l / c_l makes the importance per parameter
         # equal across layers at the fixed point (the KKT condition of max Σ f_l(r_l) s.t. Σ c_l r_l = budget).
         targets = allocate(
             [scores[n] / self.costs[n] if self.per_parameter else scores[n] for n in names],
             [self.costs[n] for n in names],
-            self.budget,
+            budget,
             [lows[n] for n in names],
             [highs[n] for n in names],
             self.temperature,
@@ -184,5 +203,5 @@ class RankAllocator:
         return lows, highs
 
     def total_cost(self) -> int:
-        """Adapter parameters the current ranks use (never above the budget after a re-allocation)."""
+        """Adapter parameters the current ranks use (never above the budget after the last re-allocation)."""
         return sum(self.costs[n] * m.rank for n, m in self.layers.items())

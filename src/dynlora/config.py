@@ -85,7 +85,15 @@ class DynamicLoRAConfig:
     )
     budget: int | None = setting(
         None,
-        "adapter parameters the allocation may use (default: what the initial ranks use, i.e. static LoRA's)",
+        "adapter parameters the allocation may use (default: what rank on every layer uses, i.e. static LoRA's); "
+        "layers that start above it are pruned toward it along a cubic schedule that meets it at final",
+        engine=True,
+    )
+    start_ratio: float = setting(
+        1.0,
+        "over-parameterised start: every layer begins at round(start_ratio x its rank) components (at most its "
+        "capacity) and re-allocations prune them to the budget, as AdaLoRA's init_r 12 -> target_r 8 (1.5); the "
+        "scale stays alpha / rank, and the trainable parameters reported are the final ones (the peak too)",
         engine=True,
     )
     min_rank: int = setting(
@@ -187,6 +195,15 @@ class DynamicLoRAConfig:
             f"max_rank_change must be a whole number >= 1 (or None), got {self.max_rank_change!r}",
         )
         _check(self.budget is None or self.budget >= 0, f"budget must be >= 0 parameters, got {self.budget}")
+        _check(
+            _number(self.start_ratio) and self.start_ratio >= 1.0,
+            f"start_ratio must be a number >= 1 (1: start at the budget), got {self.start_ratio!r}",
+        )
+        _check(
+            not self.reallocate or round(self.start_ratio * self.rank) <= self.capacity,
+            f"start_ratio {self.start_ratio} starts layers at rank {round(self.start_ratio * self.rank)}, above "
+            f"their capacity {self.capacity}; raise max_rank or lower start_ratio",
+        )
         for name in ("beta1", "beta2"):
             _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("warmup", "interval", "final"):

@@ -52,11 +52,14 @@ class Engine:
     def __init__(self, layers: dict[str, LowRankUpdate], config: DynamicLoRAConfig) -> None:
         self.layers = layers
         self.config = config
+        self.generator = torch.Generator().manual_seed(config.seed)
+        if config.reallocate and config.start_ratio > 1:  # over-parameterised start: the allocator prunes to budget
+            for layer in layers.values():
+                layer.set_rank(min(layer.max_rank, round(config.start_ratio * layer.rank)), self.generator)
         self.allocator = RankAllocator(layers, config) if config.reallocate else None
         self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2) if config.reallocate else None
         self.input_statistics = InputStatistics([m.input_norm for m in layers.values() if m.input_norm is not None])
         self.probes = {n: make_probe(m) for n, m in layers.items()} if config.init == "gradient" else {}
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: Schedule | None = None
         # False until components have started (a step done, or an adapter loaded): never start them twice.
@@ -109,7 +112,15 @@ class Engine:
         if not all(math.isfinite(s) for s in scores.values()):
             warnings.warn(f"step {step}: non-finite importance scores; ranks left unchanged", stacklevel=3)
             return False
-        self.resize(self.allocator.decide(scores), weight_grads)
+        budget = self.allocator.budget_at(self.schedule.progress(step))
+        self.resize(self.allocator.decide(scores, budget), weight_grads)
+        if step == self.schedule.final and self.total_cost() > self.budget:
+            warnings.warn(
+                f"the last re-allocation leaves {self.total_cost()} adapter parameters, above the budget of "
+                f"{self.budget}: max_rank_change={self.config.max_rank_change} shrinks layers too slowly to prune "
+                "from start_ratio's ranks; raise it or lower start_ratio",
+                stacklevel=3,
+            )
         self.events.append({"step": step, "ranks": self.ranks(), "scores": scores})
         return True
 
@@ -167,8 +178,14 @@ class Engine:
 
     @property
     def budget(self) -> int | None:
-        """Adapter parameters the allocation may use (None for a static allocation)."""
+        """Adapter parameters the allocation may use once the schedule is done (None for a static allocation)."""
         return None if self.allocator is None else self.allocator.budget
+
+    @property
+    def start_budget(self) -> int | None:
+        """Adapter parameters the layers started with, when above the budget (over-parameterised), else the budget;
+        None for a static allocation."""
+        return None if self.allocator is None else self.allocator.start_budget
 
     def total_cost(self) -> int:
         """Adapter parameters the current ranks use."""
@@ -198,6 +215,7 @@ class Engine:
             "scorer": self.scorer.state_dict(),
             "ranks": self.ranks(),
             "budget": self.budget,
+            "start_budget": self.start_budget,
             "events": [dict(e) for e in self.events],
             "generator": self.generator.get_state(),
         }
@@ -216,6 +234,8 @@ class Engine:
             return
         if state.get("format_version", 1) == 1:
             state = _state_v1_to_v2(state)
+        if state["format_version"] == 2:
+            state = _state_v2_to_v3(state)
         if set(state["ranks"]) != set(self.layers):
             raise ValueError("engine state is for other layers than this model's adapters")
         if restore_ranks:
@@ -223,15 +243,16 @@ class Engine:
                 self.set_rank(name, int(rank), init_new=False)
         if state["ranks"] != self.ranks():
             raise ValueError("engine state does not match the adapter's current ranks; load the adapter first")
-        if state["budget"] != self.budget:
-            raise ValueError(f"engine state has budget {state['budget']}, this model {self.budget}")
+        for key in ("budget", "start_budget"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"engine state has {key} {state[key]}, this model {getattr(self, key)}")
         self.scorer.load_state_dict(state["scorer"])
         self.events = [dict(e) for e in state["events"]]
         self.generator.set_state(state["generator"])
         self.started = True
 
 
-ENGINE_STATE_VERSION = 2
+ENGINE_STATE_VERSION = 3
 
 
 def _state_v1_to_v2(state: dict) -> dict:
@@ -240,3 +261,8 @@ def _state_v1_to_v2(state: dict) -> dict:
     scorer = {k: v for k, v in state["scorer"].items() if k != "updates"}
     kept = {k: v for k, v in state.items() if k not in ("history", "last_step", "scorer")}
     return {**kept, "format_version": 2, "scorer": scorer, "events": state["history"]}
+
+
+def _state_v2_to_v3(state: dict) -> dict:
+    """Before the over-parameterised start, layers always started within the budget."""
+    return {**state, "format_version": 3, "start_budget": state["budget"]}

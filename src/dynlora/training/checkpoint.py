@@ -171,7 +171,8 @@ def restore_run_state(state: dict[str, Any], optimizer, scheduler) -> dict[str, 
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))
-    return {"best": json.loads(state["best"]), "micro": int(state["micro"]), "skipped": int(state["skipped"])}
+    counters = {"best": json.loads(state["best"])}
+    return {**counters, **{k: int(state[k]) for k in ("micro", "skipped", "peak")}}
 
 
 class RunCheckpoints:

@@ -83,6 +83,7 @@ class TrainingRun:
         self.skipped = 0
         self._reallocated: list[dict[str, Any]] = []  # the re-allocations of the last step, to log
         self.best: dict[str, Any] | None = None
+        self.peak = self.adapted.trainable_parameters()  # an over-parameterised start is pruned while training
         self.already_finished = False
         self.log = RunLog(self.out, enabled=self.writer)
         self.stop = StopFlag()
@@ -115,7 +116,7 @@ class TrainingRun:
     # --- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self) -> None:
-        counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped}
+        counters = {"best": self.best, "micro": self.micro, "skipped": self.skipped, "peak": self.peak}
         self.checkpoints.save(self.step, self.adapted, self.optimizer, self.scheduler, counters)
         barrier(self.world)
 
@@ -130,6 +131,7 @@ class TrainingRun:
         if self.extend:
             follow_schedule_from(self.optimizer, self.scheduler, step)
         self.best, self.micro, self.skipped = counters["best"], counters["micro"], counters["skipped"]
+        self.peak = max(counters["peak"], self.adapted.trainable_parameters())
         self.step = step
         self.log.truncate(step)
 
@@ -218,6 +220,8 @@ class TrainingRun:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **span)
         for event in self._reallocated:
             self.log.write({"step": self.step, "event": "allocation", **event})
+        if self._reallocated:
+            self.peak = max(self.peak, self.adapted.trainable_parameters())
         if self.step % s.log_every == 0 or self.step == self.total_steps:
             elapsed = time.time() - self._started
             self.log.write({"step": self.step, "loss": loss, "lr": lr, "elapsed": elapsed, "ranks": ranks})
@@ -241,6 +245,7 @@ class TrainingRun:
             "steps": self.step,
             "skipped_nonfinite_steps": self.skipped,
             "trainable_parameters": self.adapted.trainable_parameters(),
+            "peak_trainable_parameters": self.peak,
             "metrics": metrics,
             "best": self.best,
             "ranks": self.adapted.ranks(),

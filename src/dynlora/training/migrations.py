@@ -19,6 +19,8 @@ Format 7: ``lr_schedule`` and ``adapter.train_untrained_pooler`` recorded; every
 linearly and left an untrained pooler frozen.
 Format 8: ``peft-adalora`` records the schedule settings it now reads (``warmup``, ``interval``, ``final``); every
 earlier AdaLoRA run pruned on fixed fractions of the run, 0.1, 0.05 and 0.8, whatever they were set to.
+Format 9: Dynamic LoRA records ``start_ratio``, and every run counts the ``peak`` of its trainable parameters;
+every earlier run started at its budget (1.0), and its peak is counted from where it resumes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from ..config import DynamicLoRAConfig
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 8
+CHECKPOINT_VERSION = 9
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -96,6 +98,13 @@ def _v7_to_v8(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": identity}, state
 
 
+def _v8_to_v9(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    identity = manifest["identity"]
+    if identity["method"] == "dynamic":
+        identity = {**identity, "adapter": {**identity["adapter"], "start_ratio": 1.0}}
+    return {**manifest, "identity": identity}, {**state, "peak": 0}
+
+
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
@@ -104,6 +113,7 @@ MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     5: _v5_to_v6,
     6: _v6_to_v7,
     7: _v7_to_v8,
+    8: _v8_to_v9,
 }
 
 

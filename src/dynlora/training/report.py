@@ -126,9 +126,11 @@ def _run_summary(run: Path, records: list[dict], metric: str) -> list[str]:
             + (f"`dynlora train --output-dir {run} --resume` continues it" if (run / "checkpoints").is_dir() else "")
         ]
     result = json.loads(results.read_text())
+    params, peak = result["trainable_parameters"], result.get("peak_trainable_parameters", 0)
+    pruned = f", pruned from {peak:,}" if peak > params else ""
     lines = [
         f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
-        f"{result['steps']} steps, {result['trainable_parameters']:,} trainable parameters"
+        f"{result['steps']} steps, {params:,} trainable parameters{pruned}"
     ]
     lines += [f"- final {split}: {format_metrics(metrics)}" for split, metrics in result["metrics"].items()]
     if result.get("best"):
