@@ -86,6 +86,11 @@ def test_merging_into_quantised_weights_is_refused_before_anything_changes(llama
         assert not any(layer.merged for layer in model.lora_layers().values()) and not model.unloaded
 
 
+def test_a_lora_ga_start_which_would_offset_quantised_weights_is_refused(llama64):
+    with pytest.raises(ValueError, match="a quantised \\(QLoRA\\) base cannot hold exactly; use init='gradient'"):
+        get_dynlora_model(quantized(llama64, 4), DynamicLoRAConfig(rank=2, init="lora-ga"))
+
+
 def test_the_command_trains_on_a_4bit_base_and_merges_on_the_full_precision_one(capsys, tmp_path, llama64):
     from transformers import AutoModelForCausalLM
 

@@ -159,3 +159,12 @@ def test_importing_the_core_loads_nothing_of_the_training_application():
     heavy = [m for m in loaded if m.split(".")[0] in ("matplotlib", "sklearn", "scipy", "peft")]
     assert heavy == []
     assert "transformers.trainer" not in loaded  # the callback (and so Trainer) loads only when asked for
+
+
+def test_a_lora_ga_start_with_a_base_it_cannot_offset_is_refused_before_the_run():
+    from dynlora.training.settings import TrainSettings
+
+    for base, message in [({"fsdp": True}, "which --fsdp shards"), ({"load_in_4bit": True}, "--init gradient")]:
+        with pytest.raises(ValueError, match=message):
+            TrainSettings(adapter={"init": "lora-ga"}, **base)
+    TrainSettings(method="lora", fsdp=True, adapter={"init": "lora-ga"})  # static LoRA starts as LoRA

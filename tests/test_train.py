@@ -132,6 +132,13 @@ def test_an_over_parameterised_run_resumed_equals_an_uninterrupted_one_and_repor
         assert result["peak_trainable_parameters"] - result["trainable_parameters"] == pruned * 2 * 32 > 0
 
 
+def test_a_lora_ga_run_resumed_on_a_fresh_base_equals_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    adapter = {"rank": 4, "warmup": 0.25, "interval": 0.25, "final": 0.75, "init": "lora-ga"}
+    straight = train(config(tiny_model_dir, tmp_path / "a", adapter=adapter))
+    resumed = _interrupted_then_resumed(tiny_model_dir, tmp_path / "b", at_step=6, adapter=adapter)
+    assert resumed["metrics"] == straight["metrics"] and resumed["ranks"] == straight["ranks"]
+
+
 def test_adalora_resumed_after_its_budget_is_fixed_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     # 12 steps: AdaLoRA fixes its budget at step 10 and masks with it after; stop at 11, past that point.
     straight = train(config(tiny_model_dir, tmp_path / "a", method="peft-adalora"))

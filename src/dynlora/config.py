@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALL_LINEAR = "all-linear"  # target_modules: every linear layer (PEFT's name)
-INITS = ("lora", "gradient")
+INITS = ("lora", "gradient", "lora-ga")
 IMPORTANCES = ("sensitivity", "gradient", "update_norm")
 SHARES = ("rank", "parameter")
 INPUT_ADAPTATIONS = ("mergeable", "per_example")
@@ -156,7 +156,9 @@ class DynamicLoRAConfig:
     init: str = setting(
         "lora",
         "where components start: lora (A random, as LoRA) | gradient (A along the top directions of the layer's "
-        "loss gradient dL/dW, measured on the first step and on re-allocation steps); B starts at zero either way",
+        "loss gradient dL/dW, measured on the first step and on re-allocation steps; B = 0) | lora-ga (both factors "
+        "from the first step's dL/dW as LoRA-GA sets them, the base weight offset so the output starts unchanged; "
+        "components grown later start as with gradient)",
         choices=INITS,
     )
 
@@ -188,6 +190,11 @@ class DynamicLoRAConfig:
         )
         _check(self.share in SHARES, f"share must be one of {', '.join(map(repr, SHARES))}, got {self.share!r}")
         _check(self.init in INITS, f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
+        _check(
+            not (self.init == "lora-ga" and self.input_adaptive == "per_example"),
+            "init='lora-ga' offsets the base weight by the start's update, which a per-token gate would change from "
+            "token to token; use input_adaptive 'mergeable' or none with it",
+        )
         _check(0 <= self.min_rank <= self.rank, f"min_rank must be in [0, rank={self.rank}], got {self.min_rank}")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(

@@ -1,7 +1,7 @@
 """The Dynamic LoRA engine: what happens after each optimizer step.
 
-    step s:  commit input statistics (folded in every input_norm_every steps) → (init="gradient") read the
-             probes' ∂L/∂W → on step 1, start every layer's components along it → in the steps leading to a
+    step s:  commit input statistics (folded in every input_norm_every steps) → (init="gradient", "lora-ga") read
+             the probes' ∂L/∂W → on step 1, start every layer's components from it → in the steps leading to a
              re-allocation, update importance → on the schedule, re-allocate ranks
 
 One object owns everything that changes ranks or starts components: the bound optimizer (its state follows every
@@ -32,7 +32,7 @@ from .importance import make_scorer
 from .input_statistics import InputStatistics
 from .lowrank import LowRankUpdate
 from .optim_state import clear_state, fit_state, init_grown_state, rebase_state
-from .probe import make_probe, synced_gradients, top_directions
+from .probe import lora_ga_factors, make_probe, synced_gradients, top_directions
 
 
 @torch.no_grad()
@@ -46,6 +46,16 @@ def start_components(optimizer, layer: LowRankUpdate, start: int, stop: int, wei
     init_grown_state(optimizer, layer, start, stop)
 
 
+@torch.no_grad()
+def start_lora_ga(optimizer, layer: LowRankUpdate, weight_grad: torch.Tensor) -> None:
+    """Every component starts as LoRA-GA's (probe.py), the base weight offset by the start's update so the output
+    does not change (layer.py), with fresh optimizer state."""
+    a, b = lora_ga_factors(weight_grad, layer.rank)
+    layer.set_factors(a, b)
+    layer.set_offset(*layer.mergeable_factors())
+    init_grown_state(optimizer, layer, 0, layer.rank)
+
+
 class Engine:
     """Drives the adapters of one model; see the module doc. ``DynamicLoRAModel`` exposes it as ``.engine``."""
 
@@ -57,9 +67,17 @@ class Engine:
             for layer in layers.values():
                 layer.set_rank(min(layer.max_rank, round(config.start_ratio * layer.rank)), self.generator)
         self.allocator = RankAllocator(layers, config) if config.reallocate else None
+        if config.init == "lora-ga":
+            for name, layer in layers.items():
+                if not hasattr(layer, "reserve_offset"):
+                    raise ValueError(
+                        f"init='lora-ga' offsets the weights of linear layers, and {name} is an expert of a fused "
+                        "parameter; use init='gradient', or target_modules without the experts"
+                    )
+                layer.reserve_offset(layer.rank)
         self.scorer = make_scorer(config.importance, layers, config.beta1, config.beta2) if config.reallocate else None
         self.input_statistics = InputStatistics([m.input_norm for m in layers.values() if m.input_norm is not None])
-        self.probes = {n: make_probe(m) for n, m in layers.items()} if config.init == "gradient" else {}
+        self.probes = {n: make_probe(m) for n, m in layers.items()} if config.init != "lora" else {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: Schedule | None = None
         # False until components have started (a step done, or an adapter loaded): never start them twice.
@@ -83,7 +101,10 @@ class Engine:
         weight_grads = self._take_weight_gradients()
         if step == 1 and not self.started:
             for name, weight_grad in weight_grads.items():
-                start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, weight_grad)
+                if self.config.init == "lora-ga":
+                    start_lora_ga(self.optimizer, self.layers[name], weight_grad)
+                else:
+                    start_components(self.optimizer, self.layers[name], 0, self.layers[name].rank, weight_grad)
             unmeasured = [n for n in self.probes if n not in weight_grads and self.layers[n].rank > 0]
             if unmeasured:
                 warnings.warn(

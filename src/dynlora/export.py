@@ -4,7 +4,8 @@ Layers have different active ranks, so the export uses PEFT's ``rank_pattern``. 
 ``alpha / r_init`` is folded into its B matrix and every layer gets ``alpha == r`` (PEFT scale 1): a loader that
 honours ``alpha_pattern`` (PEFT) and one that only reads the global ``lora_alpha``/``r`` and takes each layer's
 rank from its tensor shapes (vLLM-style) compute the same output. Layers at rank 0 are left out: PEFT has no
-rank-0 LoRA, and leaving a layer out is exactly its function.
+rank-0 LoRA, and leaving a layer out is exactly its function. A LoRA-GA start's offset of the base weight is part
+of the change to the checkpoint's weight: its factors are appended (layer.py), r₀ more components.
 
 Mixture-of-experts weights go to PEFT's ``target_parameters`` (its ``ParamWrapper``): one rank R for all experts of
 a parameter, A ``[R·E, in]`` with expert e's rows at ``e·R + k``, B ``[out, R·E]`` with its columns at ``k·E + e``.
@@ -44,7 +45,7 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
     from peft import LoraConfig  # imported here: peft is needed only to export
 
     updates = model.lora_layers()
-    layers = {n: m for n, m in updates.items() if m.rank > 0 and not isinstance(m, ExpertUpdate)}
+    layers = {n: m for n, m in updates.items() if exported_rank(m) > 0 and not isinstance(m, ExpertUpdate)}
     parameters = expert_groups(updates)
     if not layers and not parameters:
         raise ValueError("every adapted layer has rank 0: there is no adapter to export")
@@ -52,10 +53,10 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
     for name, layer in layers.items():
         if layer.merged:
             raise RuntimeError(f"layer {name} is merged: call unmerge_adapter() before exporting")
-        a, b = layer.mergeable_factors()  # folds the mergeable input scale into A; refuses a per-example gate
+        a, b = layer.peft_factors()  # folds the mergeable input scale into A; refuses a per-example gate
         # PEFT's lora_A/lora_B are nn.Linear weights, (r, in) and (out, r), for Conv1D targets too.
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (b.detach() * layer.scaling).cpu().contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous()
     expert_rank = max((u.rank for experts in parameters.values() for u in experts), default=0)
     for (module, key), experts in parameters.items():
         if any(u.merged for u in experts):
@@ -69,7 +70,7 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
 
     # Escaped full names, longest first: PEFT matches pattern keys as regex suffixes, first match wins.
     keys = {name: re.escape(name) for name in sorted(layers, key=len, reverse=True)}
-    ranks = {keys[n]: layers[n].rank for n in keys}
+    ranks = {keys[n]: exported_rank(layers[n]) for n in keys}
     # Expert weights take the global r (their rank): PEFT 0.21 warns about pattern keys naming parameters, and a
     # loader that reads only the global r still reads them right.
     top_rank = expert_rank or max(ranks.values())
@@ -97,6 +98,12 @@ def export_peft(model: DynamicLoRAModel, save_directory: str | os.PathLike) -> N
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in peft_config.to_dict().items()}
     text = json.dumps(config, indent=2, sort_keys=True)
     atomic_write(out / PEFT_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def exported_rank(layer: nn.Module) -> int:
+    """Rank of a layer's PEFT factors: its active rank, plus a LoRA-GA start's offset (layer.py)."""
+    offset = getattr(layer, "offset_A", None)
+    return layer.rank + (0 if offset is None else offset.shape[0])
 
 
 def expert_groups(updates: dict[str, nn.Module]) -> dict[tuple[str, str], list[ExpertUpdate]]:

@@ -5,6 +5,12 @@
 The factors, their active rank and everything the engine does to them are :class:`~dynlora.lowrank.LowRankUpdate`'s
 (lowrank.py); this layer applies the update to its inputs, with the optional input adaptation
 (input_adaptation.py), and folds it into the base weight at merge.
+
+A LoRA-GA start (``init="lora-ga"``, probe.py) begins with s·B₀A₀ ≠ 0. So that the output starts unchanged, the base
+weight then holds W − s·B₀A₀: the *offset*, whose factors the layer keeps (``offset_A``, ``offset_B``, saved with the
+adapter) to put it back where the base model's own weight is meant, to apply it again to a freshly loaded base, and
+to export: the change to the checkpoint's weight is s·(B A − B₀A₀), a PEFT LoRA of rank r + r₀ with factors
+[A; A₀] and [s·B, −s·B₀]. With the adapter disabled the layer computes W x = (W − s·B₀A₀) x + s·B₀A₀ x.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ class DynamicLoRALinear(LowRankUpdate):
         if input_adaptive == "per_example":
             self.token_gate = TokenGate(self.stored).to(device=weight.device, dtype=dtype)
         self.disabled = False  # DynamicLoRAModel.disable_adapter(): compute as the base layer
+        # A LoRA-GA start's offset of the base weight (module doc); None buffers are not part of the state dict.
+        self.offset_A: torch.Tensor | None
+        self.offset_B: torch.Tensor | None
+        self.register_buffer("offset_A", None)
+        self.register_buffer("offset_B", None)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -95,6 +106,9 @@ class DynamicLoRALinear(LowRankUpdate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.disabled and self.offset_A is not None:  # the base model's own weight: put the offset back
+            offset = F.linear(F.linear(x.to(self.offset_A.dtype), self.offset_A), self.offset_B) * self.scaling
+            return result + offset.to(result.dtype)
         # At rank 0 a training forward still runs the (empty) adapter path: its parameters stay in the graph with
         # zero gradients, so DDP and multi-process gradient averaging need no "unused parameters" handling.
         if self.merged or self.disabled or (self.rank == 0 and not self.training):
@@ -112,6 +126,51 @@ class DynamicLoRALinear(LowRankUpdate):
             out_2d = torch.addmm(result.reshape(-1, self.out_features), h.flatten(0, -2), b.t(), alpha=self.scaling)
             return out_2d.view_as(result)
         return result + (F.linear(h, b) * self.scaling).to(result.dtype)
+
+    # --- the base weight offset of a LoRA-GA start (module doc) -------------------------------------------------
+
+    def reserve_offset(self, rank: int) -> None:
+        """Make room for the offset of a LoRA-GA start of ``rank`` components (zero, so no offset, until
+        :meth:`set_offset`): buffers, so that checkpoints and saved adapters carry it."""
+        if is_quantized(self.base_layer):
+            raise ValueError(
+                "init='lora-ga' offsets the base weights, which a quantised (QLoRA) base cannot hold exactly; "
+                "use init='gradient' (A along the gradient, B = 0, no offset) or a full-precision base"
+            )
+        like = self.lora_A
+        self.offset_A = torch.zeros(rank, self.in_features, device=like.device, dtype=like.dtype)
+        self.offset_B = torch.zeros(self.out_features, rank, device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def set_offset(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Make the base weight hold W − s·b·a, in place of the offset it held (W itself when none)."""
+        if self.offset_A is None or a.shape != self.offset_A.shape or b.shape != self.offset_B.shape:
+            raise ValueError(f"an offset of shapes {tuple(a.shape)}, {tuple(b.shape)} does not fit this layer")
+        if torch.equal(a.to(self.offset_A), self.offset_A) and torch.equal(b.to(self.offset_B), self.offset_B):
+            return
+        if self.merged:
+            raise RuntimeError("cannot change the base weight offset of a merged layer: call unmerge() first")
+        weight = self.base_layer.weight
+        if type(weight).__name__ == "DTensor":
+            raise RuntimeError("init='lora-ga' cannot offset a base weight sharded by FSDP; use init='gradient'")
+        change = (self.offset_B @ self.offset_A - b.to(self.offset_B) @ a.to(self.offset_A)) * self.scaling
+        weight.copy_((weight.float() + (change.T if self.fan_in_fan_out else change)).to(weight.dtype))
+        self.offset_A.copy_(a)
+        self.offset_B.copy_(b)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # A loaded offset must reach the base weight, not only the buffers (which the default loading then fills).
+        a, b = state_dict.get(prefix + "offset_A"), state_dict.get(prefix + "offset_B")
+        if self.offset_A is not None and torch.is_tensor(a) and torch.is_tensor(b):
+            self.set_offset(a, b)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the change to the checkpoint's weight, s·(B A − B₀A₀) with an offset (module doc)."""
+        a, b = super().peft_factors()
+        if self.offset_A is None:
+            return a, b
+        return torch.cat([a, self.offset_A.to(a)]), torch.cat([b, -self.scaling * self.offset_B.to(b)], dim=1)
 
     def check_mergeable(self) -> None:
         """A clear error when the update cannot be folded into the base weight."""

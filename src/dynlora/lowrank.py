@@ -187,6 +187,17 @@ class LowRankUpdate(nn.Module):
         if self.token_gate is not None:
             self.token_gate.weight[start:stop].zero_()
 
+    @torch.no_grad()
+    def set_factors(self, a_eff: torch.Tensor, b: torch.Tensor) -> None:
+        """Set every active component: effective rows of A (input scale included, as :meth:`effective_rows`) and
+        columns of B."""
+        if a_eff.shape != (self.rank, self.in_features) or b.shape != (self.out_features, self.rank):
+            raise ValueError(f"factors of shapes {tuple(a_eff.shape)}, {tuple(b.shape)} for rank {self.rank}")
+        rows = a_eff.float() / self.input_norm.scale() if self.input_norm is not None else a_eff
+        a, b_now = self.active_factors()
+        a.copy_(rows.to(a))
+        b_now.copy_(b.to(b_now))
+
     def effective_rows(self) -> torch.Tensor:
         """Rows of A as the input sees them (input scale included), active part only."""
         a = self.active_factors()[0]
@@ -254,3 +265,9 @@ class LowRankUpdate(nn.Module):
         """The update ``s · B A_eff``, ``out × in``."""
         a, b = self.mergeable_factors()
         return (b @ a) * self.scaling
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``B A`` the whole change this update makes to the weight as the base model's checkpoint
+        holds it, scale included: what a PEFT adapter stores."""
+        a, b = self.mergeable_factors()
+        return a, b * self.scaling

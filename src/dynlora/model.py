@@ -188,9 +188,9 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         steps leading to a re-allocation and re-allocates ranks when the schedule says so. Returns whether ranks
         were re-allocated.
 
-        With ``init="gradient"`` the first step's loss gradient of each layer's weight sets where its components
-        start (the adapters' own update of that step is replaced), and a re-allocation step's sets where grown
-        components start."""
+        With ``init="gradient"`` or ``"lora-ga"`` the first step's loss gradient of each layer's weight sets where
+        its components start (the adapters' own update of that step is replaced), and a re-allocation step's sets
+        where grown components start."""
         return self.engine.step(step)
 
     def skip_step(self) -> None:

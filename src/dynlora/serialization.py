@@ -2,8 +2,9 @@
 
 The config records the DynamicLoRAConfig, each layer's rank / initial rank / alpha / capacity (and for an expert's
 update, the fused parameter it belongs to: format version 2), the modules saved whole, and the base model's
-identity. Each file is written atomically and the config last, so a directory with a
-config is complete. Reading checks everything and says what is wrong in one line.
+identity. A LoRA-GA start's base weight offsets are saved with the factors (format version 3). Each file is written
+atomically and the config last, so a directory with a config is complete. Reading checks everything and says what
+is wrong in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .targets import LayerSpec, has_module
 
 CONFIG_NAME = "dynlora_config.json"
 WEIGHTS_NAME = "dynlora_model.safetensors"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OFFSET_KEYS = ("offset_A", "offset_B")
 
 
 def adapter_tensors(layers: dict[str, LowRankUpdate], model: nn.Module, saved: list[str]) -> dict:
@@ -46,6 +48,9 @@ def adapter_tensors(layers: dict[str, LowRankUpdate], model: nn.Module, saved: l
                 state[f"{name}.input_norm.{key}"] = value.detach().cpu().clone()
         if layer.token_gate is not None:  # its weight is rank-indexed and saved above
             state[f"{name}.token_gate.bias"] = layer.token_gate.bias.detach().cpu().clone()
+        for key in OFFSET_KEYS:  # a LoRA-GA start's offset of the base weight (layer.py)
+            if getattr(layer, key, None) is not None:
+                state[f"{name}.{key}"] = getattr(layer, key).detach().cpu().contiguous()
     for name in saved:
         for key, value in model.get_submodule(name).state_dict().items():
             state[f"{name}.{key}"] = value.detach().cpu().contiguous()
@@ -70,6 +75,8 @@ def load_adapter_tensors(layers: dict[str, LowRankUpdate], model: nn.Module, sav
             layer.input_norm.load_state_dict(_sub(state, f"{name}.input_norm."))
         if layer.token_gate is not None:
             layer.token_gate.bias.copy_(state[f"{name}.token_gate.bias"])
+        if getattr(layer, "offset_A", None) is not None:
+            layer.set_offset(*(state[f"{name}.{key}"] for key in OFFSET_KEYS))
     for name in saved:
         model.get_submodule(name).load_state_dict(_sub(state, f"{name}."))
 
@@ -88,8 +95,7 @@ def write_adapter(
     hf_config = getattr(model, "config", None)
     meta = {
         "format": "dynlora",
-        # Version 2 adds updates of bare parameters (experts), which version 1 readers cannot place.
-        "format_version": FORMAT_VERSION if any(isinstance(m, ExpertUpdate) for m in layers.values()) else 1,
+        "format_version": format_version(layers),
         "config": config.to_dict(),
         "layers": {n: layer_meta(m) for n, m in layers.items()},
         "modules_to_save": list(saved),
@@ -102,6 +108,14 @@ def write_adapter(
         "labels": class_names(model),
     }
     write_json(out / CONFIG_NAME, meta)
+
+
+def format_version(layers: dict[str, LowRankUpdate]) -> int:
+    """The oldest format that holds these layers, so older readers load what they can: 1; 2 adds updates of bare
+    parameters (experts); 3 the base weight offsets of a LoRA-GA start."""
+    if any(getattr(m, "offset_A", None) is not None for m in layers.values()):
+        return 3
+    return 2 if any(isinstance(m, ExpertUpdate) for m in layers.values()) else 1
 
 
 def layer_meta(layer: LowRankUpdate) -> dict[str, Any]:

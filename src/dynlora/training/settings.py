@@ -150,6 +150,14 @@ class TrainSettings:
                 "--fsdp does not shard bitsandbytes' quantised weights: drop --fsdp (a 4-bit base is small) or "
                 "--load-in-4bit/--load-in-8bit"
             )
+        if self.adapter.init == "lora-ga" and self.method == "dynamic":
+            if self.fsdp:
+                raise ValueError("--init lora-ga offsets the base weights, which --fsdp shards: drop one of them")
+            if self.load_in_4bit or self.load_in_8bit:
+                raise ValueError(
+                    "--init lora-ga offsets the base weights, which a quantised base cannot hold exactly: drop "
+                    "--load-in-4bit/--load-in-8bit, or use --init gradient"
+                )
 
     def sized(self, language_model: bool, positions: int | None) -> TrainSettings:
         """These settings with the batch size and max length the user left out filled in (:func:`default_sizes`)."""
