@@ -4,6 +4,7 @@
     python benchmarks/v3.py run --table sst2           # lr selection, then the other seeds, then the scoring
     python benchmarks/v3.py run --table stdlib
     python benchmarks/v3.py run --frontier             # after the frontier's table has chosen its lrs
+    python benchmarks/v3.py run --screen --table stdlib   # issue 34's candidates, after the table chose its lrs
 
 Resumable: a finished run is a line of OUTPUT/<table>/results.jsonl and is skipped; an interrupted one resumes from
 its checkpoint. One run at a time per invocation (start one per core, with OMP_NUM_THREADS=1).
@@ -13,6 +14,10 @@ its evaluations is chosen, and the other seeds run at it. Each chosen run's best
 then scored once on the reported set by ``dynlora eval --predictions``. Kept under benchmarks/results/v3/<table>/
 (committed): every run's held-out curve and record (``runs.jsonl``), and each scored run's per-example
 predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
+
+The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
+unless the candidate names its own lrs, on the held-out slice only (``<table>/screen.jsonl``); its ``default``
+candidate is today's Dynamic LoRA from the same code, the one every other is judged against.
 """
 
 from __future__ import annotations
@@ -53,15 +58,34 @@ def variant(method: str, lr: float, rank: int | None = None) -> str:
     return f"{method}-lr{lr:.1e}" + (f"-r{rank}" if rank else "")
 
 
-def run_settings(plan: dict, table: str, method: str, lr: float, seed: int, out: Path, rank: int | None) -> dict:
+def run_settings(
+    plan: dict,
+    table: str,
+    method: str,
+    lr: float,
+    seed: int,
+    out: Path,
+    rank: int | None,
+    candidate: tuple[str, dict] | None = None,
+) -> dict:
+    """One run's settings; ``candidate``: a screened change, (its name, the adapter settings it changes)."""
     settings = merge(plan["base"], plan["tables"][table]["train"])
     settings = {**settings, "method": method, "lr": lr, "seed": seed}
     if rank:
         settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
+    name = variant(method, lr, rank)
+    if candidate:
+        name = screened(candidate[0], lr)
+        settings["adapter"] = {**settings["adapter"], **candidate[1]}
     settings["task"] = settings.get("task", table)  # a language-model table is named by its table, not a GLUE task
-    settings["output_dir"] = str(out / table / variant(method, lr, rank) / f"seed{seed}")
+    settings["output_dir"] = str(out / table / name / f"seed{seed}")
     TrainSettings.from_settings(settings)  # a wrong setting fails here, before hours of runs
     return settings
+
+
+def screened(candidate: str, lr: float) -> str:
+    """A screened run's name: the candidate and its lr."""
+    return f"screen-{candidate}-lr{lr:.1e}"
 
 
 def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -81,6 +105,8 @@ def train_once(settings: dict, results: Path, name: str) -> dict:
     try:
         result = TrainingRun(TrainSettings.from_settings({**settings, "resume": resume, "progress": False})).run()
         record = {"best": result["best"], "trainable_parameters": result["trainable_parameters"]}
+        if "peak_trainable_parameters" in result:  # an over-parameterised start is pruned while it trains
+            record["peak_trainable_parameters"] = result["peak_trainable_parameters"]
         record["ranks"] = result["ranks"]
     except Diverged as e:
         record = {"diverged": str(e).splitlines()[0]}
@@ -169,11 +195,27 @@ def run_frontier(plan: dict, out: Path) -> None:
                     score(plan, table, record, out)
 
 
+def run_screen(plan: dict, table: str, out: Path) -> None:
+    """Every candidate of the screen (module doc), in the plan's order, on the table's held-out slice."""
+    records = read_results(plan["results_dir"] / table / "runs.jsonl")
+    chosen = chosen_lr(plan, records, "dynamic")
+    if chosen is None:
+        sys.exit(f"error: dynamic has no chosen lr on {table} yet: run --table {table} first")
+    results = plan["results_dir"] / table / "screen.jsonl"
+    for name, candidate in plan["screen"]["candidates"].items():
+        for lr in candidate.get("lrs", [chosen]):
+            settings = run_settings(
+                plan, table, "dynamic", lr, plan["selection_seed"], out, None, (name, candidate.get("adapter", {}))
+            )
+            train_once(settings, results, screened(name, lr))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=["run"])
     parser.add_argument("--table", help="a table of the plan")
     parser.add_argument("--frontier", action="store_true", help="the budget frontier (after its table)")
+    parser.add_argument("--screen", action="store_true", help="issue 34's candidates on --table (after the table)")
     parser.add_argument("--plan", default=str(HERE / "v3_plan.yaml"))
     parser.add_argument("--output-dir", default="runs/v3", help="run directories (not committed)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="what is committed: records and predictions")
@@ -182,6 +224,8 @@ def main() -> None:
     out = Path(args.output_dir)
     if args.frontier:
         run_frontier(plan, out)
+    elif args.screen and args.table in plan["tables"]:
+        run_screen(plan, args.table, out)
     elif args.table in plan["tables"]:
         run_table(plan, args.table, out)
     else:

@@ -257,6 +257,37 @@ def curves(table: Table) -> Figure:
     return fig
 
 
+def screen_lines(name: str, plan: dict, root: Path) -> list[str]:
+    """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score, and its difference
+    from the ``default`` candidate's (one seed: a screen, not a verdict)."""
+    path = root / name / "screen.jsonl"
+    runs = read_jsonl(path) if path.is_file() else []
+    if not runs:
+        return []
+    digits, scale = (2, 100.0) if name == "sst2" else (4, 1.0)
+    default = {r["lr"]: r["best"]["score"] for r in runs if r["variant"].startswith("screen-default-") and "best" in r}
+    changes = plan.get("screen", {}).get("candidates", {})
+    lines = [
+        "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step | − default at its lr |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        candidate = run["variant"].removeprefix("screen-").rsplit("-lr", 1)[0]
+        change = ", ".join(f"{k}={v}" for k, v in changes.get(candidate, {}).get("adapter", {}).items()) or "—"
+        if "best" not in run:
+            lines.append(f"| {candidate} | {change} | {run['lr']:.1e} | — | diverged | — |")
+            continue
+        peak = run.get("peak_trainable_parameters", 0)
+        params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if peak > run["trainable_parameters"] else "")
+        score, base = run["best"]["score"], default.get(run["lr"])
+        versus = "—" if base is None or candidate == "default" else f"{scale * (score - base):+.{digits}f}"
+        lines.append(
+            f"| {candidate} | {change} | {run['lr']:.1e} | {params} | "
+            f"{scale * score:.{digits}f} @{run['best']['step']} | {versus} |"
+        )
+    return lines
+
+
 def floors(plan: dict) -> None:
     """The untrained model's floors, measured once into results/v3/<table>/floors.json (module doc)."""
     from v3_floors import measure  # loads the model: only when asked
@@ -309,6 +340,12 @@ Paired differences (95 % interval, seeds and {over} resampled):
 {chr(10).join(target_lines(table))}
 
 Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
+""")
+        screened = screen_lines(name, plan, root)
+        if screened:
+            parts.append(f"""#### Issue 34's screen on {name} (seed 0, held-out slice; higher is better)
+
+{chr(10).join(screened)}
 """)
     table = Table(plan["frontier"]["table"], plan, root)
     lines, fig = frontier(plan, table)

@@ -95,3 +95,35 @@ def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
     num, den = units("stdlib", rows)
     assert list(num) == [-12.0, -3.0] and list(den) == [8, 1]  # per document: summed loss and tokens
     assert num.sum() / den.sum() == pytest.approx(-15 / 9)  # minus the mean loss per token
+
+
+def test_a_screened_candidate_runs_in_its_own_directory_with_its_adapter_change():
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    plain = v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 0, Path("out"), None)
+    changed = v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 0, Path("out"), None, ("ga", {"init": "lora-ga"}))
+    assert plain["output_dir"] != changed["output_dir"] == str(Path("out/stdlib/screen-ga-lr4.6e-04/seed0"))
+    assert changed["adapter"] == {**plain["adapter"], "init": "lora-ga"}
+    assert "default" in plan["screen"]["candidates"]  # what every candidate is judged against
+
+
+def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_path):
+    from v3_report import screen_lines
+
+    (tmp_path / "stdlib").mkdir()
+    rows = [
+        {"variant": "screen-default-lr4.6e-04", "lr": 4.6e-4, "best": {"score": -2.80, "step": 200}},
+        {"variant": "screen-lora-ga-lr4.6e-04", "lr": 4.6e-4, "best": {"score": -2.75, "step": 150}},
+        {"variant": "screen-rslora-lr1.0e-04", "lr": 1e-4, "best": {"score": -2.70, "step": 200}},
+        {"variant": "screen-start-ratio-1.5-lr4.6e-04", "lr": 4.6e-4, "diverged": "x"},
+    ]
+    for row in rows[:3]:
+        row["trainable_parameters"] = 100
+    rows[1]["peak_trainable_parameters"] = 150
+    (tmp_path / "stdlib" / "screen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = {"screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga"}}}}}
+    lines = screen_lines("stdlib", plan, tmp_path)
+    assert "| lora-ga | init=lora-ga | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
+    assert any(line.startswith("| rslora |") and line.endswith("| — |") for line in lines)  # no default at 1e-4
+    assert any("start-ratio-1.5" in line and "diverged" in line for line in lines)
