@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, build
-from test_probe import exact_top, subspace_overlap
-from transformers.pytorch_utils import Conv1D
+from test_probe import exact_top, subspace_overlap, true_weight_gradients
 
 from dynlora import DynamicLoRAConfig, DynamicLoRAModel, get_dynlora_model
 from dynlora.probe import LORA_GA_GAMMA, lora_ga_factors
@@ -57,22 +56,12 @@ def test_the_first_step_starts_from_the_gradient_and_leaves_the_output_where_it_
     """BERT, GPT-2 (Conv1D: the offset is transposed into its weight), Llama and Qwen2 (v_proj: out ≠ in)."""
     model = get_dynlora_model(build(arch), ga_config())
     ids = lm_batch(1)["input_ids"]
-    inputs = (lambda step: {"input_ids": ids, "labels": torch.zeros(4, dtype=torch.long)}) if arch == "bert" else None
-    layers = model.lora_layers()
-    for layer in layers.values():  # the reference ∂L/∂W by autograd, on the batch of step 1
-        layer.base_layer.weight.requires_grad_(True)
+    labels = torch.zeros(4, dtype=torch.long) if arch == "bert" else ids  # classification or next-token loss
     model.train()
-    model(**(inputs or lm_batch)(1)).loss.backward()
-    reference = {}
-    for name, layer in layers.items():
-        w = layer.base_layer.weight
-        reference[name] = (w.grad.T if isinstance(layer.base_layer, Conv1D) else w.grad).clone()
-        w.requires_grad_(False)
-        w.grad = None
-    model.zero_grad(set_to_none=True)
+    reference = true_weight_gradients(model, inputs={"input_ids": ids, "labels": labels})  # on step 1's batch
 
-    train_steps(model, 1, inputs=inputs or lm_batch)
-    for name, layer in layers.items():
+    train_steps(model, 1, inputs=lambda step: {"input_ids": ids, "labels": labels})
+    for name, layer in model.lora_layers().items():
         assert subspace_overlap(layer.lora_A.detach(), exact_top(reference[name], layer.rank)) > 0.99
         assert layer.lora_B.abs().max() > 0 and torch.equal(layer.offset_B, layer.lora_B.detach())
     with model.disable_adapter():

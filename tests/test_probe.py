@@ -19,18 +19,20 @@ def exact_top(grad, k, taken=None):
     return torch.linalg.svd(grad)[2][:k]
 
 
-def true_weight_gradients(model, step):
-    """∂L/∂W of every adapted layer's frozen base weight by autograd, on the batch of ``step``: the reference the
-    probe's hooks must reproduce."""
+def true_weight_gradients(model, step=None, inputs=None):
+    """∂L/∂W (out × in, a Conv1D's transposed) of every adapted layer's frozen base weight by autograd, on
+    ``inputs`` or the batch of ``step``: the reference the probe's hooks must reproduce."""
     layers = model.lora_layers()
     for layer in layers.values():
         layer.base_layer.weight.requires_grad_(True)
         layer.base_layer.weight.grad = None
-    model(**data(step)).loss.backward()
-    grads = {n: m.base_layer.weight.grad.clone() for n, m in layers.items()}
-    for layer in layers.values():
-        layer.base_layer.weight.requires_grad_(False)
-        layer.base_layer.weight.grad = None
+    model(**(inputs if inputs is not None else data(step))).loss.backward()
+    grads = {}
+    for name, layer in layers.items():
+        w = layer.base_layer.weight
+        grads[name] = (w.grad.T if isinstance(layer.base_layer, Conv1D) else w.grad).clone()
+        w.requires_grad_(False)
+        w.grad = None
     model.zero_grad(set_to_none=True)
     return grads
 
@@ -176,17 +178,8 @@ def test_every_architecture_starts_along_its_own_weight_gradient(arch):
     ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(4, dtype=torch.long) if arch == "bert" else ids  # classification or next-token loss
     layers = model.lora_layers()
-    for layer in layers.values():
-        layer.base_layer.weight.requires_grad_(True)
-    model(input_ids=ids, labels=labels).loss.backward()
-    reference = {}
-    for name, layer in layers.items():
-        w = layer.base_layer.weight
-        reference[name] = (w.grad.T if isinstance(layer.base_layer, Conv1D) else w.grad).clone()
-        w.requires_grad_(False)
-        w.grad = None
+    reference = true_weight_gradients(model, inputs={"input_ids": ids, "labels": labels})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.zero_grad(set_to_none=True)
     model.bind_optimizer(opt, 5)
     model(input_ids=ids, labels=labels).loss.backward()
     opt.step()
