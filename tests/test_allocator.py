@@ -71,6 +71,8 @@ def test_schedule_from_fractions_and_steps():
     assert [t for t in range(1, 101) if s.is_reallocation(t)] == [10, 20, 30, 40, 50]
     s = Schedule.resolve(DynamicLoRAConfig(warmup=3, interval=4, final=12), 1000)
     assert [t for t in range(1, 1001) if s.is_reallocation(t)] == [3, 7, 11]
+    # An over-parameterised start's budget falls over the re-allocations' span: whole at 3, met at 11, not at 12.
+    assert s.last == 11 and [s.progress(t) for t in (1, 3, 7, 11, 12)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ w_l from score_l / (in_l + out_l) instead. engine.py carries the decision out.
 
 Layers may start above the budget (``start_ratio`` > 1: over-parameterise, then prune, as AdaLoRA's init_r →
 target_r). The budget of a re-allocation then falls from the starting cost P₀ to the budget P along AdaLoRA's
-cubic schedule, P(t) = P + (P₀ − P)·(1 − p)³ with p the fraction of the schedule done (0 at warmup, 1 at final):
-it prunes fastest while the scores are young and the components least trained, and meets P at the last
-re-allocation.
+cubic schedule, P(t) = P + (P₀ − P)·(1 − p)³ with p the fraction of the re-allocations' span done (0 at warmup,
+1 at the last one, at or before final): it prunes fastest while the scores are young and the components least
+trained, and meets P at the last re-allocation.
 """
 
 from __future__ import annotations
@@ -79,11 +79,16 @@ class Schedule:
         upcoming = self.warmup + -(-ahead // self.interval) * self.interval
         return upcoming if upcoming <= self.final else None
 
+    @property
+    def last(self) -> int:
+        """The last re-allocation: the last warmup + k·interval that is not after final."""
+        return self.warmup + (self.final - self.warmup) // self.interval * self.interval
+
     def progress(self, step: int) -> float:
-        """Fraction of the schedule done at ``step``: 0 up to warmup, 1 from final."""
-        if self.final == self.warmup:
-            return 1.0 if step >= self.final else 0.0
-        return min(1.0, max(0.0, (step - self.warmup) / (self.final - self.warmup)))
+        """Fraction of the re-allocations' span done at ``step``: 0 up to warmup, 1 from the last one."""
+        if self.last == self.warmup:
+            return 1.0 if step >= self.last else 0.0
+        return min(1.0, max(0.0, (step - self.warmup) / (self.last - self.warmup)))
 
     def is_scored(self, step: int) -> bool:
         """Whether importance is scored after ``step``: it is one of the ``window`` steps up to a re-allocation."""

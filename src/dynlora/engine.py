@@ -135,7 +135,7 @@ class Engine:
             return False
         budget = self.allocator.budget_at(self.schedule.progress(step))
         self.resize(self.allocator.decide(scores, budget), weight_grads)
-        if step == self.schedule.final and self.total_cost() > self.budget:
+        if step == self.schedule.last and self.total_cost() > self.budget:
             warnings.warn(
                 f"the last re-allocation leaves {self.total_cost()} adapter parameters, above the budget of "
                 f"{self.budget}: max_rank_change={self.config.max_rank_change} shrinks layers too slowly to prune "
