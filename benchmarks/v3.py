@@ -17,7 +17,8 @@ predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recom
 
 The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
 unless the candidate names its own lrs, on the held-out slice only (``<table>/screen.jsonl``); its ``default``
-candidate is today's Dynamic LoRA from the same code, the one every other is judged against.
+candidate is today's Dynamic LoRA from the same code, the one every other is judged against. A candidate the plan
+lists under ``confirm`` then runs every seed at its best screened lr, each scored once on the reported set.
 """
 
 from __future__ import annotations
@@ -202,12 +203,25 @@ def run_screen(plan: dict, table: str, out: Path) -> None:
     if chosen is None:
         sys.exit(f"error: dynamic has no chosen lr on {table} yet: run --table {table} first")
     results = plan["results_dir"] / table / "screen.jsonl"
-    for name, candidate in plan["screen"]["candidates"].items():
+    candidates = plan["screen"]["candidates"]
+    for name, candidate in candidates.items():
         for lr in candidate.get("lrs", [chosen]):
             settings = run_settings(
                 plan, table, "dynamic", lr, plan["selection_seed"], out, None, (name, candidate.get("adapter", {}))
             )
             train_once(settings, results, screened(name, lr))
+    for name in plan["screen"].get("confirm") or []:  # passed the screen: every seed, scored on the reported set
+        runs = [r for r in read_results(results) if r["variant"].rsplit("-lr", 1)[0] == f"screen-{name}"]
+        finished = [r for r in runs if "best" in r]
+        if not finished:
+            sys.exit(f"error: {name} has no finished screen run on {table} to confirm")
+        lr = max(finished, key=lambda r: r["best"]["score"])["lr"]
+        change = (name, candidates[name].get("adapter", {}))
+        for seed in plan["seeds"]:
+            settings = run_settings(plan, table, "dynamic", lr, seed, out, None, change)
+            record = train_once(settings, results, screened(name, lr))
+            if "best" in record:
+                score(plan, table, record, out)
 
 
 def main() -> None:

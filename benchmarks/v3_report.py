@@ -257,21 +257,26 @@ def curves(table: Table) -> Figure:
     return fig
 
 
-def screen_lines(name: str, plan: dict, root: Path) -> list[str]:
-    """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score, and its difference
-    from the ``default`` candidate's (one seed: a screen, not a verdict)."""
+def screen_lines(table: Table, root: Path) -> list[str]:
+    """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score and its difference
+    from the ``default`` candidate's (one seed: a screen, not a verdict); then each confirmed candidate's paired
+    intervals on the reported set against Dynamic LoRA and static LoRA at their chosen lrs."""
+    name, plan = table.name, table.plan
     path = root / name / "screen.jsonl"
     runs = read_jsonl(path) if path.is_file() else []
     if not runs:
         return []
     digits, scale = (2, 100.0) if name == "sst2" else (4, 1.0)
-    default = {r["lr"]: r["best"]["score"] for r in runs if r["variant"].startswith("screen-default-") and "best" in r}
+    screened = [r for r in runs if r["seed"] == plan["selection_seed"]]
+    default = {
+        r["lr"]: r["best"]["score"] for r in screened if r["variant"].startswith("screen-default-") and "best" in r
+    }
     changes = plan.get("screen", {}).get("candidates", {})
     lines = [
         "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step | − default at its lr |",
         "|---|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run in screened:
         candidate = run["variant"].removeprefix("screen-").rsplit("-lr", 1)[0]
         change = ", ".join(f"{k}={v}" for k, v in changes.get(candidate, {}).get("adapter", {}).items()) or "—"
         if "best" not in run:
@@ -285,6 +290,14 @@ def screen_lines(name: str, plan: dict, root: Path) -> list[str]:
             f"| {candidate} | {change} | {run['lr']:.1e} | {params} | "
             f"{scale * score:.{digits}f} @{run['best']['step']} | {versus} |"
         )
+    confirmed = sorted({r["variant"] for r in runs if table.seeds(r["variant"])})
+    if confirmed:
+        lines += ["", "Confirmed on the reported set (paired, 95 % interval, seeds and units resampled):", ""]
+    for variant in confirmed:
+        for method in ("dynamic", "lora"):
+            other = table.chosen(method)
+            x = table.interval(variant, other) if other else None
+            lines.append(f"- {variant.removeprefix('screen-')} − {NAMES[method]}: {fmt(x, digits)}")
     return lines
 
 
@@ -341,7 +354,7 @@ Paired differences (95 % interval, seeds and {over} resampled):
 
 Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
 """)
-        screened = screen_lines(name, plan, root)
+        screened = screen_lines(table, root)
         if screened:
             parts.append(f"""#### Issue 34's screen on {name} (seed 0, held-out slice; higher is better)
 

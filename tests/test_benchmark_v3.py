@@ -118,12 +118,30 @@ def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_pat
         {"variant": "screen-rslora-lr1.0e-04", "lr": 1e-4, "best": {"score": -2.70, "step": 200}},
         {"variant": "screen-start-ratio-1.5-lr4.6e-04", "lr": 4.6e-4, "diverged": "x"},
     ]
+    rows = [r | {"seed": 0} for r in rows]
     for row in rows[:3]:
         row["trainable_parameters"] = 100
     rows[1]["peak_trainable_parameters"] = 150
     (tmp_path / "stdlib" / "screen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plan = {"screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga"}}}}}
-    lines = screen_lines("stdlib", plan, tmp_path)
+    plan = {**PLAN, "screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga"}}}}}
+    lines = screen_lines(Table("stdlib", plan, tmp_path), tmp_path)
     assert "| lora-ga | init=lora-ga | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
     assert any(line.startswith("| rslora |") and line.endswith("| — |") for line in lines)  # no default at 1e-4
     assert any("start-ratio-1.5" in line and "diverged" in line for line in lines)
+
+
+def test_a_confirmed_candidate_is_compared_on_the_reported_set_with_both_methods_chosen_runs(tmp_path):
+    from v3_report import screen_lines
+
+    candidate = "screen-x-lr1.0e-03"
+    scored = {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)}
+    scored |= {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)} | {(candidate, s): answers(90) for s in (0, 1)}
+    write(tmp_path, "sst2", GRID, scored)
+    screen = [{"variant": candidate, "lr": 1e-3, "seed": s, "best": {"score": 0.9, "step": 50}} for s in (0, 1)]
+    (tmp_path / "sst2" / "screen.jsonl").write_text(
+        "".join(json.dumps(r | {"trainable_parameters": 1}) + "\n" for r in screen)
+    )
+    lines = screen_lines(Table("sst2", PLAN, tmp_path), tmp_path)
+    assert sum(line.startswith("| x |") for line in lines) == 1  # the screen row is seed 0's
+    assert any(line.startswith("- x-lr1.0e-03 − Dynamic LoRA: +10.00 [") and "(n=2)" in line for line in lines)
+    assert any(line.startswith("- x-lr1.0e-03 − static LoRA: +20.00 [") and "(n=2)" in line for line in lines)
