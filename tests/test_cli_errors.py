@@ -111,7 +111,7 @@ def test_empty_dataset_after_filtering(capsys, tmp_path, tiny_model_dir):
         (("--rank", 4, "--min-rank", 5), "min_rank"),
         (("--max-steps", 4, "--schedule-final", 9), "beyond the run"),
         (("--input-adaptive", "magic"), "input_adaptive"),
-        (("--init", "pissa"), "setting init must be one of lora, gradient, got 'pissa'"),
+        (("--init", "pissa"), "setting init must be one of lora, gradient, lora-ga, got 'pissa'"),
     ],
 )
 def test_adapter_settings_impossible_for_the_model(capsys, tmp_path, tiny_model_dir, extra, message):
