@@ -283,7 +283,8 @@ def screen_lines(table: Table, root: Path) -> list[str]:
             lines.append(f"| {candidate} | {change} | {run['lr']:.1e} | — | diverged | — |")
             continue
         peak = run.get("peak_trainable_parameters", 0)
-        params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if peak > run["trainable_parameters"] else "")
+        started_above = changes.get(candidate, {}).get("adapter", {}).get("start_ratio", 1) > 1
+        params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if started_above else "")
         score, base = run["best"]["score"], default.get(run["lr"])
         versus = "—" if base is None or candidate == "default" else f"{scale * (score - base):+.{digits}f}"
         lines.append(

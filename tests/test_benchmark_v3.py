@@ -123,9 +123,9 @@ def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_pat
         row["trainable_parameters"] = 100
     rows[1]["peak_trainable_parameters"] = 150
     (tmp_path / "stdlib" / "screen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plan = {**PLAN, "screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga"}}}}}
+    plan = {**PLAN, "screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga", "start_ratio": 1.5}}}}}
     lines = screen_lines(Table("stdlib", plan, tmp_path), tmp_path)
-    assert "| lora-ga | init=lora-ga | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
+    assert "| lora-ga | init=lora-ga, start_ratio=1.5 | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
     assert any(line.startswith("| rslora |") and line.endswith("| — |") for line in lines)  # no default at 1e-4
     assert any("start-ratio-1.5" in line and "diverged" in line for line in lines)
 

@@ -117,9 +117,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result["ranks"]:
         values = list(result["ranks"].values())
         print(f"final ranks: min {min(values)}, max {max(values)}, total {sum(values)} over {len(values)} layers")
-    params, peak = result["trainable_parameters"], result.get("peak_trainable_parameters", 0)
-    if peak > params:
-        print(f"trainable parameters: {params:,}, pruned from {peak:,}")
+    if settings.method == "dynamic" and settings.adapter.start_ratio > 1:  # an over-parameterised start
+        final, peak = result["trainable_parameters"], result["peak_trainable_parameters"]
+        print(f"trainable parameters: {final:,}, pruned from {peak:,}")
     print(f"adapter: {Path(settings.output_dir) / 'adapter'}   log: {Path(settings.output_dir) / 'log.jsonl'}")
     return 0
 

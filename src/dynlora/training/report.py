@@ -127,7 +127,9 @@ def _run_summary(run: Path, records: list[dict], metric: str) -> list[str]:
         ]
     result = json.loads(results.read_text())
     params, peak = result["trainable_parameters"], result.get("peak_trainable_parameters", 0)
-    pruned = f", pruned from {peak:,}" if peak > params else ""
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    started_above = config.get("method") == "dynamic" and config.get("adapter", {}).get("start_ratio", 1) > 1
+    pruned = f", pruned from {peak:,}" if started_above else ""
     lines = [
         f"- method: `{result['method']}`, task: `{result['task']}`, seed {result['seed']}, "
         f"{result['steps']} steps, {params:,} trainable parameters{pruned}"
