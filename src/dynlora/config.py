@@ -86,7 +86,7 @@ class DynamicLoRAConfig:
     budget: int | None = setting(
         None,
         "adapter parameters the allocation may use (default: what rank on every layer uses, i.e. static LoRA's); "
-        "layers that start above it are pruned toward it along a cubic schedule that meets it at final",
+        "layers that start above it are pruned to it on a cubic schedule that meets it at the last re-allocation",
         engine=True,
     )
     start_ratio: float = setting(
