@@ -174,3 +174,14 @@ def test_a_target_line_is_met_only_when_its_whole_interval_clears_the_target_and
     score[("sst2", "lora", 0)] = 89.5
     lines, _ = margin_lines(score, ["sst2"], methods, [0], lambda d, a, b: (-0.5, 1.5))
     assert lines[0].endswith("**not met** (the mean is below +1.0)")
+
+
+def test_the_fused_adapter_paths_compute_what_separate_adapters_do():
+    import torch
+    from fused_adapters import fused, make_group, separate
+
+    group = make_group((48, 16, 16), 10, torch.Generator().manual_seed(0))
+    x = torch.randn(10, 576, generator=torch.Generator().manual_seed(1))
+    reference = separate(x, group)
+    for stored in (False, True):
+        torch.testing.assert_close(fused(x, group, stored), reference)
