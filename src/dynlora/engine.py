@@ -51,7 +51,7 @@ def start_lora_ga(optimizer, layer: LowRankUpdate, weight_grad: torch.Tensor) ->
     """Every component starts as LoRA-GA's (probe.py), the base weight offset by the start's update so the output
     does not change (layer.py), with fresh optimizer state."""
     a, b = lora_ga_factors(weight_grad, layer.rank)
-    layer.set_factors(a, b)
+    layer.set_components(0, a, b)
     layer.set_offset(*layer.mergeable_factors())
     init_grown_state(optimizer, layer, 0, layer.rank)
 

@@ -176,27 +176,23 @@ class LowRankUpdate(nn.Module):
         """Start components ``start, start + len(directions)`` along ``directions`` (unit rows in the input space):
         their effective rows of A (input scale included) get these directions at the norm of a default LoRA row,
         their columns of B zero, so the update does not change."""
-        stop = start + directions.shape[0]
-        if not 0 <= start <= stop <= self.rank:
-            raise ValueError(f"components [{start}, {stop}) are not all active (rank {self.rank})")
-        rows = directions.float() / math.sqrt(3.0)  # a Kaiming-uniform row of A has norm sqrt(1/3)
-        if self.input_norm is not None:
-            rows = rows / self.input_norm.scale()  # so that A_eff = A·diag(g) has them
-        self.lora_A[start:stop].copy_(rows.to(self.lora_A))
-        self.lora_B[:, start:stop].zero_()
-        if self.token_gate is not None:
-            self.token_gate.weight[start:stop].zero_()
+        zeros = directions.new_zeros(self.out_features, directions.shape[0])
+        self.set_components(start, directions.float() / math.sqrt(3.0), zeros)  # a Kaiming-uniform row: norm √(1/3)
 
     @torch.no_grad()
-    def set_factors(self, a_eff: torch.Tensor, b: torch.Tensor) -> None:
-        """Set every active component: effective rows of A (input scale included, as :meth:`effective_rows`) and
-        columns of B."""
-        if a_eff.shape != (self.rank, self.in_features) or b.shape != (self.out_features, self.rank):
-            raise ValueError(f"factors of shapes {tuple(a_eff.shape)}, {tuple(b.shape)} for rank {self.rank}")
-        rows = a_eff.float() / self.input_norm.scale() if self.input_norm is not None else a_eff
-        a, b_now = self.active_factors()
-        a.copy_(rows.to(a))
-        b_now.copy_(b.to(b_now))
+    def set_components(self, start: int, a_eff: torch.Tensor, b: torch.Tensor) -> None:
+        """Components ``start, start + len(a_eff)``: their effective rows of A (input scale included, as
+        :meth:`effective_rows`) and their columns of B; their token gate weights zero."""
+        stop = start + a_eff.shape[0]
+        if not 0 <= start <= stop <= self.rank:
+            raise ValueError(f"components [{start}, {stop}) are not all active (rank {self.rank})")
+        if b.shape != (self.out_features, stop - start):
+            raise ValueError(f"columns of B of shape {tuple(b.shape)} for components [{start}, {stop})")
+        rows = a_eff.float() / self.input_norm.scale() if self.input_norm is not None else a_eff  # A_eff = A·diag(g)
+        self.lora_A[start:stop].copy_(rows.to(self.lora_A))
+        self.lora_B[:, start:stop].copy_(b.to(self.lora_B))
+        if self.token_gate is not None:
+            self.token_gate.weight[start:stop].zero_()
 
     def effective_rows(self) -> torch.Tensor:
         """Rows of A as the input sees them (input scale included), active part only."""
