@@ -6,24 +6,27 @@
     python benchmarks/v3.py run --frontier             # after the frontier's table has chosen its lrs
     python benchmarks/v3.py run --screen --table stdlib   # issue 34's candidates, after the table chose its lrs
 
-Resumable: a finished run is a line of OUTPUT/<table>/results.jsonl and is skipped; an interrupted one resumes from
-its checkpoint. One run at a time per invocation (start one per core, with OMP_NUM_THREADS=1).
+Resumable: a finished run is a line of RESULTS/<table>/runs.jsonl and is skipped; an interrupted one resumes from
+its checkpoint. One run at a time per invocation; start one per core (OMP_NUM_THREADS=1), on the same table or not:
+a run another invocation is training is locked (OUTPUT/<table>/<run>/seed<k>.lock) and skipped.
 
-For each method, seed 0 runs at every lr of the grid; the lr whose run reached the best held-out score at any of
-its evaluations is chosen, and the other seeds run at it. Each chosen run's best held-out adapter (``best/``) is
+For each method in turn, seed 0 runs at every lr of the grid; the lr whose run reached the best held-out score at
+any of its evaluations is chosen, and the other seeds run at it. Each chosen run's best held-out adapter (``best/``) is
 then scored once on the reported set by ``dynlora eval --predictions``. Kept under benchmarks/results/v3/<table>/
 (committed): every run's held-out curve and record (``runs.jsonl``), and each scored run's per-example
 predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
 
 The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
 unless the candidate names its own lrs, on the held-out slice only (``<table>/screen.jsonl``); its ``default``
-candidate is today's Dynamic LoRA from the same code, the one every other is judged against. A candidate the plan
-lists under ``confirm`` then runs every seed at its best screened lr, each scored once on the reported set.
+candidate is today's Dynamic LoRA from the same code, the one every other is judged against. The candidates the
+plan lists under ``confirm`` (those that passed) go first: every seed at the best screened lr, each scored once on
+the reported set.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import subprocess
 import sys
@@ -95,12 +98,24 @@ def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def train_once(settings: dict, results: Path, name: str) -> dict:
-    """Train one run unless ``results`` has it; returns its record (a diverged run's says so)."""
-    done = {(r["variant"], r["seed"]): r for r in read_results(results)}
-    key = (name, settings["seed"])
-    if key in done:
-        return done[key]
+    """Train one run unless ``results`` has it, or another process is training it (then skipped here: an empty
+    record); returns its record (a diverged run's says so)."""
     run_dir = Path(settings["output_dir"])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{name} seed {settings['seed']}: another process is training it, skipped", flush=True)
+            return {}
+        done = {(r["variant"], r["seed"]): r for r in read_results(results)}  # read under the lock
+        if (name, settings["seed"]) in done:
+            return done[(name, settings["seed"])]
+        return train(settings, results, name, run_dir)
+
+
+def train(settings: dict, results: Path, name: str, run_dir: Path) -> dict:
+    """Train (or resume) one run and append its record to ``results``."""
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     print(f"{name} seed {settings['seed']}" + (" (resuming)" if resume else ""), flush=True)
     try:
@@ -153,8 +168,9 @@ def score(plan: dict, table: str, record: dict, out: Path) -> None:
 
 
 def run_table(plan: dict, table: str, out: Path) -> None:
-    """Each method's lr grid on the selection seed, its chosen run scored at once; then the other seeds at the
-    chosen lrs, each scored when it finishes (so that a run directory lost later costs no score)."""
+    """Each method in turn: its lr grid on the selection seed, then its other seeds at the chosen lr, each run
+    scored when it finishes (so that a run directory lost later costs no score, and a method's row is whole before
+    the next method starts)."""
     results = plan["results_dir"] / table / "runs.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     first = plan["selection_seed"]
@@ -162,12 +178,10 @@ def run_table(plan: dict, table: str, out: Path) -> None:
         for lr in plan["lr_grid"]:
             train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
         score_chosen(plan, table, method, out)
-    for seed in [s for s in plan["seeds"] if s != first]:
-        for method in plan["methods"]:
-            lr = chosen_lr(plan, read_results(results), method)
-            if lr is not None:
-                train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
-                score_chosen(plan, table, method, out)
+        lr = chosen_lr(plan, read_results(results), method)
+        for seed in [s for s in plan["seeds"] if s != first and lr is not None]:
+            train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
+            score_chosen(plan, table, method, out)
 
 
 def score_chosen(plan: dict, table: str, method: str, out: Path) -> None:
@@ -197,31 +211,52 @@ def run_frontier(plan: dict, out: Path) -> None:
 
 
 def run_screen(plan: dict, table: str, out: Path) -> None:
-    """Every candidate of the screen (module doc), in the plan's order, on the table's held-out slice."""
+    """The candidates the plan lists under ``confirm`` first (their screen run, then every seed, scored on the
+    reported set), then every other candidate of the screen in the plan's order, on the held-out slice only."""
     records = read_results(plan["results_dir"] / table / "runs.jsonl")
     chosen = chosen_lr(plan, records, "dynamic")
     if chosen is None:
         sys.exit(f"error: dynamic has no chosen lr on {table} yet: run --table {table} first")
     results = plan["results_dir"] / table / "screen.jsonl"
     candidates = plan["screen"]["candidates"]
-    for name, candidate in candidates.items():
-        for lr in candidate.get("lrs", [chosen]):
+    confirm = plan["screen"].get("confirm") or []
+
+    def screen(name: str) -> None:
+        for lr in candidates[name].get("lrs", [chosen]):
             settings = run_settings(
-                plan, table, "dynamic", lr, plan["selection_seed"], out, None, (name, candidate.get("adapter", {}))
+                plan,
+                table,
+                "dynamic",
+                lr,
+                plan["selection_seed"],
+                out,
+                None,
+                (name, candidates[name].get("adapter", {})),
             )
             train_once(settings, results, screened(name, lr))
-    for name in plan["screen"].get("confirm") or []:  # passed the screen: every seed, scored on the reported set
-        runs = [r for r in read_results(results) if r["variant"].rsplit("-lr", 1)[0] == f"screen-{name}"]
-        finished = [r for r in runs if "best" in r]
+
+    for name in confirm:  # passed the screen: every seed at its best screened lr, scored on the reported set
+        screen(name)
+        finished = [r for r in read_results(results) if screen_of(r) == name and "best" in r]
         if not finished:
-            sys.exit(f"error: {name} has no finished screen run on {table} to confirm")
+            print(f"{name}: no finished screen run on {table} to confirm", flush=True)
+            continue
         lr = max(finished, key=lambda r: r["best"]["score"])["lr"]
         change = (name, candidates[name].get("adapter", {}))
         for seed in plan["seeds"]:
-            settings = run_settings(plan, table, "dynamic", lr, seed, out, None, change)
-            record = train_once(settings, results, screened(name, lr))
+            record = train_once(
+                run_settings(plan, table, "dynamic", lr, seed, out, None, change), results, screened(name, lr)
+            )
             if "best" in record:
                 score(plan, table, record, out)
+    for name in candidates:
+        if name not in confirm:
+            screen(name)
+
+
+def screen_of(record: dict) -> str:
+    """The candidate a screen record ran."""
+    return record["variant"].removeprefix("screen-").rsplit("-lr", 1)[0]
 
 
 def main() -> None:
