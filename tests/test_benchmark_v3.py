@@ -108,6 +108,24 @@ def test_a_screened_candidate_runs_in_its_own_directory_with_its_adapter_change(
     assert "default" in plan["screen"]["candidates"]  # what every candidate is judged against
 
 
+def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path):
+    import fcntl
+
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    settings = v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 1, tmp_path / "out", None)
+    run_dir = Path(settings["output_dir"])
+    run_dir.parent.mkdir(parents=True)
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as held:  # as the other process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert v3.train_once(settings, tmp_path / "runs.jsonl", "dynamic-lr4.6e-04") == {}
+    assert not run_dir.exists() and not (tmp_path / "runs.jsonl").exists()
+    done = {"variant": "dynamic-lr4.6e-04", "seed": 1, "best": {"score": -2.7}}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(done) + "\n")
+    assert v3.train_once(settings, tmp_path / "runs.jsonl", "dynamic-lr4.6e-04") == done  # finished: not run again
+
+
 def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_path):
     from v3_report import screen_lines
 
