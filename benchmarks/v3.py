@@ -18,7 +18,8 @@ predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recom
 
 The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
 unless the candidate names its own lrs, on the held-out slice only (``<table>/screen.jsonl``); its ``default``
-candidate is today's Dynamic LoRA from the same code, the one every other is judged against. The candidates the
+candidate is Dynamic LoRA as the plan's base sets it, from the same code; a candidate is judged against it, or
+against the candidate it names as ``on_top_of`` (its settings then add to that one's). The candidates the
 plan lists under ``confirm`` (those that passed) go first: every seed at the best screened lr, each scored once on
 the reported set.
 """
@@ -85,6 +86,16 @@ def run_settings(
     settings["output_dir"] = str(out / table / name / f"seed{seed}")
     TrainSettings.from_settings(settings)  # a wrong setting fails here, before hours of runs
     return settings
+
+
+def candidate_change(candidates: dict, name: str) -> dict:
+    """A screened candidate's adapter settings: those of the candidate it is screened on (``on_top_of``, if any),
+    then its own."""
+    candidate = candidates[name]
+    on = candidate.get("on_top_of")
+    if on is not None and on not in candidates:
+        raise ValueError(f"screen candidate {name} is on {on!r}, which is not a candidate of the plan")
+    return {**(candidate_change(candidates, on) if on else {}), **candidate.get("adapter", {})}
 
 
 def screened(candidate: str, lr: float) -> str:
@@ -223,16 +234,8 @@ def run_screen(plan: dict, table: str, out: Path) -> None:
 
     def screen(name: str) -> None:
         for lr in candidates[name].get("lrs", [chosen]):
-            settings = run_settings(
-                plan,
-                table,
-                "dynamic",
-                lr,
-                plan["selection_seed"],
-                out,
-                None,
-                (name, candidates[name].get("adapter", {})),
-            )
+            change = (name, candidate_change(candidates, name))
+            settings = run_settings(plan, table, "dynamic", lr, plan["selection_seed"], out, None, change)
             train_once(settings, results, screened(name, lr))
 
     for name in confirm:  # passed the screen: every seed at its best screened lr, scored on the reported set
@@ -242,7 +245,7 @@ def run_screen(plan: dict, table: str, out: Path) -> None:
             print(f"{name}: no finished screen run on {table} to confirm", flush=True)
             continue
         lr = max(finished, key=lambda r: r["best"]["score"])["lr"]
-        change = (name, candidates[name].get("adapter", {}))
+        change = (name, candidate_change(candidates, name))
         for seed in plan["seeds"]:
             record = train_once(
                 run_settings(plan, table, "dynamic", lr, seed, out, None, change), results, screened(name, lr)

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from common import write_section
 from matplotlib.figure import Figure
-from v3 import PREDICTIONS
+from v3 import PREDICTIONS, screen_of
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
@@ -259,8 +259,9 @@ def curves(table: Table) -> Figure:
 
 def screen_lines(table: Table, root: Path) -> list[str]:
     """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score and its difference
-    from the ``default`` candidate's (one seed: a screen, not a verdict); then each confirmed candidate's paired
-    intervals on the reported set against Dynamic LoRA and static LoRA at their chosen lrs."""
+    from the score of what it is screened on (``default``, unless it names another as ``on_top_of``) at the same lr (one
+    seed: a screen, not a verdict); then each confirmed candidate's paired intervals on the reported set against
+    Dynamic LoRA and static LoRA at their chosen lrs."""
     name, plan = table.name, table.plan
     path = root / name / "screen.jsonl"
     runs = read_jsonl(path) if path.is_file() else []
@@ -268,24 +269,24 @@ def screen_lines(table: Table, root: Path) -> list[str]:
         return []
     digits, scale = (2, 100.0) if name == "sst2" else (4, 1.0)
     screened = [r for r in runs if r["seed"] == plan["selection_seed"]]
-    default = {
-        r["lr"]: r["best"]["score"] for r in screened if r["variant"].startswith("screen-default-") and "best" in r
-    }
+    scores = {(screen_of(r), r["lr"]): r["best"]["score"] for r in screened if "best" in r}
     changes = plan.get("screen", {}).get("candidates", {})
     lines = [
-        "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step | − default at its lr |",
+        "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step | − what it is on, same lr |",
         "|---|---|---|---|---|---|",
     ]
     for run in screened:
-        candidate = run["variant"].removeprefix("screen-").rsplit("-lr", 1)[0]
-        change = ", ".join(f"{k}={v}" for k, v in changes.get(candidate, {}).get("adapter", {}).items()) or "—"
+        candidate = screen_of(run)
+        own = changes.get(candidate, {})
+        on = own.get("on_top_of", "default")
+        change = ", ".join(f"{k}={v}" for k, v in own.get("adapter", {}).items()) or "—"
+        change += f" (on {on})" if on != "default" else ""
         if "best" not in run:
             lines.append(f"| {candidate} | {change} | {run['lr']:.1e} | — | diverged | — |")
             continue
-        peak = run.get("peak_trainable_parameters", 0)
-        started_above = changes.get(candidate, {}).get("adapter", {}).get("start_ratio", 1) > 1
-        params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if started_above else "")
-        score, base = run["best"]["score"], default.get(run["lr"])
+        peak = run.get("peak_trainable_parameters", run["trainable_parameters"])
+        params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if peak > run["trainable_parameters"] else "")
+        score, base = run["best"]["score"], scores.get((on, run["lr"]))
         versus = "—" if base is None or candidate == "default" else f"{scale * (score - base):+.{digits}f}"
         lines.append(
             f"| {candidate} | {change} | {run['lr']:.1e} | {params} | "

@@ -97,6 +97,18 @@ def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
     assert num.sum() / den.sum() == pytest.approx(-15 / 9)  # minus the mean loss per token
 
 
+def test_a_candidate_screened_on_another_adds_its_settings_to_that_ones():
+    import v3
+
+    candidates = {
+        "a": {"adapter": {"input_adaptive": None, "rslora": True}},
+        "b": {"on_top_of": "a", "adapter": {"rslora": False}},
+    }
+    assert v3.candidate_change(candidates, "b") == {"input_adaptive": None, "rslora": False}
+    with pytest.raises(ValueError, match="on 'c', which is not a candidate"):
+        v3.candidate_change({"b": {"on_top_of": "c"}}, "b")
+
+
 def test_a_screened_candidate_runs_in_its_own_directory_with_its_adapter_change():
     import v3
 
@@ -126,7 +138,7 @@ def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path
     assert v3.train_once(settings, tmp_path / "runs.jsonl", "dynamic-lr4.6e-04") == done  # finished: not run again
 
 
-def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_path):
+def test_the_screen_reports_each_candidate_against_what_it_is_screened_on_at_its_lr(tmp_path):
     from v3_report import screen_lines
 
     (tmp_path / "stdlib").mkdir()
@@ -135,15 +147,20 @@ def test_the_screen_reports_each_candidate_against_the_default_at_its_lr(tmp_pat
         {"variant": "screen-lora-ga-lr4.6e-04", "lr": 4.6e-4, "best": {"score": -2.75, "step": 150}},
         {"variant": "screen-rslora-lr1.0e-04", "lr": 1e-4, "best": {"score": -2.70, "step": 200}},
         {"variant": "screen-start-ratio-1.5-lr4.6e-04", "lr": 4.6e-4, "diverged": "x"},
+        {"variant": "screen-gate-lr4.6e-04", "lr": 4.6e-4, "best": {"score": -2.74, "step": 200}},
     ]
     rows = [r | {"seed": 0} for r in rows]
-    for row in rows[:3]:
+    for row in rows:
         row["trainable_parameters"] = 100
     rows[1]["peak_trainable_parameters"] = 150
     (tmp_path / "stdlib" / "screen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plan = {**PLAN, "screen": {"candidates": {"lora-ga": {"adapter": {"init": "lora-ga", "start_ratio": 1.5}}}}}
-    lines = screen_lines(Table("stdlib", plan, tmp_path), tmp_path)
+    candidates = {
+        "lora-ga": {"adapter": {"init": "lora-ga", "start_ratio": 1.5}},
+        "gate": {"on_top_of": "lora-ga", "adapter": {"input_adaptive": "per_example"}},
+    }
+    lines = screen_lines(Table("stdlib", {**PLAN, "screen": {"candidates": candidates}}, tmp_path), tmp_path)
     assert "| lora-ga | init=lora-ga, start_ratio=1.5 | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
+    assert "| gate | input_adaptive=per_example (on lora-ga) | 4.6e-04 | 100 | -2.7400 @200 | +0.0100 |" in lines
     assert any(line.startswith("| rslora |") and line.endswith("| — |") for line in lines)  # no default at 1e-4
     assert any("start-ratio-1.5" in line and "diverged" in line for line in lines)
 
