@@ -5,6 +5,7 @@
     python benchmarks/v3.py run --table stdlib
     python benchmarks/v3.py run --frontier             # after the frontier's table has chosen its lrs
     python benchmarks/v3.py run --screen --table stdlib   # issue 34's candidates, after the table chose its lrs
+    python benchmarks/v3.py run --screen --table sst2 --only no-input-norm   # one candidate of the screen
 
 Resumable: a finished run is a line of RESULTS/<table>/runs.jsonl and is skipped; an interrupted one resumes from
 its checkpoint. One run at a time per invocation; start one per core (OMP_NUM_THREADS=1), on the same table or not:
@@ -80,7 +81,7 @@ def run_settings(
         settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
     name = variant(method, lr, rank)
     if candidate:
-        name = screened(candidate[0], lr)
+        name = screened(candidate[0], lr, rank)
         settings["adapter"] = {**settings["adapter"], **candidate[1]}
     settings["task"] = settings.get("task", table)  # a language-model table is named by its table, not a GLUE task
     settings["output_dir"] = str(out / table / name / f"seed{seed}")
@@ -98,9 +99,16 @@ def candidate_change(candidates: dict, name: str) -> dict:
     return {**(candidate_change(candidates, on) if on else {}), **candidate.get("adapter", {})}
 
 
-def screened(candidate: str, lr: float) -> str:
-    """A screened run's name: the candidate and its lr."""
-    return f"screen-{candidate}-lr{lr:.1e}"
+def screened(candidate: str, lr: float, rank: int | None = None) -> str:
+    """A screened run's name: the candidate, its lr and, on the frontier, its rank."""
+    return f"screen-{candidate}-lr{lr:.1e}" + (f"-r{rank}" if rank else "")
+
+
+def adopted(plan: dict) -> tuple[str, dict] | None:
+    """The screen candidate adopted as ``--method dynamic``'s default (``screen.adopted``) and its adapter settings:
+    the frontier's Dynamic LoRA runs with them."""
+    name = plan.get("screen", {}).get("adopted")
+    return (name, candidate_change(plan["screen"]["candidates"], name)) if name else None
 
 
 def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -205,7 +213,8 @@ def score_chosen(plan: dict, table: str, method: str, out: Path) -> None:
 
 
 def run_frontier(plan: dict, out: Path) -> None:
-    """Every rank of the frontier on one seed, then on the next: the first seed's frontier is whole first."""
+    """Every rank of the frontier on one seed, then on the next: the first seed's frontier is whole first. Dynamic
+    LoRA runs as its adopted default sets it (:func:`adopted`) once the plan names one."""
     frontier = plan["frontier"]
     table = frontier["table"]
     results = plan["results_dir"] / table / "runs.jsonl"
@@ -215,22 +224,26 @@ def run_frontier(plan: dict, out: Path) -> None:
                 lr = chosen_lr(plan, read_results(results), method)
                 if lr is None:
                     sys.exit(f"error: {method} has no chosen lr on {table} yet: run --table {table} first")
-                name = variant(method, lr, rank)
-                record = train_once(run_settings(plan, table, method, lr, seed, out, rank), results, name)
+                change = adopted(plan) if method == "dynamic" else None
+                settings = run_settings(plan, table, method, lr, seed, out, rank, change)
+                record = train_once(settings, results, Path(settings["output_dir"]).parent.name)
                 if "best" in record:
                     score(plan, table, record, out)
 
 
-def run_screen(plan: dict, table: str, out: Path) -> None:
+def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> None:
     """The candidates the plan lists under ``confirm`` first (their screen run, then every seed, scored on the
-    reported set), then every other candidate of the screen in the plan's order, on the held-out slice only."""
+    reported set), then every other candidate of the screen in the plan's order, on the held-out slice only;
+    ``only``: that candidate alone."""
     records = read_results(plan["results_dir"] / table / "runs.jsonl")
     chosen = chosen_lr(plan, records, "dynamic")
     if chosen is None:
         sys.exit(f"error: dynamic has no chosen lr on {table} yet: run --table {table} first")
     results = plan["results_dir"] / table / "screen.jsonl"
     candidates = plan["screen"]["candidates"]
-    confirm = plan["screen"].get("confirm") or []
+    if only is not None and only not in candidates:
+        sys.exit(f"error: --only {only}: not a screen candidate of the plan ({', '.join(candidates)})")
+    confirm = [c for c in plan["screen"].get("confirm") or [] if only in (None, c)]
 
     def screen(name: str) -> None:
         for lr in candidates[name].get("lrs", [chosen]):
@@ -253,7 +266,7 @@ def run_screen(plan: dict, table: str, out: Path) -> None:
             if "best" in record:
                 score(plan, table, record, out)
     for name in candidates:
-        if name not in confirm:
+        if name not in confirm and only in (None, name):
             screen(name)
 
 
@@ -268,6 +281,7 @@ def main() -> None:
     parser.add_argument("--table", help="a table of the plan")
     parser.add_argument("--frontier", action="store_true", help="the budget frontier (after its table)")
     parser.add_argument("--screen", action="store_true", help="issue 34's candidates on --table (after the table)")
+    parser.add_argument("--only", help="with --screen: this candidate alone")
     parser.add_argument("--plan", default=str(HERE / "v3_plan.yaml"))
     parser.add_argument("--output-dir", default="runs/v3", help="run directories (not committed)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="what is committed: records and predictions")
@@ -277,7 +291,7 @@ def main() -> None:
     if args.frontier:
         run_frontier(plan, out)
     elif args.screen and args.table in plan["tables"]:
-        run_screen(plan, args.table, out)
+        run_screen(plan, args.table, out, args.only)
     elif args.table in plan["tables"]:
         run_table(plan, args.table, out)
     else:

@@ -58,6 +58,7 @@ class Table:
     def __init__(self, name: str, plan: dict, root: Path = RESULTS) -> None:
         self.name, self.plan = name, plan
         self.runs = read_jsonl(root / name / "runs.jsonl") if (root / name / "runs.jsonl").is_file() else []
+        self.screen = read_jsonl(root / name / "screen.jsonl") if (root / name / "screen.jsonl").is_file() else []
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
             seed = int(path.name.removesuffix(PREDICTIONS).removeprefix("seed"))
@@ -94,6 +95,28 @@ class Table:
         low, high = np.percentile(np.take_along_axis(per_seed, drawn, 1).mean(1), [2.5, 97.5])
         mean = statistics.mean(self.score(a, s) - self.score(b, s) for s in seeds)
         return mean, float(low), float(high), len(seeds)
+
+    def adopted(self) -> str | None:
+        """The rank-8 run of the screen candidate adopted as Dynamic LoRA's default (the plan's ``screen.adopted``),
+        once scored on this table; None before."""
+        name = self.plan.get("screen", {}).get("adopted")
+        runs = {
+            r for r, _ in self.scored if name and r.startswith(f"screen-{name}-lr") and "-r" not in r.split("-lr")[-1]
+        }
+        return min(runs) if runs else None
+
+    def dynamic(self) -> tuple[str | None, str]:
+        """Dynamic LoRA's run for the verdicts, and a note saying which it is: the adopted default's once scored on
+        this table, else the table's own ``dynamic`` run."""
+        name = self.plan.get("screen", {}).get("adopted")
+        if not name:
+            return self.chosen("dynamic"), ""
+        if self.adopted():
+            return self.adopted(), f"Dynamic LoRA here is its default since issue 34: {name} (the screen below)."
+        return self.chosen("dynamic"), (
+            f"Dynamic LoRA here is the table's `dynamic` row, input normalisation on: its default since issue 34, "
+            f"{name}, is not scored on this table yet."
+        )
 
     def chosen(self, method: str) -> str | None:
         """The run name (method and lr) chosen for ``method`` on the held-out slice; None until its grid is done."""
@@ -154,17 +177,21 @@ def selection_lines(table: Table) -> list[str]:
 def score_table(table: Table) -> list[str]:
     digits = 2 if table.name == "sst2" else 4
     lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
-    for method in table.plan["methods"]:
-        run = table.chosen(method)
+    rows = [(NAMES[m], table.chosen(m)) for m in table.plan["methods"]]
+    if table.adopted():
+        rows.insert(
+            1, (f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})", table.adopted())
+        )
+    for name, run in rows:
         seeds = table.seeds(run) if run else []
         if not seeds:
-            lines.append(f"| {NAMES[method]} | — | — | — |")
+            lines.append(f"| {name} | — | — | — |")
             continue
         values = [table.score(run, s) for s in seeds]
-        params = {r["trainable_parameters"] for r in table.runs if r["variant"] == run and "best" in r}
+        params = {r["trainable_parameters"] for r in table.runs + table.screen if r["variant"] == run and "best" in r}
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(
-            f"| {NAMES[method]} | {run.split('-lr')[1]} | {', '.join(f'{p:,}' for p in sorted(params))} | "
+            f"| {name} | {run.split('-lr')[-1]} | {', '.join(f'{p:,}' for p in sorted(params))} | "
             f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f} (n={len(seeds)}) |"
         )
     return lines
@@ -173,7 +200,7 @@ def score_table(table: Table) -> list[str]:
 def target_lines(table: Table) -> list[str]:
     """Dynamic LoRA against each baseline at its own chosen lr, and the target: ≥ the best baseline."""
     digits = 2 if table.name == "sst2" else 4
-    dynamic = table.chosen("dynamic")
+    dynamic, note = table.dynamic()
     baselines = [m for m in table.plan["methods"] if m != "dynamic"]
     means = {}
     lines = []
@@ -189,7 +216,7 @@ def target_lines(table: Table) -> list[str]:
     head = f"- **Target: Dynamic LoRA ≥ {name}**: {fmt(x, digits)} → {verdict(x, len(table.plan['seeds']))}"
     if ("untrained", 0) in table.scored and dynamic:  # how far training moved it from the untrained model
         lines.append(f"- Dynamic LoRA − the untrained model: {fmt(table.interval(dynamic, 'untrained'), digits)}")
-    return [head, *lines]
+    return ([note, ""] if note else []) + [head, *lines]
 
 
 def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
@@ -197,7 +224,7 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
     ranks = [*plan["frontier"]["ranks"], plan["base"]["adapter"]["rank"]]
     runs = {}
     for method in plan["frontier"]["methods"]:
-        chosen = table.chosen(method)
+        chosen = table.dynamic()[0] if method == "dynamic" else table.chosen(method)
         if chosen:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else f"{chosen}-r{rank}"
@@ -222,7 +249,9 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             run = runs.get((method, rank))
             seeds = table.seeds(run) if run else []
             if seeds:
-                params = next(r["trainable_parameters"] for r in table.runs if r["variant"] == run and "best" in r)
+                params = next(
+                    r["trainable_parameters"] for r in table.runs + table.screen if r["variant"] == run and "best" in r
+                )
                 resampled = np.mean([table.resampled(run, s) for s in seeds], 0)
                 mean = statistics.mean(table.score(run, s) for s in seeds)
                 points.append((params, mean, *np.percentile(resampled, [2.5, 97.5])))

@@ -29,6 +29,7 @@ def write(root: Path, table: str, runs: list[dict], predictions: dict) -> None:
 
 def run(method: str, lr: float, seed: int, held_out: float | None) -> dict:
     record = {"variant": f"{method}-lr{lr:.1e}", "method": method, "lr": lr, "rank": 8, "seed": seed, "curve": []}
+    record["trainable_parameters"] = 5
     return record | ({"best": {"score": held_out, "step": 50}} if held_out is not None else {"diverged": "x"})
 
 
@@ -180,3 +181,30 @@ def test_a_confirmed_candidate_is_compared_on_the_reported_set_with_both_methods
     assert sum(line.startswith("| x |") for line in lines) == 1  # the screen row is seed 0's
     assert any(line.startswith("- x-lr1.0e-03 − Dynamic LoRA: +10.00 [") and "(n=2)" in line for line in lines)
     assert any(line.startswith("- x-lr1.0e-03 − static LoRA: +20.00 [") and "(n=2)" in line for line in lines)
+
+
+def test_the_verdicts_take_the_adopted_default_once_it_is_scored_on_the_table_and_say_which_they_took(tmp_path):
+    from v3_report import score_table, target_lines
+
+    candidate = "screen-x-lr1.0e-03"
+    scored = {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)} | {
+        ("lora-lr1.0e-04", s): answers(70) for s in (0, 1)
+    }
+    write(tmp_path, "sst2", GRID, scored)
+    plan = {**PLAN, "methods": ["dynamic", "lora"], "screen": {"adopted": "x", "candidates": {"x": {}}}}
+    before = target_lines(Table("sst2", plan, tmp_path))
+    assert "x, is not scored on this table yet" in before[0] and "+10.00 [" in before[2]  # the old default's row
+    for s in (0, 1):
+        (tmp_path / "sst2" / candidate).mkdir(exist_ok=True)
+        (tmp_path / "sst2" / candidate / f"seed{s}.predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in answers(90))
+        )
+    (tmp_path / "sst2" / "screen.jsonl").write_text(
+        json.dumps({"variant": candidate, "lr": 1e-3, "seed": 0, "best": {"score": 0.9}, "trainable_parameters": 7})
+    )
+    table = Table("sst2", plan, tmp_path)
+    after = target_lines(table)
+    assert "its default since issue 34: x" in after[0] and after[2].startswith(
+        "- **Target: Dynamic LoRA ≥ static LoRA**: +20.00 ["
+    )
+    assert "| Dynamic LoRA, its default since issue 34 (x) | 1.0e-03 | 7 | 90.00 ± 0.00 (n=2) |" in score_table(table)
