@@ -44,8 +44,8 @@ def settings(method: str, run: Path, model_dir: str, **changes) -> TrainSettings
     if method == "peft-adalora":
         adapter.update(warmup=0.1, interval=0.05, final=0.8)
     adapter["train_untrained_pooler"] = False  # what resumed_settings reads into a config.json written before it
-    if method == "dynamic":  # dynlora 0.1's defaults: the gradient start (recorded), a fold every step (not)
-        adapter.update(init="gradient", input_norm_every=1)
+    if method == "dynamic":  # dynlora 0.1's defaults: the gradient start and input normalisation (recorded), a
+        adapter.update(init="gradient", input_adaptive="mergeable", input_norm_every=1)  # fold every step (not)
     return TrainSettings(
         model=model_dir,
         method=method,
@@ -116,7 +116,8 @@ def _write_v1(root: Path, identity: dict, method_state: dict) -> None:
     manifest.write_text(json.dumps(data))
 
 
-EVERY_STEP = {"input_norm_every": 1}  # format 1 folded input statistics in after every step
+MERGEABLE = {"input_adaptive": "mergeable"}  # recorded in a format-1 run's config.json, which resume reads
+EVERY_STEP = {**MERGEABLE, "input_norm_every": 1}  # format 1 folded input statistics in after every step
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ EVERY_STEP = {"input_norm_every": 1}  # format 1 folded input statistics in afte
         ("lora", {}, {}, None),  # static LoRA did then what it does now: random A, static, no input scaling
         ("dynamic", {}, EVERY_STEP, None),  # Dynamic LoRA started random then, as its default does again
         ("dynamic", {}, {"init": "gradient", **EVERY_STEP}, r"adapter\.init was 'lora', now 'gradient'"),
-        ("dynamic", {}, {}, r"adapter\.input_norm_every was 1, now 10"),
+        ("dynamic", {}, MERGEABLE, r"adapter\.input_norm_every was 1, now 10"),
         (
             "dynamic",
             {"init": "gradient", "reallocate": False},

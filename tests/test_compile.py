@@ -20,8 +20,8 @@ def make(input_adaptive="mergeable"):
         warmup=3,
         interval=2,
         final=8,
-        input_norm_every=2,
         input_adaptive=input_adaptive,
+        **({"input_norm_every": 2} if input_adaptive == "mergeable" else {}),
     )
     model = get_dynlora_model(tiny_llama(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

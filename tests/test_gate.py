@@ -7,6 +7,7 @@ from test_engine import data, engine_config, make, train
 from torch import nn
 
 from dynlora import DynamicLoRAConfig, DynamicLoRALinear, DynamicLoRAModel, get_dynlora_model
+from dynlora.config import static_lora
 from dynlora.input_adaptation import InputNorm
 from dynlora.input_statistics import InputStatistics
 
@@ -47,7 +48,9 @@ def test_input_norm_strength_is_an_exponent_of_the_scale(tmp_path):
     assert torch.allclose(half, full.sqrt())
     assert 0.05 < half[2] < 0.2  # the outlier is brought only part of the way down
     # The setting reaches every layer and survives save/load.
-    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_norm_strength=0.5))
+    model = get_dynlora_model(
+        build("bert"), DynamicLoRAConfig(rank=4, input_adaptive="mergeable", input_norm_strength=0.5)
+    )
     assert {m.input_norm.strength for m in model.lora_layers().values()} == {0.5}
     model.save_pretrained(tmp_path)
     reloaded = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
@@ -153,7 +156,7 @@ def test_one_layers_saved_statistics_do_not_carry_the_other_layers_rows(tmp_path
 
 def test_a_saved_adapter_and_its_engine_state_resume_exactly_between_two_folds(tmp_path):
     """The statistics gathered since the last fold are saved with the adapter (and in checkpoints)."""
-    config = engine_config(input_norm_every=5)
+    config = engine_config(input_adaptive="mergeable", input_norm_every=5)
     straight, opt = make(config)
     train(straight, opt, 1, 20, 20)
     first, opt1 = make(config)
@@ -171,7 +174,7 @@ def test_a_saved_adapter_and_its_engine_state_resume_exactly_between_two_folds(t
 
 
 def test_a_training_state_written_before_statistics_were_folded_in_blocks_loads_as_an_empty_block():
-    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_adaptive="mergeable"))
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(("block_sum", "block_count"))}
     model.load_state_dict(state)  # strict: every other key must be there
     with pytest.raises(RuntimeError, match="missing"):
@@ -271,9 +274,14 @@ def test_per_example_gate_survives_rebase_and_growth_exactly():
     assert torch.allclose(layer(x), before, atol=1e-5)
 
 
-def test_gate_off_and_bad_mode():
-    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(input_adaptive=None))
+def test_input_adaptation_is_off_by_default_and_a_bad_mode_or_a_setting_of_the_mode_that_is_off_is_refused():
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig())
     assert all(m.input_norm is None and m.token_gate is None for m in model.lora_layers().values())
+    with pytest.raises(ValueError, match="input_norm_every only tunes the mergeable input adaptation, which is off"):
+        DynamicLoRAConfig(input_norm_every=5)
+    with pytest.raises(ValueError, match="--input-adaptive mergeable"):
+        DynamicLoRAConfig(input_adaptive="per_example", input_norm_strength=0.5)
+    assert static_lora(DynamicLoRAConfig(input_adaptive="mergeable", input_norm_every=5)).input_adaptive is None
     with pytest.raises(ValueError, match="input_adaptive"):
         DynamicLoRAConfig(input_adaptive="sometimes")
     for bad in (0.0, 1.5, True, "half"):

@@ -160,16 +160,18 @@ def test_save_load_round_trip_with_changed_ranks(arch, tmp_path):
     assert (logits(loaded, inputs) - expected).abs().max() < 1e-6
 
 
-def test_saved_files_hold_only_adapter_and_head(tmp_path):
+# Per layer: A, B and, with the input normalisation, its average, its flag and the block not yet folded in (sum,
+# tokens); then the head and the pooler.
+@pytest.mark.parametrize(("input_adaptive", "per_layer"), [(None, 2), ("mergeable", 2 + 2 + 2)])
+def test_saved_files_hold_only_adapter_and_head(tmp_path, input_adaptive, per_layer):
     from safetensors.torch import load_file
 
-    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4, input_adaptive=input_adaptive))
     model.save_pretrained(tmp_path)
     keys = load_file(str(tmp_path / "dynlora_model.safetensors")).keys()
     head = ("classifier.", "bert.pooler.")  # the random model's pooler was never trained, so it trains with the head
     assert all(".lora_" in k or ".input_norm." in k or k.startswith(head) for k in keys)
-    # Per layer: A, B, the gate's average, its flag and the block not yet folded in (sum, tokens); head and pooler.
-    assert len(keys) == 4 * (2 + 2 + 2) + 2 + 2
+    assert len(keys) == 4 * per_layer + 2 + 2
 
 
 def test_load_errors(tmp_path):

@@ -22,7 +22,8 @@ def _options(kind) -> tuple:
 
 
 # Settings that need another one to make sense.
-COMPANIONS = {"dev_file": {"train_file": "train.csv"}}
+MERGEABLE = {"input_adaptive": "mergeable"}  # what the input normalisation's own settings need to mean anything
+COMPANIONS = {"dev_file": {"train_file": "train.csv"}, "input_norm_strength": MERGEABLE, "input_norm_every": MERGEABLE}
 # Settings whose default is the lowest value they accept.
 AT_THEIR_LOWEST = {"start_ratio": ("1.5", 1.5)}
 
@@ -82,7 +83,8 @@ CONFIG_KEYS = [(s, False) for s in SETTINGS] + [(s, True) for s in SETTINGS if s
 )
 def test_every_setting_is_reachable_from_a_config_file(setting, nested, tmp_path):
     _, value = sample(setting)
-    data = {"adapter": {setting.name: value}} if nested else {setting.key: value, **COMPANIONS.get(setting.name, {})}
+    companions = COMPANIONS.get(setting.name, {})
+    data = {"adapter": {setting.name: value, **companions}} if nested else {setting.key: value, **companions}
     if setting.name != "output_dir":
         data["output_dir"] = str(tmp_path)
     path = tmp_path / "run.yaml"

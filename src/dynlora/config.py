@@ -17,6 +17,7 @@ INITS = ("lora", "gradient", "lora-ga")
 IMPORTANCES = ("sensitivity", "gradient", "update_norm")
 SHARES = ("rank", "parameter")
 INPUT_ADAPTATIONS = ("mergeable", "per_example")
+NORM_SETTINGS = ("input_norm_strength", "input_norm_every")  # what tunes the mergeable input adaptation
 
 
 def setting(default: Any, help: str, **extra: Any) -> Any:
@@ -137,9 +138,10 @@ class DynamicLoRAConfig:
         0, "seed of the random rows of components added when a layer grows", flag="--adapter-seed", engine=True
     )
     input_adaptive: str | None = setting(
-        "mergeable",
-        "input adaptation: mergeable (input normalisation by running statistics, folded into the "
-        "weights at merge) | per_example (a per-token gate; cannot be merged or exported) | none",
+        None,
+        "input adaptation: none (the default: it cost held-out loss on the decoder, docs/method.md) | mergeable "
+        "(input normalisation by running statistics, folded into the weights at merge) | per_example (a per-token "
+        "gate; cannot be merged or exported)",
         choices=INPUT_ADAPTATIONS,
     )
     input_norm_strength: float = setting(
@@ -187,6 +189,12 @@ class DynamicLoRAConfig:
         _check(
             _whole(self.input_norm_every) and self.input_norm_every >= 1,
             f"input_norm_every must be a whole number of steps >= 1, got {self.input_norm_every!r}",
+        )
+        changed = [n for n in NORM_SETTINGS if getattr(self, n) != DynamicLoRAConfig.__dataclass_fields__[n].default]
+        _check(
+            self.input_adaptive == "mergeable" or not changed,
+            f"{' and '.join(changed)} only tune{'s' if len(changed) == 1 else ''} the mergeable input adaptation, "
+            "which is off: add input_adaptive='mergeable' (--input-adaptive mergeable), or leave it out",
         )
         _check(self.share in SHARES, f"share must be one of {', '.join(map(repr, SHARES))}, got {self.share!r}")
         _check(self.init in INITS, f"init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}")
@@ -256,7 +264,8 @@ def engine_settings() -> tuple[str, ...]:
 
 def static_lora(config: DynamicLoRAConfig) -> DynamicLoRAConfig:
     """Plain LoRA on the same layers at the same rank: no re-allocation, no input adaptation, random A."""
-    return dataclasses.replace(config, reallocate=False, max_rank=None, input_adaptive=None, init="lora")
+    norm = {n: DynamicLoRAConfig.__dataclass_fields__[n].default for n in NORM_SETTINGS}
+    return dataclasses.replace(config, reallocate=False, max_rank=None, input_adaptive=None, init="lora", **norm)
 
 
 def _check(ok: bool, message: str) -> None:
