@@ -218,10 +218,11 @@ def make_step(
 
 
 def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
-    """Median seconds of update_and_allocate on an ordinary step, on a step that folds the input statistics in and
-    on one that scores importance (the steps leading to a re-allocation), of one re-allocation, and what a whole
-    re-allocation step costs more than an ordinary one."""
-    model = setup.dynamic("mergeable")
+    """Median seconds of update_and_allocate, with the default input adaptation, on an ordinary step, on a step that
+    would fold input statistics in (with the mergeable one) and on one that scores importance (the steps leading to
+    a re-allocation), of one re-allocation, and what a whole re-allocation step costs more than an ordinary one."""
+    gate = setup.config().input_adaptive
+    model = setup.dynamic(gate)
     step = make_step(model, batch)
     for _ in range(3):  # Adam state exists, B is non-zero
         step()
@@ -243,8 +244,8 @@ def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> d
     # A re-allocation step whole: with init="gradient" its forward/backward also measures ∂L/∂W of every layer
     # (probe.py), and grown components are pointed along it. Timed as the step-median difference of a model that
     # re-allocates at every step and one that never does in the window.
-    always = setup.dynamic("mergeable", warmup=1, interval=1, final=BIND_STEPS)
-    pair = {"every step": make_step(always, batch), "never": make_step(setup.dynamic("mergeable"), batch)}
+    always = setup.dynamic(gate, warmup=1, interval=1, final=BIND_STEPS)
+    pair = {"every step": make_step(always, batch), "never": make_step(setup.dynamic(gate), batch)}
     steps = interleaved_medians(pair, rounds, warmup=3)
     return {
         **{key: statistics.median(ts) for key, ts in times.items()},
@@ -253,8 +254,9 @@ def engine_costs(setup: Setup, batch: dict[str, torch.Tensor], rounds: int) -> d
 
 
 def engine_seconds_per_run(setup: Setup, engine: dict[str, float], run_steps: int) -> tuple[float, dict[str, int]]:
-    """The engine's total seconds over a run of ``run_steps`` with the default settings, and the step counts: every
-    step gathers input statistics, the fold steps fold them in, the scored ones update importance, re-allocation
+    """The engine's total seconds over a run of ``run_steps`` with the default settings, and the step counts: with
+    the mergeable input adaptation every step gathers input statistics and the fold steps fold them in (none by
+    default); the scored ones update importance, re-allocation
     steps (and, with init="gradient", the first step, which measures ∂L/∂W) cost what a re-allocation step costs
     more."""
     config = setup.config()
@@ -262,7 +264,9 @@ def engine_seconds_per_run(setup: Setup, engine: dict[str, float], run_steps: in
     steps = range(1, run_steps + 1)
     counts = {
         "steps": run_steps,
-        "folds": sum(folds_at(t, config.input_norm_every) for t in steps),
+        "folds": sum(folds_at(t, config.input_norm_every) for t in steps)
+        if config.input_adaptive == "mergeable"
+        else 0,
         "scored": sum(schedule.is_scored(t) for t in steps),
         "reallocations": sum(schedule.is_reallocation(t) for t in steps),
     }
@@ -414,11 +418,11 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 - dynlora static LoRA / PEFT LoRA step time: **{ratio_peft:.3f}×** (target ≤ 1.00)
 {versus_adalora}
 - Dynamic LoRA's overhead over static LoRA. Step medians (they move by ±1.5 % between runs on MiniLM, ±5-10 % on
-  SmolLM2): gate off {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}; static LoRA at Dynamic LoRA's
+  SmolLM2): gate off (the default) {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}; static LoRA at Dynamic LoRA's
   capacity, no engine: {capacity:+.2%}. Timed directly, where training
   loops call it (after the optimizer step, in a whole step): update_and_allocate
-  {engine["update_s"] * 1000:.2f} ms on an ordinary step (gathering input statistics),
-  {engine["fold_update_s"] * 1000:.2f} ms on one that folds them in,
+  {engine["update_s"] * 1000:.2f} ms on an ordinary step, {engine["fold_update_s"] * 1000:.2f} ms on one that would
+  fold input statistics in (the default input adaptation, {setup.config().input_adaptive}, has none),
   {engine["scored_update_s"] * 1000:.2f} ms on one that scores importance; a re-allocation step costs
   {engine["reallocation_step_extra_s"] * 1000:.0f} ms more than an ordinary one{probe_note} (the re-allocation itself
   {engine["reallocation_s"] * 1000:.1f} ms; the larger of the two is counted). Over a {args.run_steps}-step run with
