@@ -158,3 +158,19 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": CHECKPOINT_VERSION + 1}))
     with pytest.raises(CheckpointError, match="newer than this dynlora reads.*upgrade dynlora"):
         load_checkpoint(tmp_path, {"lr": 1e-3})
+
+
+def test_a_format_9_run_that_set_the_input_normalisation_while_it_was_off_resumes_with_the_defaults(tmp_path):
+    # Such settings never acted (the normalisation was off); a run now refuses them, so they migrate to the defaults.
+    ours = TrainSettings(method="dynamic", adapter={"input_adaptive": "per_example"}).identity()
+    theirs = {**ours, "adapter": {**ours["adapter"], "input_norm_every": 5, "input_norm_strength": 0.5}}
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"peak": 0}, theirs)
+    manifest = next(tmp_path.glob("step-*/manifest.json"))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
+    assert load_checkpoint(tmp_path, ours)[2] == 1
+    on = TrainSettings(method="dynamic", adapter={"input_adaptive": "mergeable", "input_norm_every": 5}).identity()
+    save_checkpoint(tmp_path / "on", 1, {"w": torch.ones(3)}, {"peak": 0}, on)
+    manifest = next((tmp_path / "on").glob("step-*/manifest.json"))
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 9}))
+    with pytest.raises(CheckpointError, match=r"adapter\.input_norm_every was 5, now 10"):  # it acted: kept
+        load_checkpoint(tmp_path / "on", {**on, "adapter": {**on["adapter"], "input_norm_every": 10}})

@@ -174,6 +174,17 @@ def test_saved_files_hold_only_adapter_and_head(tmp_path, input_adaptive, per_la
     assert len(keys) == 4 * per_layer + 2 + 2
 
 
+def test_an_adapter_saved_with_settings_of_the_input_normalisation_while_it_was_off_loads(tmp_path):
+    model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "dynlora_config.json"
+    meta = json.loads(path.read_text())
+    meta["config"] |= {"input_norm_every": 5, "input_norm_strength": 0.5}  # accepted, and idle, before the check
+    path.write_text(json.dumps(meta))
+    loaded = DynamicLoRAModel.from_pretrained(build("bert"), tmp_path)
+    assert (loaded.dynlora_config.input_norm_every, loaded.dynlora_config.input_norm_strength) == (10, 1.0)
+
+
 def test_load_errors(tmp_path):
     model = get_dynlora_model(build("bert"), DynamicLoRAConfig(rank=4))
     model.save_pretrained(tmp_path / "ok")

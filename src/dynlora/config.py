@@ -190,7 +190,7 @@ class DynamicLoRAConfig:
             _whole(self.input_norm_every) and self.input_norm_every >= 1,
             f"input_norm_every must be a whole number of steps >= 1, got {self.input_norm_every!r}",
         )
-        changed = [n for n in NORM_SETTINGS if getattr(self, n) != DynamicLoRAConfig.__dataclass_fields__[n].default]
+        changed = [name for name, default in NORM_DEFAULTS.items() if getattr(self, name) != default]
         _check(
             self.input_adaptive == "mergeable" or not changed,
             f"{' and '.join(changed)} only tune{'s' if len(changed) == 1 else ''} the mergeable input adaptation, "
@@ -250,6 +250,17 @@ class DynamicLoRAConfig:
         return cls(**data)
 
 
+# What tunes the mergeable input adaptation, at its defaults: a config without that adaptation holds these.
+NORM_DEFAULTS = {name: DynamicLoRAConfig.__dataclass_fields__[name].default for name in NORM_SETTINGS}
+
+
+def written_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Adapter settings as an adapter, checkpoint or run directory wrote them, ready to load: settings of the mergeable
+    input adaptation written while it was off had no effect (and were accepted before they were refused), so they
+    load as their defaults."""
+    return data if data.get("input_adaptive") == "mergeable" else {**data, **NORM_DEFAULTS}
+
+
 def tagged(settings: type, tag: str) -> tuple[str, ...]:
     """The names of the fields of the settings dataclass ``settings`` whose metadata carries ``tag`` (see
     :func:`setting`): the one way settings are grouped."""
@@ -264,8 +275,9 @@ def engine_settings() -> tuple[str, ...]:
 
 def static_lora(config: DynamicLoRAConfig) -> DynamicLoRAConfig:
     """Plain LoRA on the same layers at the same rank: no re-allocation, no input adaptation, random A."""
-    norm = {n: DynamicLoRAConfig.__dataclass_fields__[n].default for n in NORM_SETTINGS}
-    return dataclasses.replace(config, reallocate=False, max_rank=None, input_adaptive=None, init="lora", **norm)
+    return dataclasses.replace(
+        config, reallocate=False, max_rank=None, input_adaptive=None, init="lora", **NORM_DEFAULTS
+    )
 
 
 def _check(ok: bool, message: str) -> None:

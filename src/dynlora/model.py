@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DynamicLoRAConfig
+from .config import DynamicLoRAConfig, written_settings
 from .conveniences import EcosystemMethods
 from .engine import Engine
 from .experts import DynamicLoRAParameters, split_target_name
@@ -266,7 +266,7 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         """
         meta = read_adapter_meta(adapter_directory)
         specs = saved_specs(model, meta, Path(adapter_directory))
-        config = DynamicLoRAConfig.from_dict(meta["config"])
+        config = DynamicLoRAConfig.from_dict(written_settings(meta["config"]))
         wrapped = cls(model, config, _specs=specs, _saved_modules=list(meta["modules_to_save"]))
         wrapped.set_ranks({n: int(v["rank"]) for n, v in meta["layers"].items()})
         wrapped.load_adapter_state_dict(read_adapter_weights(adapter_directory))

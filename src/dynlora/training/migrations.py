@@ -21,6 +21,8 @@ Format 8: ``peft-adalora`` records the schedule settings it now reads (``warmup`
 earlier AdaLoRA run pruned on fixed fractions of the run, 0.1, 0.05 and 0.8, whatever they were set to.
 Format 9: Dynamic LoRA records ``start_ratio``, and every run counts the ``peak`` of its trainable parameters;
 every earlier run started at its budget (1.0), and its peak is counted from where it resumes.
+Format 10: without the mergeable input adaptation, Dynamic LoRA records its settings (``input_norm_strength``,
+``input_norm_every``) at their defaults; an earlier run may have recorded others, which never acted.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import DynamicLoRAConfig
+from ..config import DynamicLoRAConfig, written_settings
 from .errors import CheckpointError
 
-CHECKPOINT_VERSION = 9
+CHECKPOINT_VERSION = 10
 
 # What format 1 did for the settings it did not record: init and input_norm_strength did not exist before they
 # were added, so such a checkpoint ran random A and a full-strength input scale; the six fields it never recorded
@@ -54,7 +56,7 @@ def _v1_to_v2(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     identity = dict(manifest["identity"])
     method = get_method(identity["method"])
     recorded = {"reallocate": identity["method"] == "dynamic", **V1_UNRECORDED, **identity["adapter"]}
-    identity["adapter"] = method.identity(DynamicLoRAConfig.from_dict(recorded))
+    identity["adapter"] = method.identity(DynamicLoRAConfig.from_dict(written_settings(recorded)))
     method_state = dict(state["method"])
     if "allocator" in method_state:
         method_state = {"engine": method_state.pop("allocator")}
@@ -105,6 +107,13 @@ def _v8_to_v9(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str
     return {**manifest, "identity": identity}, {**state, "peak": 0}
 
 
+def _v9_to_v10(manifest: dict[str, Any], state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    identity = manifest["identity"]
+    if identity["method"] == "dynamic":
+        identity = {**identity, "adapter": written_settings(identity["adapter"])}
+    return {**manifest, "identity": identity}, state
+
+
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     1: _v1_to_v2,
     2: _v2_to_v3,
@@ -114,6 +123,7 @@ MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {
     6: _v6_to_v7,
     7: _v7_to_v8,
     8: _v8_to_v9,
+    9: _v9_to_v10,
 }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DynamicLoRAConfig, setting, tagged
+from ..config import DynamicLoRAConfig, setting, tagged, written_settings
 from .data.glue import TASKS
 from .fields import settings_of
 
@@ -222,7 +222,7 @@ def resumed_settings(
     ``given`` ones that do not change what it computes (output, logging, evaluation) applied, and a new length
     (``max_steps``, ``epochs``: the run is extended). A given setting that would change the run otherwise is an error
     naming it. Returns the settings and the changes applied: ``{name: (old, new)}``."""
-    merged = {**saved, "adapter": {**LEGACY_ADAPTER, **(saved.get("adapter") or {})}}
+    merged = {**saved, "adapter": written_settings({**LEGACY_ADAPTER, **(saved.get("adapter") or {})})}
     changes = {}
     for key, value in given.items():
         pairs = value.items() if key == "adapter" else [(key, value)]
