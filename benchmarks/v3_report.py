@@ -324,11 +324,15 @@ def screen_lines(table: Table, root: Path) -> list[str]:
     confirmed = sorted({r["variant"] for r in runs if table.seeds(r["variant"])})
     if confirmed:
         lines += ["", "Confirmed on the reported set (paired, 95 % interval, seeds and units resampled):", ""]
+    references = [(NAMES["dynamic"], table.dynamic()[0])]
+    if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
+        references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
+    references.append((NAMES["lora"], table.chosen("lora")))
     for variant in confirmed:
-        for method in ("dynamic", "lora"):
-            other = table.chosen(method)
-            x = table.interval(variant, other) if other else None
-            lines.append(f"- {variant.removeprefix('screen-')} − {NAMES[method]}: {fmt(x, digits)}")
+        for name, other in references:
+            if other != variant:
+                x = table.interval(variant, other) if other else None
+                lines.append(f"- {variant.removeprefix('screen-')} − {name}: {fmt(x, digits)}")
     return lines
 
 
