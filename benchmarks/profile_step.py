@@ -29,8 +29,8 @@ from step_time import SETUPS, make_step
 from torch.profiler import ProfilerActivity, profile
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = ("frozen limit", "dynlora LoRA r=8", "Dynamic LoRA, gate on")
-SHORT = {"frozen limit": "frozen", "dynlora LoRA r=8": "static LoRA", "Dynamic LoRA, gate on": "Dynamic LoRA"}
+CONFIGS = ("frozen limit", "dynlora LoRA r=8", "Dynamic LoRA, gate off")
+SHORT = {"frozen limit": "frozen", "dynlora LoRA r=8": "static LoRA", "Dynamic LoRA, gate off": "Dynamic LoRA"}
 
 
 def profile_steps(step, steps: int) -> dict[str, dict[str, float]]:
@@ -70,7 +70,7 @@ def main() -> None:
         return ops[name].get(op, {"ms": 0.0})["ms"] - frozen.get(op, {"ms": 0.0})["ms"]
 
     names = set().union(*ops.values())
-    top = sorted(names, key=lambda op: -max(extra("dynlora LoRA r=8", op), extra("Dynamic LoRA, gate on", op)))
+    top = sorted(names, key=lambda op: -max(extra("dynlora LoRA r=8", op), extra("Dynamic LoRA, gate off", op)))
     top = top[: args.top]
 
     def cell(name: str, op: str) -> str:
