@@ -83,14 +83,14 @@ def main() -> None:
         f"| `{op}` | "
         + " | ".join(cell(n, op) for n in CONFIGS)
         + f" | {extra('dynlora LoRA r=8', op):+.1f} ms | "
-        + f"{extra('Dynamic LoRA, gate on', op) - extra('dynlora LoRA r=8', op):+.1f} ms |"
+        + f"{extra('Dynamic LoRA, gate off', op) - extra('dynlora LoRA r=8', op):+.1f} ms |"
         for op in top
     ]
     rows.append(
         "| **all operators** | "
         + " | ".join(f"**{totals[n]:.0f} ms ({calls[n]:.0f})**" for n in CONFIGS)
         + f" | **{totals['dynlora LoRA r=8'] - totals['frozen limit']:+.0f} ms** | "
-        + f"**{totals['Dynamic LoRA, gate on'] - totals['dynlora LoRA r=8']:+.0f} ms** |"
+        + f"**{totals['Dynamic LoRA, gate off'] - totals['dynlora LoRA r=8']:+.0f} ms** |"
     )
     table = "\n".join(rows)
     print(table)
