@@ -198,7 +198,9 @@ def run_table(plan: dict, table: str, out: Path) -> None:
             train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
         score_chosen(plan, table, method, out)
         lr = chosen_lr(plan, read_results(results), method)
-        for seed in [s for s in plan["seeds"] if s != first and lr is not None]:
+        if lr is None:  # its grid is not whole (another invocation is training part of it)
+            continue
+        for seed in [s for s in plan["seeds"] if s != first]:
             train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
             score_chosen(plan, table, method, out)
 
