@@ -16,7 +16,8 @@ of their ratio within a round. A step is forward + backward + AdamW step + zero_
   gradients but the classifier head's. No adapter method can be faster than this.
 - dynlora LoRA r=8 (static), PEFT LoRA r=8, on the same layers; dynlora LoRA r=8 at Dynamic LoRA's capacity (16
   rows of A and columns of B, 8 of them active, no engine): what the capacity alone costs.
-- Dynamic LoRA (same budget as LoRA r=8), input gate off and on ("mergeable"): update_and_allocate every step.
+- Dynamic LoRA (same budget as LoRA r=8), input gate off and on ("mergeable"): update_and_allocate every step;
+  and with an over-parameterised start (``start_ratio=1.5``: rank 12 on every layer), timed before its pruning.
 - PEFT AdaLoRA init_r=12 -> target_r=8, with its update_and_allocate every step (its orthogonality loss is in its
   forward).
 Re-allocations happen once per `interval` (default 5 % of a run), so they are timed on their own and amortised
@@ -138,6 +139,8 @@ class Setup:
             "dynlora LoRA r=8, capacity 16": lambda: self.dynlora_lora(max_rank=16),
             "Dynamic LoRA, gate off": lambda: self.dynamic(None),
             "Dynamic LoRA, gate on": lambda: self.dynamic("mergeable"),
+            # An over-parameterised start (issue 34), timed before any pruning: its costliest steps.
+            "Dynamic LoRA, start 1.5x": lambda: self.dynamic(None, start_ratio=1.5),
             "PEFT LoRA r=8": self.peft_lora,
             "PEFT AdaLoRA 12->8": self.peft_adalora,
         }
