@@ -29,6 +29,7 @@ from v3 import PREDICTIONS, screen_of
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
+RECORDS = ("runs.jsonl", "screen.jsonl")  # a table's run records: its own runs, and issue 34's screen
 ROUNDS = 2000
 NAMES = {"dynamic": "Dynamic LoRA", "lora": "static LoRA", "peft-adalora": "PEFT AdaLoRA", "peft-rslora": "PEFT rsLoRA"}
 UNITS = {"sst2": ("accuracy, %", "dev examples"), "stdlib": ("−loss per token, nats", "test documents")}
@@ -57,8 +58,7 @@ class Table:
 
     def __init__(self, name: str, plan: dict, root: Path = RESULTS) -> None:
         self.name, self.plan = name, plan
-        self.runs = read_jsonl(root / name / "runs.jsonl") if (root / name / "runs.jsonl").is_file() else []
-        self.screen = read_jsonl(root / name / "screen.jsonl") if (root / name / "screen.jsonl").is_file() else []
+        self.runs, self.screen = (read_jsonl(root / name / f) if (root / name / f).is_file() else [] for f in RECORDS)
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
             seed = int(path.name.removesuffix(PREDICTIONS).removeprefix("seed"))
@@ -286,14 +286,12 @@ def curves(table: Table) -> Figure:
     return fig
 
 
-def screen_lines(table: Table, root: Path) -> list[str]:
+def screen_lines(table: Table) -> list[str]:
     """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score and its difference
     from the score of what it is screened on (``default``, unless it names another as ``on_top_of``) at the same lr (one
     seed: a screen, not a verdict); then each confirmed candidate's paired intervals on the reported set against
     Dynamic LoRA and static LoRA at their chosen lrs."""
-    name, plan = table.name, table.plan
-    path = root / name / "screen.jsonl"
-    runs = read_jsonl(path) if path.is_file() else []
+    name, plan, runs = table.name, table.plan, table.screen
     if not runs:
         return []
     digits, scale = (2, 100.0) if name == "sst2" else (4, 1.0)
@@ -389,7 +387,7 @@ Paired differences (95 % interval, seeds and {over} resampled):
 
 Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
 """)
-        screened = screen_lines(table, root)
+        screened = screen_lines(table)
         if screened:
             parts.append(f"""#### Issue 34's screen on {name} (seed 0, held-out slice; higher is better)
 

@@ -159,7 +159,7 @@ def test_the_screen_reports_each_candidate_against_what_it_is_screened_on_at_its
         "lora-ga": {"adapter": {"init": "lora-ga", "start_ratio": 1.5}},
         "gate": {"on_top_of": "lora-ga", "adapter": {"input_adaptive": "per_example"}},
     }
-    lines = screen_lines(Table("stdlib", {**PLAN, "screen": {"candidates": candidates}}, tmp_path), tmp_path)
+    lines = screen_lines(Table("stdlib", {**PLAN, "screen": {"candidates": candidates}}, tmp_path))
     assert "| lora-ga | init=lora-ga, start_ratio=1.5 | 4.6e-04 | 100 (150) | -2.7500 @150 | +0.0500 |" in lines
     assert "| gate | input_adaptive=per_example (on lora-ga) | 4.6e-04 | 100 | -2.7400 @200 | +0.0100 |" in lines
     assert any(line.startswith("| rslora |") and line.endswith("| — |") for line in lines)  # no default at 1e-4
@@ -177,7 +177,7 @@ def test_a_confirmed_candidate_is_compared_on_the_reported_set_with_both_methods
     (tmp_path / "sst2" / "screen.jsonl").write_text(
         "".join(json.dumps(r | {"trainable_parameters": 1}) + "\n" for r in screen)
     )
-    lines = screen_lines(Table("sst2", PLAN, tmp_path), tmp_path)
+    lines = screen_lines(Table("sst2", PLAN, tmp_path))
     assert sum(line.startswith("| x |") for line in lines) == 1  # the screen row is seed 0's
     assert any(line.startswith("- x-lr1.0e-03 − Dynamic LoRA: +10.00 [") and "(n=2)" in line for line in lines)
     assert any(line.startswith("- x-lr1.0e-03 − static LoRA: +20.00 [") and "(n=2)" in line for line in lines)
