@@ -70,7 +70,6 @@ class Table:
         n = sizes.pop() if sizes else 0
         # per round, how often each unit was drawn: a weight per unit
         self.weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(ROUNDS)]) if n else None
-        self.rng = rng  # the seeds' draws
 
     def score(self, run: str, seed: int) -> float:
         num, den = self.scored[(run, seed)]
@@ -91,7 +90,8 @@ class Table:
         if not seeds:
             return None
         per_seed = np.stack([self.resampled(a, s) - self.resampled(b, s) for s in seeds], 1)  # [rounds, seeds]
-        drawn = self.rng.integers(0, len(seeds), (ROUNDS, len(seeds)))
+        # The seeds' draws, the pair's own: an interval does not move with the lines printed before it.
+        drawn = np.random.default_rng(zlib.crc32(f"{a} {b}".encode())).integers(0, len(seeds), (ROUNDS, len(seeds)))
         low, high = np.percentile(np.take_along_axis(per_seed, drawn, 1).mean(1), [2.5, 97.5])
         mean = statistics.mean(self.score(a, s) - self.score(b, s) for s in seeds)
         return mean, float(low), float(high), len(seeds)
@@ -188,10 +188,15 @@ def score_table(table: Table) -> list[str]:
             lines.append(f"| {name} | — | — | — |")
             continue
         values = [table.score(run, s) for s in seeds]
-        params = {r["trainable_parameters"] for r in table.runs + table.screen if r["variant"] == run and "best" in r}
+        counts = {
+            (r["trainable_parameters"], r.get("peak_trainable_parameters", 0))
+            for r in table.runs + table.screen
+            if r["variant"] == run and "best" in r
+        }
+        params = [f"{final:,}" + (f" (peak {peak:,})" if peak > final else "") for final, peak in sorted(counts)]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(
-            f"| {name} | {run.split('-lr')[-1]} | {', '.join(f'{p:,}' for p in sorted(params))} | "
+            f"| {name} | {run.split('-lr')[-1]} | {', '.join(params)} | "
             f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f} (n={len(seeds)}) |"
         )
     return lines
@@ -322,7 +327,8 @@ def screen_lines(table: Table) -> list[str]:
     confirmed = sorted({r["variant"] for r in runs if table.seeds(r["variant"])})
     if confirmed:
         lines += ["", "Confirmed on the reported set (paired, 95 % interval, seeds and units resampled):", ""]
-    references = [(NAMES["dynamic"], table.dynamic()[0])]
+    adopted = table.plan.get("screen", {}).get("adopted")
+    references = [(f"{NAMES['dynamic']} ({adopted}, its default)" if adopted else NAMES["dynamic"], table.dynamic()[0])]
     if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
         references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
     references.append((NAMES["lora"], table.chosen("lora")))

@@ -208,3 +208,12 @@ def test_the_verdicts_take_the_adopted_default_once_it_is_scored_on_the_table_an
         "- **Target: Dynamic LoRA ≥ static LoRA**: +20.00 ["
     )
     assert "| Dynamic LoRA, its default since issue 34 (x) | 1.0e-03 | 7 | 90.00 ± 0.00 (n=2) |" in score_table(table)
+
+
+def test_an_interval_is_the_same_whichever_intervals_were_drawn_before_it(tmp_path):
+    rights = {"dynamic-lr1.0e-03": (80, 88, 75), "lora-lr1.0e-04": (70, 71, 78)}  # seeds that differ
+    write(tmp_path, "sst2", GRID, {(run, s): answers(rights[run][s]) for run in rights for s in (0, 1, 2)})
+    first = Table("sst2", PLAN, tmp_path).interval("dynamic-lr1.0e-03", "lora-lr1.0e-04")
+    table = Table("sst2", PLAN, tmp_path)
+    table.interval("lora-lr1.0e-04", "dynamic-lr1.0e-03")
+    assert table.interval("dynamic-lr1.0e-03", "lora-lr1.0e-04") == first
