@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dynlora.config import PREDATING
 from dynlora.input_adaptation import InputNorm
 from dynlora.training.checkpoint import load_checkpoint, save_checkpoint
 from dynlora.training.errors import CheckpointError
@@ -43,7 +44,7 @@ def settings(method: str, run: Path, model_dir: str, **changes) -> TrainSettings
     adapter = {"rank": 2, "target_modules": ["query", "value"], "warmup": 2, "interval": 1, "final": 5}
     if method == "peft-adalora":
         adapter.update(warmup=0.1, interval=0.05, final=0.8)
-    adapter["train_untrained_pooler"] = False  # what resumed_settings reads into a config.json written before it
+    adapter.update(PREDATING)  # what resumed_settings reads into a config.json written before those settings
     if method == "dynamic":  # dynlora 0.1's defaults: the gradient start and input normalisation (recorded), a
         adapter.update(init="gradient", input_adaptive="mergeable", input_norm_every=1)  # fold every step (not)
     return TrainSettings(
@@ -143,8 +144,8 @@ def test_settings_a_format_1_checkpoint_did_not_record_resume_at_what_the_librar
     tmp_path, method, adapter, ours, refusal
 ):
     _write_v1(tmp_path, _v1_identity(method, **adapter), {"allocator": {}} if method == "dynamic" else {})
-    # As resumed_settings reads the run's config.json, written before train_untrained_pooler existed: off.
-    identity = TrainSettings(method=method, adapter={"train_untrained_pooler": False, **ours}).identity()
+    # As resumed_settings reads the run's config.json, written before the settings PREDATING names.
+    identity = TrainSettings(method=method, adapter={**PREDATING, **ours}).identity()
     if refusal is None:
         assert load_checkpoint(tmp_path, identity)[2] == 1
     else:

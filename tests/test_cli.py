@@ -41,10 +41,13 @@ def quick(model, out, *extra):
 
 def test_train_eval_export_merge(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    done = dynlora(*quick(tiny_model_dir, run, "--start-ratio", 1.5))  # over-parameterised, pruned to the budget
+    done = dynlora(*quick(tiny_model_dir, run))  # the default starts over-parameterised, pruned to the budget
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dev metrics after 6 steps" in done.stdout and "final ranks" in done.stdout
-    assert re.search(r"trainable parameters: [\d,]+, pruned from [\d,]+", done.stdout)
+    start = re.search(r"([\d,]+) trainable parameters at the start, pruned to at most ([\d,]+) while", done.stdout)
+    end = re.search(r"trainable parameters: ([\d,]+), pruned from ([\d,]+)", done.stdout)
+    count = [[int(n.replace(",", "")) for n in m.groups()] for m in (start, end)]
+    assert count[0][0] == count[1][1] > count[0][1] >= count[1][0], done.stdout  # peak > budget >= final
     accuracy = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
 
     done = dynlora(

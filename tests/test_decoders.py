@@ -218,7 +218,8 @@ def test_parameter_counts_are_honest_and_print_like_peft(capsys):
     base_total = sum(p.numel() for p in base.parameters())
     model = get_dynlora_model(base, DynamicLoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]))
     trainable = model.trainable_parameters()
-    assert trainable == 2 * (2 * (32 + 32) + 2 * (32 + 16))  # 2 layers; q: 32 -> 32, v: 32 -> 16 (grouped KV)
+    assert trainable == 2 * (3 * (32 + 32) + 3 * (32 + 16))  # 2 layers; q: 32 -> 32, v: 32 -> 16 (grouped KV)
+    assert model.budget_trainable_parameters() == 2 * (2 * (32 + 32) + 2 * (32 + 16))  # rank 3 pruned to rank 2
     assert model.num_parameters(only_trainable=True) == trainable  # active ranks, not the capacity
     assert model.num_parameters() == base_total + trainable
     model.print_trainable_parameters()

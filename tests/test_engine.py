@@ -13,7 +13,8 @@ ALL_LINEAR = r".*layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)
 
 
 def engine_config(**overrides):
-    base = dict(target_modules=ALL_LINEAR, rank=4, max_rank=8, alpha=8, warmup=4, interval=3, final=16)
+    # Start at the budget, so a test reads re-allocation alone; the over-parameterised start has tests of its own.
+    base = dict(target_modules=ALL_LINEAR, rank=4, max_rank=8, alpha=8, warmup=4, interval=3, final=16, start_ratio=1)
     return DynamicLoRAConfig(**{**base, **overrides})
 
 
@@ -143,9 +144,16 @@ def test_unknown_scorer_and_impossible_budget_are_clear_errors():
         make()[0].update_and_allocate(1)
     with pytest.raises(ValueError, match="start_ratio must be a number >= 1"):
         engine_config(start_ratio=0.5)
-    with pytest.raises(ValueError, match="above their capacity 8; raise max_rank or lower start_ratio"):
-        engine_config(start_ratio=2.5)
     engine_config(start_ratio=2.5, reallocate=False)  # an engine setting: static LoRA ignores it
+
+
+def test_the_default_starts_half_above_the_budget_and_a_start_beyond_capacity_stops_at_it():
+    assert DynamicLoRAConfig().start_ratio == 1.5
+    model, _ = make(engine_config(start_ratio=DynamicLoRAConfig().start_ratio))
+    assert set(model.rank_pattern().values()) == {6}
+    capped, _ = make(engine_config(start_ratio=2.5))  # round(2.5 x 4) = 10 components, above max_rank 8
+    assert set(capped.rank_pattern().values()) == {8}
+    assert capped.engine.start_budget == 2 * capped.engine.budget
 
 
 def test_growth_leaves_outputs_unchanged_and_shrink_changes_little():

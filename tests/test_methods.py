@@ -44,7 +44,7 @@ def test_adalora_on_the_default_schedule_prunes_where_it_always_did():
 
 @pytest.mark.parametrize("method", ["lora", "peft-lora"])
 def test_static_methods_train_as_many_parameters_as_dynamic_lora(method):
-    dynamic = get_method("dynamic").wrap(tiny_bert(), CONFIG, 20).trainable_parameters()
+    dynamic = get_method("dynamic").wrap(tiny_bert(), CONFIG, 20).model.budget_trainable_parameters()
     assert get_method(method).wrap(tiny_bert(), CONFIG, 20).trainable_parameters() == dynamic
 
 

@@ -37,7 +37,9 @@ def test_minilm_default_targets_train_and_round_trip(path, tmp_path):
     # The head, and the pooler it reads through: MiniLM was trained by mean pooling, its pooler never
     pooler = model.model.bert.pooler.dense
     assert model.saved_module_names == ["classifier", "bert.pooler"] and pooler.weight.requires_grad
-    assert model.trainable_parameters() == 12 * 8 * (384 + 384) + 384 * 2 + 2 + 384 * 384 + 384
+    head = 384 * 2 + 2 + 384 * 384 + 384
+    assert model.trainable_parameters() == 12 * 12 * (384 + 384) + head  # rank 8 x 1.5: the start, within max_rank
+    assert model.budget_trainable_parameters() == 12 * 8 * (384 + 384) + head
     untrained = pooler.weight.detach().clone()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

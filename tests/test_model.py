@@ -75,7 +75,7 @@ def test_merge_adapter_round_trip():
 
 def test_rank_and_alpha_patterns_and_counts():
     cfg = DynamicLoRAConfig(
-        rank=4, alpha=8, max_rank=8, rank_pattern={r"layer\.1\..*query": 2}, alpha_pattern={"value": 32}
+        rank=4, alpha=8, max_rank=8, rank_pattern={r"layer\.1\..*query": 2}, alpha_pattern={"value": 32}, start_ratio=1
     )
     model = get_dynlora_model(build("bert"), cfg)
     layers = model.lora_layers()

@@ -24,14 +24,14 @@ def _options(kind) -> tuple:
 # Settings that need another one to make sense.
 MERGEABLE = {"input_adaptive": "mergeable"}  # what the input normalisation's own settings need to mean anything
 COMPANIONS = {"dev_file": {"train_file": "train.csv"}, "input_norm_strength": MERGEABLE, "input_norm_every": MERGEABLE}
-# Settings whose default is the lowest value they accept.
-AT_THEIR_LOWEST = {"start_ratio": ("1.5", 1.5)}
+# Settings whose halved default is below the least value they accept: a value they accept instead.
+ABOVE_A_FLOOR = {"start_ratio": ("1.0", 1.0)}
 
 
 def sample(setting) -> tuple[str, object]:
     """A value other than the default that the setting's checks accept: (command-line text, typed value)."""
-    if setting.name in AT_THEIR_LOWEST:
-        return AT_THEIR_LOWEST[setting.name]
+    if setting.name in ABOVE_A_FLOOR:
+        return ABOVE_A_FLOOR[setting.name]
     options, default = _options(setting.kind), setting.default
     choices = setting.field.metadata.get("choices")
     if choices:

@@ -91,10 +91,11 @@ class DynamicLoRAConfig:
         engine=True,
     )
     start_ratio: float = setting(
-        1.0,
+        1.5,
         "over-parameterised start: every layer begins at round(start_ratio x its rank) components (at most its "
-        "capacity) and re-allocations prune them to the budget, as AdaLoRA's init_r 12 -> target_r 8 (1.5); the "
-        "scale stays alpha / rank, and the trainable parameters reported are the final ones (the peak too)",
+        "capacity, max_rank) and re-allocations prune them to the budget, as AdaLoRA's init_r 12 -> target_r 8; the "
+        "scale stays alpha / rank, and the trainable parameters reported are the final ones (the peak too); 1: "
+        "start at the budget",
         engine=True,
     )
     min_rank: int = setting(
@@ -214,11 +215,6 @@ class DynamicLoRAConfig:
             _number(self.start_ratio) and self.start_ratio >= 1.0,
             f"start_ratio must be a number >= 1 (1: start at the budget), got {self.start_ratio!r}",
         )
-        _check(
-            not self.reallocate or round(self.start_ratio * self.rank) <= self.capacity,
-            f"start_ratio {self.start_ratio} starts layers at rank {round(self.start_ratio * self.rank)}, above "
-            f"their capacity {self.capacity}; raise max_rank or lower start_ratio",
-        )
         for name in ("beta1", "beta2"):
             _check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("warmup", "interval", "final"):
@@ -254,10 +250,16 @@ class DynamicLoRAConfig:
 NORM_DEFAULTS = {name: DynamicLoRAConfig.__dataclass_fields__[name].default for name in NORM_SETTINGS}
 
 
+# Settings added after adapters and runs were saved, at what those did: a file without the key predates the setting
+# (no run before it trained an untrained pooler or started above its budget).
+PREDATING = {"train_untrained_pooler": False, "start_ratio": 1.0}
+
+
 def written_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """Adapter settings as an adapter, checkpoint or run directory wrote them, ready to load: settings of the mergeable
-    input adaptation written while it was off had no effect (and were accepted before they were refused), so they
-    load as their defaults."""
+    """Adapter settings as an adapter, checkpoint or run directory wrote them, ready to load: a setting the file
+    predates takes the value it ran with (``PREDATING``); settings of the mergeable input adaptation written while it
+    was off had no effect (and were accepted before they were refused), so they load as their defaults."""
+    data = {**PREDATING, **data}
     return data if data.get("input_adaptive") == "mergeable" else {**data, **NORM_DEFAULTS}
 
 
@@ -274,9 +276,10 @@ def engine_settings() -> tuple[str, ...]:
 
 
 def static_lora(config: DynamicLoRAConfig) -> DynamicLoRAConfig:
-    """Plain LoRA on the same layers at the same rank: no re-allocation, no input adaptation, random A."""
+    """Plain LoRA on the same layers at the same rank: no re-allocation (so no start above it), no input adaptation,
+    random A."""
     return dataclasses.replace(
-        config, reallocate=False, max_rank=None, input_adaptive=None, init="lora", **NORM_DEFAULTS
+        config, reallocate=False, max_rank=None, start_ratio=1.0, input_adaptive=None, init="lora", **NORM_DEFAULTS
     )
 
 

@@ -221,6 +221,12 @@ class DynamicLoRAModel(EcosystemMethods, nn.Module):
         """Whether the schedule has a re-allocation at or before optimizer step ``step``."""
         return self.engine.reallocation_due_by(step)
 
+    def budget_trainable_parameters(self) -> int:
+        """Trainable parameters once the ranks are within the budget: an over-parameterised start (``start_ratio``)
+        is pruned to at most this many, the size a run is compared at; :meth:`trainable_parameters` otherwise."""
+        over = self.engine.total_cost() - self.engine.budget if self.engine.budget is not None else 0
+        return self.trainable_parameters() - max(over, 0)
+
     def importance(self) -> dict[str, float]:
         """Module name -> current importance score of this process (empty for a static LoRA). Local: safe to call
         from one process only, e.g. for logging."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import new_directory, write_jsonl
+from ..model import DynamicLoRAModel
 from ..targets import untrained_poolers
 from .base_model import (
     adapter_base_bits,
@@ -98,9 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective = "instruct" if settings.train_file is None else "lm"
         sized = f"batches of {run.settings.batch_size} x up to {run.settings.max_length} tokens"
         where += f" ({settings.model or 'smollm2'}, {objective}, {run.task.prompt_format} data, {sized})"
+    count = run.adapted.trainable_parameters()
+    params = f"{count:,} trainable parameters"
+    model = getattr(run.adapted, "model", None)
+    budget = model.budget_trainable_parameters() if isinstance(model, DynamicLoRAModel) else count
+    if budget < count:  # an over-parameterised start
+        params += f" at the start, pruned to at most {budget:,} while training"
     say(
         f"{settings.method} on {where}: {len(run.train_features)} training examples, {run.total_steps} steps, "
-        f"{run.adapted.trainable_parameters():,} trainable parameters ({trained}) -> {settings.output_dir}"
+        f"{params} ({trained}) -> {settings.output_dir}"
     )
     try:
         result = run.run()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DynamicLoRAConfig, setting, tagged, written_settings
+from ..config import PREDATING, DynamicLoRAConfig, setting, tagged, written_settings
 from .data.glue import TASKS
 from .fields import settings_of
 
@@ -199,19 +199,14 @@ RUN_ONLY = frozenset(tagged(TrainSettings, "run_only"))
 LENGTH = frozenset(tagged(TrainSettings, "length"))
 
 
-# Adapter settings added after runs were saved, with what those runs did: a config.json without the key predates it
-# (migrations.py, format 7: no run before it trained an untrained pooler).
-LEGACY_ADAPTER = {"train_untrained_pooler": False}
-
-
 def as_saved(settings: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """``settings`` to resume the run in ``run_dir`` with (``dynlora compare`` builds them from its plan): an adapter
-    setting that the run's config.json predates takes the value that run used (LEGACY_ADAPTER)."""
+    setting that the run's config.json predates takes the value that run used (``PREDATING``)."""
     path = Path(run_dir) / "config.json"
     saved = (json.loads(path.read_text()).get("adapter") or {}) if path.is_file() else None
     if saved is None:
         return settings
-    missing = {k: v for k, v in LEGACY_ADAPTER.items() if k not in saved}
+    missing = {k: v for k, v in PREDATING.items() if k not in saved}
     return {**settings, "adapter": {**(settings.get("adapter") or {}), **missing}} if missing else settings
 
 
@@ -222,7 +217,7 @@ def resumed_settings(
     ``given`` ones that do not change what it computes (output, logging, evaluation) applied, and a new length
     (``max_steps``, ``epochs``: the run is extended). A given setting that would change the run otherwise is an error
     naming it. Returns the settings and the changes applied: ``{name: (old, new)}``."""
-    merged = {**saved, "adapter": written_settings({**LEGACY_ADAPTER, **(saved.get("adapter") or {})})}
+    merged = {**saved, "adapter": written_settings(saved.get("adapter") or {})}
     changes = {}
     for key, value in given.items():
         pairs = value.items() if key == "adapter" else [(key, value)]
