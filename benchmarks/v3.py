@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,24 @@ def load_plan(path: Path) -> dict[str, Any]:
 def variant(method: str, lr: float, rank: int | None = None) -> str:
     """A run's name in its table: the method, its lr and, on the frontier, its rank."""
     return f"{method}-lr{lr:.1e}" + (f"-r{rank}" if rank else "")
+
+
+RUN_NAME = re.compile(r"(?P<stem>.+)-lr(?P<lr>\d\.\de[+-]\d+)(?:-r(?P<rank>\d+))?")
+
+
+def name_parts(name: str) -> tuple[str, str, int | None]:
+    """A run name's parts, as :func:`variant` wrote them: (method or ``screen-<candidate>``, lr as written, the
+    frontier's rank or None)."""
+    parts = RUN_NAME.fullmatch(name)
+    if parts is None:
+        raise ValueError(f"{name!r} is not a v3 run name (<method>-lr<lr>[-r<rank>])")
+    return parts["stem"], parts["lr"], int(parts["rank"]) if parts["rank"] else None
+
+
+def at_rank(name: str, rank: int) -> str:
+    """The frontier run at ``rank`` of the rank-8 run ``name``."""
+    stem, lr, _ = name_parts(name)
+    return variant(stem, float(lr), rank)
 
 
 def run_settings(
@@ -101,7 +120,7 @@ def candidate_change(candidates: dict, name: str) -> dict:
 
 def screened(candidate: str, lr: float, rank: int | None = None) -> str:
     """A screened run's name: the candidate, its lr and, on the frontier, its rank."""
-    return f"screen-{candidate}-lr{lr:.1e}" + (f"-r{rank}" if rank else "")
+    return variant(f"screen-{candidate}", lr, rank)
 
 
 def adopted(plan: dict) -> tuple[str, dict] | None:
@@ -274,7 +293,7 @@ def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> No
 
 def screen_of(record: dict) -> str:
     """The candidate a screen record ran."""
-    return record["variant"].removeprefix("screen-").rsplit("-lr", 1)[0]
+    return name_parts(record["variant"])[0].removeprefix("screen-")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from common import write_section
 from matplotlib.figure import Figure
-from v3 import PREDICTIONS, screen_of
+from v3 import PREDICTIONS, at_rank, name_parts, screen_of
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
@@ -100,9 +100,7 @@ class Table:
         """The rank-8 run of the screen candidate adopted as Dynamic LoRA's default (the plan's ``screen.adopted``),
         once scored on this table; None before."""
         name = self.plan.get("screen", {}).get("adopted")
-        runs = {
-            r for r, _ in self.scored if name and r.startswith(f"screen-{name}-lr") and "-r" not in r.split("-lr")[-1]
-        }
+        runs = {r for r, _ in self.scored if name and name_parts(r)[::2] == (f"screen-{name}", None)}
         return min(runs) if runs else None
 
     def dynamic(self) -> tuple[str | None, str]:
@@ -170,7 +168,7 @@ def selection_lines(table: Table) -> list[str]:
                 )
                 cells.append(f"{scale * run['best']['score']:.{digits}f} @{run['best']['step']}{rising}")
         chosen = table.chosen(method)
-        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + f" | {chosen.split('-lr')[1] if chosen else '—'} |")
+        lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + f" | {name_parts(chosen)[1] if chosen else '—'} |")
     return lines
 
 
@@ -196,7 +194,7 @@ def score_table(table: Table) -> list[str]:
         params = [f"{final:,}" + (f" (peak {peak:,})" if peak > final else "") for final, peak in sorted(counts)]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(
-            f"| {name} | {run.split('-lr')[-1]} | {', '.join(params)} | "
+            f"| {name} | {name_parts(run)[1]} | {', '.join(params)} | "
             f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f} (n={len(seeds)}) |"
         )
     return lines
@@ -232,7 +230,7 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
         chosen = table.dynamic()[0] if method == "dynamic" else table.chosen(method)
         if chosen:
             for rank in ranks:
-                runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else f"{chosen}-r{rank}"
+                runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
     lines, met, compared = [], [], False
     for rank in ranks:
         double = 2 * rank

@@ -217,3 +217,18 @@ def test_an_interval_is_the_same_whichever_intervals_were_drawn_before_it(tmp_pa
     table = Table("sst2", PLAN, tmp_path)
     table.interval("lora-lr1.0e-04", "dynamic-lr1.0e-03")
     assert table.interval("dynamic-lr1.0e-03", "lora-lr1.0e-04") == first
+
+
+@pytest.mark.parametrize(
+    "stem", ["lora", "peft-adalora", "screen-no-input-norm-start-ratio-1.5", "screen-rank-moves-2"]
+)
+@pytest.mark.parametrize("lr", [1e-4, 4.6e-4, 2.2e-3, 1e-2])
+@pytest.mark.parametrize("rank", [None, 1, 4])
+def test_a_run_name_parses_back_into_what_named_it_and_moves_to_another_rank(stem, lr, rank):
+    from v3 import at_rank, name_parts, variant
+
+    name = variant(stem, lr, rank)
+    assert name_parts(name) == (stem, f"{lr:.1e}", rank)
+    assert name_parts(at_rank(name, 2)) == (stem, f"{lr:.1e}", 2)
+    with pytest.raises(ValueError, match="not a v3 run name"):
+        name_parts(stem)
