@@ -29,7 +29,9 @@ def test_results_keep_the_variant_name_and_resume(tmp_path):
 
     def train(settings):
         calls.append((settings["task"], settings["method"], settings["seed"], settings["resume"]))
-        return {"metrics": {"validation": {"main": 0.1 * len(calls)}}, "trainable_parameters": 10}
+        peak = 10 if "input_adaptive" in settings["adapter"] else 15  # dynamic-noinput's / dynamic's start
+        metrics = {"validation": {"main": 0.1 * len(calls)}}
+        return {"metrics": metrics, "trainable_parameters": 10, "peak_trainable_parameters": peak}
 
     results = run_comparison(plan(tmp_path), train, log=lambda _m: None)
     assert len(results) == 8 and len(calls) == 8
@@ -45,7 +47,7 @@ def test_results_keep_the_variant_name_and_resume(tmp_path):
     assert len(read_results(tmp_path / "results.jsonl")) == 8
 
     table = summary_table(read_results(tmp_path / "results.jsonl"), ["cola", "rte"], ["dynamic", "dynamic-noinput"])
-    assert "| dynamic-noinput | 10 |" in table and "(n=2)" in table
+    assert "| dynamic-noinput | 10 |" in table and "| dynamic | 10 (peak 15) |" in table and "(n=2)" in table
 
 
 def _fake_train(settings):  # module level: sent to worker processes

@@ -208,7 +208,11 @@ def summary_table(results: list[dict[str, Any]], tasks: list[str], methods: list
         cells = ["—" if st is None else f"{st[0]:.2f} ± {st[1]:.2f} (n={st[2]})" for st in stats]
         means = [st[0] for st in stats if st is not None]
         avg = f"{statistics.mean(means):.2f}" if len(means) == len(tasks) else "—"
-        params = {r.get("trainable_parameters") for r in results if r["method"] == method} - {None}
-        shown = ", ".join(f"{p:,}" for p in sorted(params)) or "—"
+        counts = {
+            (r["trainable_parameters"], r.get("peak_trainable_parameters", 0))
+            for r in results
+            if r["method"] == method and r.get("trainable_parameters") is not None
+        }  # an over-parameterised start is pruned while training: its final count, and its peak beside it
+        shown = ", ".join(f"{n:,}" + (f" (peak {peak:,})" if peak > n else "") for n, peak in sorted(counts)) or "—"
         lines.append(f"| {method} | {shown} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)
