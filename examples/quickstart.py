@@ -61,7 +61,10 @@ def main() -> None:
     # Every query/value projection starts at rank 8 (the budget of a static LoRA r=8) and may grow to 16.
     model = get_dynlora_model(base, DynamicLoRAConfig(rank=8, alpha=16, max_rank=16))
     print(f"model: MiniLM-L6 from {path}")
-    print(f"adapted layers: {len(model.lora_layers())}, trainable parameters: {model.trainable_parameters():,}")
+    print(
+        f"adapted layers: {len(model.lora_layers())}, trainable parameters: {model.trainable_parameters():,} at the "
+        f"start, pruned to at most {model.budget_trainable_parameters():,} while training"
+    )
     print(f"dev accuracy before training: {accuracy(model, tok, dev):.3f}")
 
     params = [p for p in model.parameters() if p.requires_grad]
