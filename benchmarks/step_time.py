@@ -15,7 +15,8 @@ of their ratio within a round. A step is forward + backward + AdamW step + zero_
 - frozen limit: the same model with no adapter, backward through every layer (input gradients only), no weight
   gradients but the classifier head's. No adapter method can be faster than this.
 - dynlora LoRA r=8 (static), PEFT LoRA r=8, on the same layers; dynlora LoRA r=8 at Dynamic LoRA's capacity (16
-  rows of A and columns of B, 8 of them active, no engine): what the capacity alone costs.
+  rows of A and columns of B, 8 of them active, no engine): what the capacity alone costs; dynlora LoRA r=8 built
+  twice: the ratio of two identical models is the noise floor of a paired ratio on this machine.
 - Dynamic LoRA (same budget as LoRA r=8) at the budget's ranks, as its steps are once the start is pruned, input gate
   off and on ("mergeable"): update_and_allocate every step; and its default over-parameterised start
   (``start_ratio=1.5``: rank 12 on every layer), timed before its pruning.
@@ -339,6 +340,8 @@ def main() -> None:
     setup = SETUPS[args.model]
     batch = setup.batch(args.batch, args.seq)
     steps = {name: make_step(build(), batch) for name, build in setup.train_configs().items()}
+    # The same model built again: its ratio to the first is this machine's noise floor for a paired ratio.
+    steps["dynlora LoRA r=8, again"] = make_step(setup.dynlora_lora(), batch)
     times = interleaved_times(steps, args.rounds, args.warmup)
     train = {name: statistics.median(ts) for name, ts in times.items()}
     limit = train["frozen limit"]
@@ -366,14 +369,17 @@ def main() -> None:
     static_times = times["dynlora LoRA r=8"]
     measured = {g: paired_ratio(times[f"Dynamic LoRA, gate {g}"], static_times) - 1 for g in ("off", "on")}
     capacity = paired_ratio(times["dynlora LoRA r=8, capacity 16"], static_times) - 1
+    again = paired_ratio(times["dynlora LoRA r=8, again"], static_times) - 1  # equal models: a difference is noise
+    start = paired_ratio(times["Dynamic LoRA, start 1.5x"], static_times) - 1
     lines.append(f"dynlora static LoRA / PEFT LoRA step time: {ratio_peft:.3f}x")
     if dyn_vs_ada:
         lines.append(
             f"Dynamic LoRA / PEFT AdaLoRA step time: gate off {dyn_vs_ada['off']:.3f}x, on {dyn_vs_ada['on']:.3f}x"
         )
     lines.append(
-        f"Dynamic LoRA over static LoRA, paired per round: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}; "
-        f"static LoRA at capacity 16: {capacity:+.2%}"
+        f"Dynamic LoRA over static LoRA, paired per round: gate off {measured['off']:+.2%}, on {measured['on']:+.2%}, "
+        f"its start at 1.5x before pruning {start:+.2%}; static LoRA at capacity 16: {capacity:+.2%}; static LoRA "
+        f"over an identical copy of itself (the noise floor): {again:+.2%}"
     )
     lines.append(
         f"engine, timed directly: {engine['update_s'] * 1000:.2f} ms/step, {engine['fold_update_s'] * 1000:.2f} ms "
@@ -407,6 +413,8 @@ def main() -> None:
         "dynamic_over_peft_adalora": dyn_vs_ada,
         "dynamic_over_static_measured": measured,
         "capacity_16_over_static_measured": capacity,
+        "start_over_static_measured": start,
+        "static_over_identical_copy_measured": again,
         "engine_s": engine,
         "engine_fraction_of_static_step": engine_fraction,
         "engine_run_step_counts": run_counts,
@@ -439,8 +447,9 @@ peft {env["peft"]}. Interleaved, median of {args.rounds} steps each after {args.
 {versus_adalora}
 - Dynamic LoRA's overhead over static LoRA, the median over rounds of the two steps' ratio in the same round (a
   difference of step medians moved by ±1.5 % between runs on MiniLM, ±5-10 % on SmolLM2): gate off (the default)
-  {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}; static LoRA at Dynamic LoRA's capacity, no engine:
-  {capacity:+.2%}. Timed directly, where training
+  {measured["off"]:+.2%}, gate on {measured["on"]:+.2%}, its default start (rank 12, before pruning) {start:+.2%};
+  static LoRA at Dynamic LoRA's capacity, no engine: {capacity:+.2%}; static LoRA against an identical copy of
+  itself, the noise floor of these ratios: {again:+.2%}. Timed directly, where training
   loops call it (after the optimizer step, in a whole step): update_and_allocate
   {engine["update_s"] * 1000:.2f} ms on an ordinary step, {engine["fold_update_s"] * 1000:.2f} ms on one that would
   fold input statistics in (the default input adaptation, {setup.config().input_adaptive}, has none),
