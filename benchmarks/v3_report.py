@@ -100,7 +100,7 @@ class Table:
         """The rank-8 run of the screen candidate adopted as Dynamic LoRA's default (the plan's ``screen.adopted``),
         once scored on this table; None before."""
         name = self.plan.get("screen", {}).get("adopted")
-        runs = {r for r, _ in self.scored if name and name_parts(r)[::2] == (f"screen-{name}", None)}
+        runs = {r for r, _ in self.scored if name and r.startswith(f"screen-{name}-lr") and name_parts(r)[2] is None}
         return min(runs) if runs else None
 
     def dynamic(self) -> tuple[str | None, str]:

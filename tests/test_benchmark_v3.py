@@ -190,6 +190,8 @@ def test_the_verdicts_take_the_adopted_default_once_it_is_scored_on_the_table_an
     scored = {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)} | {
         ("lora-lr1.0e-04", s): answers(70) for s in (0, 1)
     }
+    scored[("untrained", 0)] = answers(50)  # the floor's predictions: a directory whose name is no run's
+    scored[("screen-x-lr1.0e-03-r2", 0)] = answers(60)  # the candidate on the frontier: not its rank-8 row
     write(tmp_path, "sst2", GRID, scored)
     plan = {**PLAN, "methods": ["dynamic", "lora"], "screen": {"adopted": "x", "candidates": {"x": {}}}}
     before = target_lines(Table("sst2", plan, tmp_path))
