@@ -109,8 +109,9 @@ class Table:
         name = self.plan.get("screen", {}).get("adopted")
         if not name:
             return self.chosen("dynamic"), ""
-        if self.adopted():
-            return self.adopted(), f"Dynamic LoRA here is its default since issue 34: {name} (the screen below)."
+        adopted = self.adopted()
+        if adopted:
+            return adopted, f"Dynamic LoRA here is its default since issue 34: {name} (the screen below)."
         return self.chosen("dynamic"), (
             f"Dynamic LoRA here is the table's `dynamic` row, input normalisation on: its default since issue 34, "
             f"{name}, is not scored on this table yet."
@@ -176,10 +177,9 @@ def score_table(table: Table) -> list[str]:
     digits = 2 if table.name == "sst2" else 4
     lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
     rows = [(NAMES[m], table.chosen(m)) for m in table.plan["methods"]]
-    if table.adopted():
-        rows.insert(
-            1, (f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})", table.adopted())
-        )
+    adopted = table.adopted()
+    if adopted:
+        rows.insert(1, (f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})", adopted))
     for name, run in rows:
         seeds = table.seeds(run) if run else []
         if not seeds:
