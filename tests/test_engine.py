@@ -347,6 +347,14 @@ def test_engine_state_from_before_the_over_parameterised_start_loads_as_starting
     assert model.engine.state_dict()["start_budget"] == state["budget"] == model.engine.start_budget
 
 
+def test_a_state_saved_at_another_start_is_refused_saying_which_start_ratio_to_build_with():
+    model, opt = make()  # start_ratio 1: as every run saved before 1.5 became the default
+    train(model, opt, 1, 8, 20)
+    default, _ = make(engine_config(start_ratio=DynamicLoRAConfig().start_ratio))
+    with pytest.raises(ValueError, match=r"started at 1\.00x the budget, this model at 1\.50x; build the model with"):
+        default.engine.load_state_dict(model.engine.state_dict(), restore_ranks=True)
+
+
 def test_missing_and_nonfinite_gradients_are_skipped():
     model, opt = make()
     model.bind_optimizer(opt, 20)

@@ -264,9 +264,15 @@ class Engine:
                 self.set_rank(name, int(rank), init_new=False)
         if state["ranks"] != self.ranks():
             raise ValueError("engine state does not match the adapter's current ranks; load the adapter first")
-        for key in ("budget", "start_budget"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"engine state has {key} {state[key]}, this model {getattr(self, key)}")
+        if state["budget"] != self.budget:
+            raise ValueError(f"engine state has budget {state['budget']}, this model {self.budget}")
+        if state["start_budget"] != self.start_budget:
+            raise ValueError(
+                f"engine state has start_budget {state['start_budget']}, this model {self.start_budget}: its run "
+                f"started at {state['start_budget'] / state['budget']:.2f}x the budget, this model at "
+                f"{self.start_budget / self.budget:.2f}x; build the model with the start_ratio the run used (1.0 for a "
+                "run saved before 1.5 became the default)"
+            )
         self.scorer.load_state_dict(state["scorer"])
         self.events = [dict(e) for e in state["events"]]
         self.generator.set_state(state["generator"])
