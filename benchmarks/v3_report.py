@@ -231,17 +231,23 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
         if chosen:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
+    digits = 2 if table.name == "sst2" else 4
     lines, met, compared = [], [], False
     for rank in ranks:
         double = 2 * rank
         if ("dynamic", rank) in runs and ("lora", double) in runs:
             x = table.interval(runs[("dynamic", rank)], runs[("lora", double)])
-            lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, 4)}")
+            lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, digits)}")
             met += [rank] if x is not None and x[1] >= 0 else []
             compared |= x is not None
     if compared:
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
         lines.insert(0, f"- Verdict: {where}")
+    pairs = [(rank, runs[("dynamic", rank)], runs[("lora", rank)]) for rank in ranks if ("dynamic", rank) in runs]
+    same = [(rank, x) for rank, dynamic, lora in pairs if (x := table.interval(dynamic, lora)) is not None]
+    if same:  # where re-allocation gains most: it should grow as the budget shrinks
+        lines += ["", "At the same budget:", ""]
+        lines += [f"- Dynamic LoRA − static LoRA at rank {rank}: {fmt(x, digits)}" for rank, x in same]
     if not any(table.seeds(r) for r in runs.values()):
         return lines, None
     fig = Figure(figsize=(5.5, 3.6))

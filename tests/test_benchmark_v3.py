@@ -85,6 +85,17 @@ def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path)
     write(tmp_path / "b", "sst2", runs, scored | {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)})
     lines, _figure = frontier(plan, Table("sst2", plan, tmp_path / "b"))
     assert lines[0] == "- Verdict: **met** at rank 4"  # rank 4 at +10 points over rank 8
+    assert not any("same budget" in line for line in lines)  # static LoRA at rank 4 is not scored yet
+    more = run("lora", 1e-4, 0, 0.7) | {"variant": "lora-lr1.0e-04-r4", "rank": 4, "trainable_parameters": 400}
+    (tmp_path / "b" / "sst2" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*runs, more]))
+    for s in (0, 1):
+        (tmp_path / "b" / "sst2" / "lora-lr1.0e-04-r4").mkdir(exist_ok=True)
+        rows = "".join(json.dumps(r) + "\n" for r in answers(60))
+        (tmp_path / "b" / "sst2" / "lora-lr1.0e-04-r4" / f"seed{s}.predictions.jsonl").write_text(rows)
+    lines, _figure = frontier(plan, Table("sst2", plan, tmp_path / "b"))
+    same = [line for line in lines if line.startswith("- Dynamic LoRA − static LoRA at rank")]
+    assert len(same) == 1  # rank 8: Dynamic LoRA's own run is not scored here
+    assert same[0].startswith("- Dynamic LoRA − static LoRA at rank 4: +20.00 [")  # 80 against 60 answers right
 
 
 def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
