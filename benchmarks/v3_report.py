@@ -58,6 +58,8 @@ class Table:
 
     def __init__(self, name: str, plan: dict, root: Path = RESULTS) -> None:
         self.name, self.plan = name, plan
+        # How its scores print: accuracy in points (x 100, 2 decimals), a loss in nats per token (4 decimals).
+        self.digits, self.scale = (2, 100.0) if name == "sst2" else (4, 1.0)
         self.runs, self.screen = (read_jsonl(root / name / f) if (root / name / f).is_file() else [] for f in RECORDS)
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
@@ -145,8 +147,7 @@ def verdict(x: tuple[float, float, float, int] | None, planned_seeds: int) -> st
 def selection_lines(table: Table) -> list[str]:
     """Per method: its held-out best score at each lr of the grid (seed 0), the chosen lr, and each run's flag
     when its best held-out evaluation was its last (still rising when it stopped)."""
-    digits = 2 if table.name == "sst2" else 4
-    scale = 100.0 if table.name == "sst2" else 1.0
+    digits, scale = table.digits, table.scale
     lines = [
         "| method | " + " | ".join(f"lr {lr:.1e}" for lr in table.plan["lr_grid"]) + " | chosen |",
         "|---|" + "---|" * (len(table.plan["lr_grid"]) + 1),
@@ -174,7 +175,7 @@ def selection_lines(table: Table) -> list[str]:
 
 
 def score_table(table: Table) -> list[str]:
-    digits = 2 if table.name == "sst2" else 4
+    digits = table.digits
     lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
     rows = [(NAMES[m], table.chosen(m)) for m in table.plan["methods"]]
     adopted = table.adopted()
@@ -202,7 +203,7 @@ def score_table(table: Table) -> list[str]:
 
 def target_lines(table: Table) -> list[str]:
     """Dynamic LoRA against each baseline at its own chosen lr, and the target: ≥ the best baseline."""
-    digits = 2 if table.name == "sst2" else 4
+    digits = table.digits
     dynamic, note = table.dynamic()
     baselines = [m for m in table.plan["methods"] if m != "dynamic"]
     means = {}
@@ -231,7 +232,7 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
         if chosen:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
-    digits = 2 if table.name == "sst2" else 4
+    digits = table.digits
     lines, met, compared = [], [], False
     for rank in ranks:
         double = 2 * rank
@@ -281,7 +282,7 @@ def curves(table: Table) -> Figure:
     methods = table.plan["methods"]
     fig = Figure(figsize=(3.2 * len(methods), 2.8))
     axes = fig.subplots(1, len(methods), squeeze=False)[0]
-    scale = 100.0 if table.name == "sst2" else 1.0
+    scale = table.scale
     for ax, method in zip(axes, methods, strict=True):
         for r in table.runs:
             if r["method"] == method and r["seed"] == table.plan["selection_seed"] and r["curve"]:
@@ -303,7 +304,7 @@ def screen_lines(table: Table) -> list[str]:
     name, plan, runs = table.name, table.plan, table.screen
     if not runs:
         return []
-    digits, scale = (2, 100.0) if name == "sst2" else (4, 1.0)
+    digits, scale = table.digits, table.scale
     screened = [r for r in runs if r["seed"] == plan["selection_seed"]]
     scores = {(screen_of(r), r["lr"]): r["best"]["score"] for r in screened if "best" in r}
     changes = plan.get("screen", {}).get("candidates", {})
