@@ -244,7 +244,8 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
     if compared:
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
         lines.insert(0, f"- Verdict: {where}")
-    pairs = [(rank, runs[("dynamic", rank)], runs[("lora", rank)]) for rank in ranks if ("dynamic", rank) in runs]
+    both = [rank for rank in ranks if ("dynamic", rank) in runs and ("lora", rank) in runs]
+    pairs = [(rank, runs[("dynamic", rank)], runs[("lora", rank)]) for rank in both]
     same = [(rank, x) for rank, dynamic, lora in pairs if (x := table.interval(dynamic, lora)) is not None]
     if same:  # where re-allocation gains most: it should grow as the budget shrinks
         lines += ["", "At the same budget:", ""]
@@ -332,7 +333,7 @@ def screen_lines(table: Table) -> list[str]:
     confirmed = sorted({r["variant"] for r in runs if table.seeds(r["variant"])})
     if confirmed:
         lines += ["", "Confirmed on the reported set (paired, 95 % interval, seeds and units resampled):", ""]
-    adopted = table.plan.get("screen", {}).get("adopted")
+    adopted = table.plan["screen"]["adopted"] if table.adopted() else None  # once scored, it stands for Dynamic LoRA
     references = [(f"{NAMES['dynamic']} ({adopted}, its default)" if adopted else NAMES["dynamic"], table.dynamic()[0])]
     if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
         references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
