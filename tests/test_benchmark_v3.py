@@ -98,6 +98,15 @@ def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path)
     assert same[0].startswith("- Dynamic LoRA − static LoRA at rank 4: +20.00 [")  # 80 against 60 answers right
 
 
+def test_the_frontier_waits_for_a_method_whose_lr_is_not_chosen_yet(tmp_path):
+    plan = PLAN | {"frontier": {"ranks": [4], "methods": ["dynamic", "lora"]}}
+    dynamic = [r for r in GRID if r["method"] == "dynamic"]
+    write(tmp_path, "sst2", dynamic, {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)})  # static LoRA: no run
+    lines, _figure = frontier(plan, Table("sst2", plan, tmp_path))
+    assert all(line.endswith(": —") for line in lines if line.startswith("- Dynamic LoRA at rank"))
+    assert not any("same budget" in line for line in lines)
+
+
 def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
     rows = [
         {"document": 3, "loss_sum": 10.0, "tokens": 4},
