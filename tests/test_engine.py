@@ -347,6 +347,16 @@ def test_engine_state_from_before_the_over_parameterised_start_loads_as_starting
     assert model.engine.state_dict()["start_budget"] == state["budget"] == model.engine.start_budget
 
 
+def test_a_schedule_that_never_prunes_the_start_says_so_and_the_default_one_does_not(recwarn):
+    model, opt = make(engine_config(start_ratio=1.5, warmup=0, interval=1, final=0))
+    model.bind_optimizer(opt, 20)  # a schedule whose only re-allocation would be at step 0, before any step
+    assert any("never pruned to the budget" in str(w.message) for w in recwarn)
+    recwarn.clear()
+    model, opt = make(engine_config(start_ratio=1.5, warmup=0.1, interval=0.05, final=0.8))
+    model.bind_optimizer(opt, 1)  # the default fractions: even a 1-step run re-allocates at step 1, to the budget
+    assert not any("never pruned" in str(w.message) for w in recwarn)
+
+
 def test_a_state_saved_at_another_start_is_refused_saying_which_start_ratio_to_build_with():
     model, opt = make()  # start_ratio 1: as every run saved before 1.5 became the default
     train(model, opt, 1, 8, 20)

@@ -90,6 +90,14 @@ class Engine:
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
         if self.allocator is not None:
             self.schedule = Schedule.resolve(self.config, total_steps)
+            if self.schedule.next_reallocation(1) is None and self.total_cost() > self.budget:
+                warnings.warn(
+                    f"the schedule (warmup step {self.schedule.warmup}, final step {self.schedule.final} of "
+                    f"{total_steps}) re-allocates after no step, so the over-parameterised start "
+                    f"({self.total_cost()} adapter parameters) is never pruned to the budget of {self.budget}: "
+                    "schedule a re-allocation within the run (warmup, final), or set start_ratio=1",
+                    stacklevel=3,
+                )
         self._arm_probes(1)
 
     def step(self, step: int) -> bool:
