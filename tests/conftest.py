@@ -165,9 +165,10 @@ CHATML = (
 )
 
 
-def save_tiny_llama(path, chat_template: str | None = CHATML, hidden: int = 32) -> str:
+def save_tiny_llama(path, chat_template: str | None = CHATML, hidden: int = 32, tied: bool = False) -> str:
     """A tiny random Llama with MiniLM's real tokenizer (its [SEP] as end of sequence), as a local model directory;
-    with ``chat_template``, the template of SmolLM2's kind."""
+    with ``chat_template``, the template of SmolLM2's kind; ``tied``: its output layer is its input embedding, as
+    SmolLM2's is."""
     from transformers import AutoTokenizer
 
     from dynlora import default_model_path
@@ -183,6 +184,7 @@ def save_tiny_llama(path, chat_template: str | None = CHATML, hidden: int = 32) 
         **{**DECODER, **sizes, "vocab_size": len(tok), "max_position_embeddings": 256},
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.cls_token_id,
+        tie_word_embeddings=tied,
     )
     cfg.pad_token_id = tok.pad_token_id
     LlamaForCausalLM(cfg).save_pretrained(path)

@@ -111,7 +111,7 @@ def test_flags_override_the_config_file_and_both_override_defaults(tmp_path):
             "method",
             "lora2",
             "setting method must be one of dynamic, lora, peft-lora, peft-adalora, peft-rslora, peft-loraplus, "
-            "peft-eva, got 'lora2'",
+            "peft-eva, full, got 'lora2'",
         ),
         ("init", 5, "setting init must be a string, got 5"),
         ("target_modules", [1, 2], "setting target_modules must be a list of module names or one regex"),

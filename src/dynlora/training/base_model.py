@@ -131,10 +131,15 @@ def load_adapted(
     full_precision: bool = False,
 ) -> tuple[nn.Module, object]:
     """(model with the adapter, tokenizer) for a dynlora or PEFT adapter directory, on the base model it records
-    (or ``model``); the head's size is read from the adapter unless ``num_labels`` is given. A dynlora adapter
-    trained on a 4- or 8-bit base (QLoRA) gets that base again, on ``device``, unless ``full_precision`` (a merge
-    or an export, which need the full-precision weights: :func:`adapter_base_bits` lets the caller say so)."""
+    (or ``model``), or for a whole model's directory (:func:`is_whole_model`) as it was saved; the head's size is
+    read from the adapter unless ``num_labels`` is given. A dynlora adapter trained on a 4- or 8-bit base (QLoRA)
+    gets that base again, on ``device``, unless ``full_precision`` (a merge or an export, which need the
+    full-precision weights: :func:`adapter_base_bits` lets the caller say so)."""
     where = Path(adapter)
+    if is_whole_model(where):
+        if model is not None:
+            print(f"note: {adapter} is a whole model, not an adapter: --model {model} is not used", file=sys.stderr)
+        return _whole_model(where, num_labels)
     if (where / PEFT_CONFIG_NAME).is_file() and not (where / CONFIG_NAME).is_file():
         from peft import PeftModel
 
@@ -167,6 +172,35 @@ def load_adapted(
             lambda: load_base(recorded, num_labels or next(iter(heads.values()), 2), **loading),
         )
     return DynamicLoRAModel.from_pretrained(base.model, where), base.tokenizer
+
+
+def is_whole_model(directory: str | Path) -> bool:
+    """A saved whole model, not an adapter: a fully fine-tuned run's (``--method full``), or what ``dynlora merge``
+    wrote (``config.json``, weights, tokenizer)."""
+    where = Path(directory)
+    adapters = (CONFIG_NAME, PEFT_CONFIG_NAME)
+    return (where / "config.json").is_file() and not any((where / name).is_file() for name in adapters)
+
+
+def _whole_model(where: Path, num_labels: int | None) -> tuple[nn.Module, object]:
+    """A whole model's directory as it was saved: a causal LM, or a classifier whose head must fit ``num_labels``."""
+    config = json.loads((where / "config.json").read_text())
+    if is_causal_lm((config.get("architectures") or [""])[0]):
+        base = load_causal_lm(str(where))
+        return base.model, base.tokenizer
+    saved = len(config.get("id2label") or {}) or 2
+    if num_labels is not None and num_labels != saved:
+        raise ValueError(f"{where} classifies into {saved} classes; this task has {num_labels}: evaluate it on its own")
+    base = load_base(str(where), saved, regression=config.get("problem_type") == "regression")
+    return base.model, base.tokenizer
+
+
+def base_class(model: nn.Module) -> str:
+    """The transformers class under a loaded adapter (dynlora's or PEFT's), or a whole model's own."""
+    if isinstance(model, DynamicLoRAModel):
+        return type(model.model).__name__
+    peft_base = getattr(model, "get_base_model", None)
+    return type(peft_base() if peft_base else model).__name__
 
 
 def _recorded_base(adapter: Path, recorded: str | None, load) -> BaseModel:

@@ -19,7 +19,9 @@ from ..model import DynamicLoRAModel
 from ..targets import untrained_poolers
 from .base_model import (
     adapter_base_bits,
+    base_class,
     is_causal_lm,
+    is_whole_model,
     label_names,
     load_adapted,
     load_causal_lm,
@@ -88,11 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             + (f"; changed: {changed}" if changed else "")
             + extended
         )
-    trained = "adapter"
+    trained = "every weight, no adapter" if settings.method == "full" else "adapter"
     summary = getattr(getattr(run.adapted, "model", None), "adapted_summary", lambda: "")()
     if "expert" in summary or "router" in summary:  # a mixture of experts: say what of it is adapted
         trained += f" on {summary}"
-    if isinstance(run.task, ClassifyTask):
+    if isinstance(run.task, ClassifyTask) and settings.method != "full":
         poolers = [name.rsplit(".", 2)[-2] + ".pooler" for name in untrained_poolers(run.model)]
         trained += " + new task head" + "".join(f" + {p}, never trained in this checkpoint" for p in poolers)
     if run.task.prompt_format is not None:  # a language model: which one, trained for what, on what data
@@ -150,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device = resolve_device(s.device)
         model, tok = load_adapted(args.adapter, s.model, outputs, device=device)
     labels = None
-    if is_causal_lm(type(getattr(model, "model", model)).__name__) or args.adapter is None:
+    if is_causal_lm(base_class(model)) or args.adapter is None:
         outputs = None
     else:
         outputs = model.config.num_labels
@@ -192,7 +194,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def refuse_whole_model(adapter: str, verb: str) -> None:
+    """A whole model (a fully fine-tuned run's) has no adapter to merge or export: say how to use it instead."""
+    if is_whole_model(adapter):
+        raise ValueError(
+            f"{adapter} is a whole model (trained with --method full, or merged), not an adapter: there is nothing to "
+            f"{verb}; it loads as it is, with from_pretrained({adapter!r}), and serves as any transformers model"
+        )
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    refuse_whole_model(args.adapter, "export")
     quiet_transformers()
     model, _ = load_adapted(args.adapter, args.model, full_precision=True)
     say_full_precision(args.adapter, "exported for the full-precision base")
@@ -216,6 +228,7 @@ def say_full_precision(adapter: str, what: str) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    refuse_whole_model(args.adapter, "merge")
     quiet_transformers()
     model, tok = load_adapted(args.adapter, args.model, full_precision=True)
     say_full_precision(args.adapter, "merged into the full-precision base")

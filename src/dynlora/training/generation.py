@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base_model import adapter_base_bits, is_causal_lm, load_adapted, load_causal_lm, quiet_transformers
+from .base_model import adapter_base_bits, base_class, is_causal_lm, load_adapted, load_causal_lm, quiet_transformers
 from .data.lm import check_messages
 from .devices import resolve_device
 from .errors import DataError
@@ -43,8 +43,8 @@ def generate(s: GenerateSettings) -> None:
     device = resolve_device(s.device)
     if s.adapter:
         model, tok = load_adapted(s.adapter, s.model, device=device)  # a QLoRA adapter on its 4-bit base
-        if not is_causal_lm(type(model.model).__name__):
-            raise ValueError(f"{s.adapter} adapts a {type(model.model).__name__}: generate needs a causal LM")
+        if not is_causal_lm(base_class(model)):
+            raise ValueError(f"{s.adapter} adapts a {base_class(model)}: generate needs a causal LM")
     else:
         base = load_causal_lm(s.model)
         model, tok = base.model, base.tokenizer

@@ -69,7 +69,9 @@ class TrainingRun:
         self.task, self.tokenizer, self.stream = parts.task, parts.tokenizer, parts.stream
         self.eval_sets, self.adapted, self.model = parts.eval_sets, parts.adapted, parts.adapted.model
         s = self.settings
-        self.outputs = RunOutputs(self.out, self.writer, self.adapted, self.task.prompt_format, s.max_length)
+        self.outputs = RunOutputs(
+            self.out, self.writer, self.adapted, self.tokenizer, self.task.prompt_format, s.max_length
+        )
         if s.fsdp and self.world > 1:
             shard_frozen(self.model)
         elif s.fsdp and self.writer:

@@ -4,9 +4,10 @@
   gradient), budget of LoRA at ``rank``; ``reallocate: false`` keeps the rest with a static allocation.
 - ``lora``: dynlora's static LoRA on the same layers at ``rank``: :func:`dynlora.static_lora` of the config.
 - the PEFT baselines of peft_baselines.py: ``peft-lora``, ``peft-adalora``, ``peft-rslora``, ``peft-loraplus``,
-  ``peft-eva`` (PEFT's own implementations).
+  ``peft-eva`` (PEFT's own implementations);
+- ``full``: every weight trains, no adapter (full_finetuning.py): the ceiling, at no equal budget.
 
-Every method reads its rank, alpha, dropout, targets and modules to save from the same DynamicLoRAConfig.
+Every adapter method reads its rank, alpha, dropout, targets and modules to save from the same DynamicLoRAConfig.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..config import DynamicLoRAConfig, engine_settings, static_lora
 from ..model import DynamicLoRAModel, get_dynlora_model
+from .full_finetuning import Full
 from .peft_baselines import PEFT_METHODS
 from .protocols import AdaptedModel, Method, SampleBatches, adamw
 from .settings import METHODS
@@ -96,6 +98,7 @@ _METHODS: dict[str, Method] = {
     "dynamic": DynLoRA("dynamic", dynamic=True),
     "lora": DynLoRA("lora", dynamic=False),
     **{m.name: m for m in PEFT_METHODS},
+    "full": Full(),
 }
 
 

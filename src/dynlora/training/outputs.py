@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import replace_directory, write_json
+from .full_finetuning import FullAdapted
 from .metrics import run_score
 from .protocols import AdaptedModel
 from .run_facts import write_run_facts
@@ -14,14 +15,23 @@ from .run_facts import write_run_facts
 
 class RunOutputs:
     def __init__(
-        self, out: Path, writer: bool, adapted: AdaptedModel, prompt_format: str | None, max_length: int
+        self,
+        out: Path,
+        writer: bool,
+        adapted: AdaptedModel,
+        tokenizer: Any,
+        prompt_format: str | None,
+        max_length: int,
     ) -> None:
-        self.out, self.writer, self.adapted = out, writer, adapted
+        self.out, self.writer, self.adapted, self.tokenizer = out, writer, adapted, tokenizer
         self.prompt_format, self.max_length = prompt_format, max_length
 
     def save_adapter(self, directory: Path) -> None:
-        """The adapter in its method's format, with what the run knows of its inputs (run_facts.py)."""
+        """The adapter in its method's format, with what the run knows of its inputs (run_facts.py); a whole model
+        (``--method full``) with its tokenizer too, so that it loads as a plain transformers model."""
         self.adapted.save(directory)
+        if isinstance(self.adapted, FullAdapted):
+            self.tokenizer.save_pretrained(str(directory))
         write_run_facts(directory, self.prompt_format, self.max_length)
 
     def keep_best(self, best: dict[str, Any] | None, step: int, metrics: dict[str, dict[str, float]]) -> dict | None:

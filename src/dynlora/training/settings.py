@@ -19,7 +19,8 @@ from .fields import settings_of
 
 # The choices of the settings below. This module imports neither torch nor transformers: the command line reads it
 # to build its flags, and `dynlora --help` prints at once.
-METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora", "peft-rslora", "peft-loraplus", "peft-eva")  # methods.py
+# methods.py; `full` trains every weight (no adapter): the ceiling, not an equal budget
+METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora", "peft-rslora", "peft-loraplus", "peft-eva", "full")
 DEFAULT_METHODS = ("dynamic", "lora", "peft-lora", "peft-adalora")  # what dynlora compare runs when not told
 OBJECTIVES = ("auto", "classify", "lm", "instruct")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -47,7 +48,12 @@ class TrainSettings:
         "instruct for a GLUE task on a causal LM, else classify)",
         choices=OBJECTIVES,
     )
-    method: str = setting("dynamic", f"adapter method at an equal budget: {' | '.join(METHODS)}", choices=METHODS)
+    method: str = setting(
+        "dynamic",
+        f"adapter method at an equal budget: {' | '.join(METHODS[:-1])}; or full (every weight trains, no adapter: "
+        "the ceiling)",
+        choices=METHODS,
+    )
     data_dir: str | None = setting(None, "GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
     train_file: str | None = setting(None, "your own training data, .csv/.tsv/.jsonl (instead of --task)")
     dev_file: str | None = setting(None, "your own evaluation data, same format as --train-file")
@@ -150,6 +156,8 @@ class TrainSettings:
                 "--fsdp does not shard bitsandbytes' quantised weights: drop --fsdp (a 4-bit base is small) or "
                 "--load-in-4bit/--load-in-8bit"
             )
+        if self.method == "full":
+            self._check_full()
         if self.adapter.init == "lora-ga" and self.method == "dynamic":
             if self.fsdp:
                 raise ValueError("--init lora-ga offsets the base weights, which --fsdp shards: drop one of them")
@@ -158,6 +166,18 @@ class TrainSettings:
                     "--init lora-ga offsets the base weights, which a quantised base cannot hold exactly: drop "
                     "--load-in-4bit/--load-in-8bit, or use --init gradient"
                 )
+
+    def _check_full(self) -> None:
+        """What full fine-tuning cannot do: train quantised weights, keep a frozen base to shard, speed up B."""
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ValueError(
+                "--method full trains every weight, which a 4- or 8-bit base cannot hold: drop "
+                "--load-in-4bit/--load-in-8bit, or train an adapter on it (QLoRA: --method dynamic)"
+            )
+        if self.fsdp:
+            raise ValueError("--fsdp shards the frozen base, and --method full freezes nothing: drop --fsdp")
+        if self.loraplus_lr_ratio is not None:
+            raise ValueError("--loraplus-lr-ratio speeds up the adapters' B, and --method full has none: drop it")
 
     def sized(self, language_model: bool, positions: int | None) -> TrainSettings:
         """These settings with the batch size and max length the user left out filled in (:func:`default_sizes`)."""

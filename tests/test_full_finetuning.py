@@ -1,0 +1,95 @@
+"""Full fine-tuning (``--method full``), the ceiling: every weight trains, the run saves a plain transformers model
+that eval and generate load as it is, a tied output layer checkpoints and resumes exactly, and what it cannot do
+(merge, export, a quantised base, --fsdp, LoRA+) is one clear line."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import save_tiny_llama
+from helpers import chat_file, csv_data, quick, run_cli, train_args
+from helpers import ok as run
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from dynlora.training.errors import Interrupted
+from dynlora.training.loop import TrainingRun
+from dynlora.training.settings import TrainSettings
+
+
+def test_a_classifier_trains_every_weight_and_saves_a_model_that_loads_as_it_is(capsys, tmp_path, tiny_model_dir):
+    train = csv_data(tmp_path / "data", ["pos", "neg"])
+    out = tmp_path / "run"
+    printed = run(capsys, *train_args(tiny_model_dir, train, out, "--method", "full", "--lr", "1e-3"))
+    every = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).parameters())
+    assert f"{every:,} trainable parameters (every weight, no adapter)" in printed
+    assert json.loads((out / "results.json").read_text())["trainable_parameters"] == every
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForSequenceClassification.from_pretrained(out / "adapter")  # a plain transformers model
+    AutoTokenizer.from_pretrained(out / "adapter")  # with its tokenizer
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight"} <= changed  # not only a head
+    assert after.config.id2label == {0: "neg", 1: "pos"}  # its classes, as the run named them
+    accuracy = json.loads((out / "results.json").read_text())["metrics"]["validation"]["accuracy"]
+    evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--max-length", 32)
+    assert f"accuracy {accuracy:.4f}" in evaluated  # the run's own evaluation, from the saved model
+    for command, flag in (("merge", "--out"), ("export", "--peft")):
+        line = run_cli(capsys, command, "--adapter", out / "adapter", flag, tmp_path / command)
+        says = "is a whole model (trained with --method full, or merged), not an adapter: there is nothing to"
+        assert f"{says} {command}" in line
+        assert not (tmp_path / command).exists()
+
+
+def _hooked_run(settings: TrainSettings, interrupt_at: int | None) -> TrainingRun:
+    """A run whose model receives SIGINT during the forward of micro-batch ``interrupt_at`` (None: never)."""
+    run = TrainingRun(settings)
+    count = [0]
+
+    def hook(module, args, kwargs):
+        if module.training:
+            if count[0] == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            count[0] += 1
+
+    run.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return run
+
+
+def test_a_tied_language_model_checkpoints_resumes_exactly_evaluates_and_generates(capsys, tmp_path):
+    model = save_tiny_llama(tmp_path / "tied", tied=True)
+    train = chat_file(tmp_path / "chat.jsonl")
+
+    def settings(out, **extra) -> TrainSettings:
+        return TrainSettings(
+            model=model, train_file=str(train), dev_file=str(train), method="full", max_steps=6, batch_size=4,
+            max_length=64, lr=1e-3, output_dir=str(out), progress=False, **extra,
+        )  # fmt: skip
+
+    straight = _hooked_run(settings(tmp_path / "a"), None).run()
+    with pytest.raises(Interrupted, match="--resume"):
+        _hooked_run(settings(tmp_path / "b"), interrupt_at=3).run()
+    resumed = _hooked_run(settings(tmp_path / "b", resume=True), None).run()
+    assert resumed["metrics"] == straight["metrics"]
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / r / "adapter") for r in "ab")
+    assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # still tied when loaded
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    loss = straight["metrics"]["validation"]["loss"]
+    assert f"loss {loss:.4f}" in run(capsys, "eval", "--adapter", tmp_path / "a" / "adapter", "--dev-file", train)
+    prompt = ["--prompt", "what is 3 plus one", "--max-new-tokens", 6]
+    ours = run(capsys, "generate", "--adapter", tmp_path / "a" / "adapter", *prompt)
+    assert ours == run(capsys, "generate", "--model", tmp_path / "a" / "adapter", *prompt)  # it is a plain model
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--load-in-4bit"], "--method full trains every weight, which a 4- or 8-bit base cannot hold"),
+        (["--fsdp"], "--fsdp shards the frozen base, and --method full freezes nothing"),
+        (["--loraplus-lr-ratio", "16"], "--loraplus-lr-ratio speeds up the adapters' B, and --method full has none"),
+    ],
+)
+def test_what_full_fine_tuning_cannot_do_is_one_line_before_anything_loads(capsys, tmp_path, flags, says):
+    out = tmp_path / "run"
+    line = run_cli(capsys, *quick("no-such-model", chat_file(tmp_path / "c.jsonl"), out, "--method", "full", *flags))
+    assert says in line and not out.exists()
