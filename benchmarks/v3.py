@@ -83,6 +83,17 @@ def at_rank(name: str, rank: int) -> str:
     return variant(stem, float(lr), rank)
 
 
+def lr_grid(plan: dict, method: str) -> list[float]:
+    """The lrs ``method`` is selected from: the plan's grid, unless ``lr_grids`` gives the method its own (full
+    fine-tuning works an order of magnitude below the adapters)."""
+    return plan.get("lr_grids", {}).get(method, plan["lr_grid"])
+
+
+def of_table(plan: dict, table: str, key: str) -> list:
+    """The table's ``seeds`` or ``methods``: its own if it names them, else the plan's."""
+    return plan["tables"][table].get(key, plan[key])
+
+
 def run_settings(
     plan: dict,
     table: str,
@@ -99,6 +110,8 @@ def run_settings(
     if rank:
         settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
     name = variant(method, lr, rank)
+    if method == "dynamic" and candidate is None and plan["tables"][table].get("dynamic") == "adopted":
+        settings["adapter"] = {**settings["adapter"], **adopted(plan)[1]}  # a table begun after the adoption
     if candidate:
         name = screened(candidate[0], lr, rank)
         settings["adapter"] = {**settings["adapter"], **candidate[1]}
@@ -181,7 +194,7 @@ def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
     """The grid lr whose selection run (the plan's rank, its selection seed) reached the best held-out score (a tie
     goes to the lr first in the grid, the smaller); None until every one has finished."""
     seed, rank = plan["selection_seed"], plan["base"]["adapter"]["rank"]
-    grid = plan["lr_grid"]
+    grid = lr_grid(plan, method)
     runs = {r["lr"]: r for r in records if r["method"] == method and r["seed"] == seed and r["rank"] == rank}
     if not all(lr in runs for lr in grid):
         return None
@@ -198,7 +211,8 @@ def score(plan: dict, table: str, record: dict, out: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
-    command += ["--model", plan["base"]["model"], *plan["tables"][table]["report"], "--predictions", str(partial)]
+    model = merge(plan["base"], plan["tables"][table]["train"])["model"]
+    command += ["--model", model, *plan["tables"][table]["report"], "--predictions", str(partial)]
     print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
     printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     os.replace(partial, target)
@@ -212,14 +226,14 @@ def run_table(plan: dict, table: str, out: Path) -> None:
     results = plan["results_dir"] / table / "runs.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     first = plan["selection_seed"]
-    for method in plan["methods"]:
-        for lr in plan["lr_grid"]:
+    for method in of_table(plan, table, "methods"):
+        for lr in lr_grid(plan, method):
             train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
         score_chosen(plan, table, method, out)
         lr = chosen_lr(plan, read_results(results), method)
         if lr is None:  # its grid is not whole (another invocation is training part of it)
             continue
-        for seed in [s for s in plan["seeds"] if s != first]:
+        for seed in [s for s in of_table(plan, table, "seeds") if s != first]:
             train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
             score_chosen(plan, table, method, out)
 
@@ -239,7 +253,7 @@ def run_frontier(plan: dict, out: Path) -> None:
     frontier = plan["frontier"]
     table = frontier["table"]
     results = plan["results_dir"] / table / "runs.jsonl"
-    for seed in plan["seeds"]:
+    for seed in of_table(plan, table, "seeds"):
         for rank in frontier["ranks"]:
             for method in frontier["methods"]:
                 lr = chosen_lr(plan, read_results(results), method)
@@ -280,7 +294,7 @@ def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> No
             continue
         lr = max(finished, key=lambda r: r["best"]["score"])["lr"]
         change = (name, candidate_change(candidates, name))
-        for seed in plan["seeds"]:
+        for seed in of_table(plan, table, "seeds"):
             record = train_once(
                 run_settings(plan, table, "dynamic", lr, seed, out, None, change), results, screened(name, lr)
             )

@@ -4,6 +4,7 @@
   standard prompts (dynlora's instruction, and the review first with "Answer with one word."), each scored by the
   answer word's first token after the prompt, lower case alone and with its capitalised form added (log-sum-exp):
   the floor is the best of them, so that no prompt of ours makes the trained methods look better than they are.
+- SST-2 to a classifier (a new head, which starts at chance): the majority-class rate of the dev set.
 - Code corpus: the untrained model's loss on the test documents, its per-block predictions kept as the run
   ``untrained`` (``stdlib/untrained/seed0.predictions.jsonl``) so that its difference to a method has an interval too.
 """
@@ -58,9 +59,13 @@ def zero_shot(model, tok, prompt: str, examples: list, batch_size: int = 16) -> 
 
 def measure(table: str, plan: dict) -> dict:
     quiet_transformers()
-    if table == "sst2":
-        dev = load_glue("sst2", HERE.parent.parent / "shared" / "data" / "glue")["validation"]
+    objective = plan["tables"][table]["train"].get("objective")
+    if objective != "lm":
+        dev = load_glue(plan["tables"][table]["train"]["task"], HERE.parent.parent / "shared" / "data" / "glue")
+        dev = dev["validation"]
         majority = 100 * max(sum(int(e.label) == k for e in dev) for k in (0, 1)) / len(dev)
+        if objective == "classify":
+            return {"majority": majority, "floor": majority, "summary": f"majority class {majority:.2f} %"}
         base = load_causal_lm(plan["base"]["model"])
         prompts = {name: zero_shot(base.model.eval(), base.tokenizer, p, dev) for name, p in PROMPTS.items()}
         best = max((v, f"{name}, {case}") for name, cases in prompts.items() for case, v in cases.items())

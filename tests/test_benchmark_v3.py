@@ -16,6 +16,7 @@ PLAN = {
     "seeds": [0, 1],
     "methods": ["dynamic", "lora"],
     "base": {"adapter": {"rank": 8}},
+    "tables": {"sst2": {"train": {"objective": "instruct"}}, "stdlib": {"train": {"objective": "lm"}}},
 }
 
 
@@ -49,8 +50,8 @@ def test_each_method_is_scored_at_the_lr_of_its_best_held_out_run(tmp_path):
     write(tmp_path, "sst2", GRID, {})
     table = Table("sst2", PLAN, tmp_path)
     assert table.chosen("dynamic") == "dynamic-lr1.0e-03" and table.chosen("lora") == "lora-lr1.0e-04"  # diverged: out
-    write(tmp_path, "other", GRID[:3], {})
-    assert Table("other", PLAN, tmp_path).chosen("lora") is None  # not before its whole grid has run
+    write(tmp_path / "b", "sst2", GRID[:3], {})
+    assert Table("sst2", PLAN, tmp_path / "b").chosen("lora") is None  # not before its whole grid has run
 
 
 def test_identical_answers_differ_by_exactly_zero_and_flipped_ones_by_their_share(tmp_path):
@@ -113,7 +114,7 @@ def test_a_code_document_scores_by_its_tokens_not_by_its_blocks():
         {"document": 3, "loss_sum": 2.0, "tokens": 4},
         {"document": 7, "loss_sum": 3.0, "tokens": 1},
     ]
-    num, den = units("stdlib", rows)
+    num, den = units("loss", rows)
     assert list(num) == [-12.0, -3.0] and list(den) == [8, 1]  # per document: summed loss and tokens
     assert num.sum() / den.sum() == pytest.approx(-15 / 9)  # minus the mean loss per token
 
@@ -254,3 +255,52 @@ def test_a_run_name_parses_back_into_what_named_it_and_moves_to_another_rank(ste
     assert name_parts(at_rank(name, 2)) == (stem, f"{lr:.1e}", 2)
     with pytest.raises(ValueError, match="not a v3 run name"):
         name_parts(stem)
+
+
+def test_a_table_of_its_own_methods_seeds_and_target_judges_over_its_baseline_by_the_margin(tmp_path):
+    from v3_report import selection_lines, target_lines
+
+    plan = PLAN | {"lr_grids": {"full": [1e-5, 1e-4]}}
+    plan["tables"] = plan["tables"] | {
+        "enc": {
+            "train": {"objective": "classify"},
+            "methods": ["dynamic", "lora", "full"],
+            "seeds": [0, 1, 2],
+            "dynamic": "adopted",
+            "target": {"over": "lora", "margin": 1.0},
+        }
+    }
+    plan["screen"] = {"adopted": "x", "candidates": {"x": {}}}
+    runs = [*GRID, run("full", 1e-5, 0, 0.95), run("full", 1e-4, 0, None)]
+    rights = {"dynamic-lr1.0e-03": 850, "lora-lr1.0e-04": 840, "full-lr1.0e-05": 900}
+    write(tmp_path, "enc", runs, {(r, s): answers(n, 1000) for r, n in rights.items() for s in (0, 1, 2)})
+    table = Table("enc", plan, tmp_path)
+    lines = target_lines(table)
+    assert lines[0] == "Dynamic LoRA here is its default since issue 34: x (its own row)."
+    # +1.00 exactly: 10 of 1000 answers, at the margin's edge but below it on part of the resampled rounds
+    assert lines[2].startswith("- **Target: Dynamic LoRA ≥ static LoRA + 1**: +1.00 [")
+    assert lines[2].endswith("→ **not met**")
+    assert any(
+        line.startswith("- full fine-tuning (every weight: the ceiling) − Dynamic LoRA: +5.00 [") for line in lines
+    )
+    assert not any("− full fine-tuning" in line for line in lines)  # the ceiling is no baseline
+    full_row = next(line for line in selection_lines(table) if line.startswith("| full fine-tuning"))
+    assert "95.00 @50 (lr 1.0e-05) | diverged (lr 1.0e-04) | 1.0e-05 |" in full_row  # its own grid, chosen on it
+    wider = {**rights, "dynamic-lr1.0e-03": 900}
+    write(tmp_path / "b", "enc", runs, {(r, s): answers(n, 1000) for r, n in wider.items() for s in (0, 1, 2)})
+    assert target_lines(Table("enc", plan, tmp_path / "b"))[2].endswith("→ **met**")  # +6 points, all above 1
+
+
+def test_a_table_begun_after_the_adoption_runs_dynamic_lora_as_adopted_and_full_on_its_own_grid():
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    encoder = v3.run_settings(plan, "sst2-encoder", "dynamic", 4.6e-4, 0, Path("out"), None)
+    adopted = v3.adopted(plan)[1]
+    assert encoder["adapter"] == {**encoder["adapter"], **adopted} and encoder["model"] == "minilm"
+    assert v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 0, Path("out"), None)["adapter"] != encoder["adapter"]
+    assert v3.lr_grid(plan, "full") != v3.lr_grid(plan, "lora") == plan["lr_grid"]
+    grid = v3.lr_grid(plan, "full")
+    records = [{"method": "full", "lr": lr, "seed": 0, "rank": 8, "best": {"score": -abs(lr - grid[1])}} for lr in grid]
+    assert v3.chosen_lr(plan, records, "full") == grid[1]
+    assert v3.chosen_lr(plan, records[:-1], "full") is None  # not before its whole grid has run
