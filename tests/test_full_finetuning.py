@@ -8,13 +8,15 @@ import signal
 
 import pytest
 import torch
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, tiny_llama
 from helpers import chat_file, csv_data, quick, run_cli, train_args
 from helpers import ok as run
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from dynlora import DynamicLoRAConfig
 from dynlora.training.errors import Interrupted
 from dynlora.training.loop import TrainingRun
+from dynlora.training.methods import get_method
 from dynlora.training.settings import TrainSettings
 
 
@@ -79,6 +81,12 @@ def test_a_tied_language_model_checkpoints_resumes_exactly_evaluates_and_generat
     prompt = ["--prompt", "what is 3 plus one", "--max-new-tokens", 6]
     ours = run(capsys, "generate", "--adapter", tmp_path / "a" / "adapter", *prompt)
     assert ours == run(capsys, "generate", "--model", tmp_path / "a" / "adapter", *prompt)  # it is a plain model
+
+
+def test_a_bf16_checkpoint_trains_float32_weights():
+    adapted = get_method("full").wrap(tiny_llama().to(torch.bfloat16), DynamicLoRAConfig(), 10)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in adapted.model.parameters())
+    assert adapted.trainable_parameters() == sum(p.numel() for p in tiny_llama().parameters())
 
 
 @pytest.mark.parametrize(

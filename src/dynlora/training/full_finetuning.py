@@ -21,10 +21,12 @@ from .protocols import SampleBatches, adamw
 
 
 class FullAdapted:
-    """The model itself, every parameter trainable."""
+    """The model itself, every parameter trainable, in float32: a checkpoint stored in bf16 (most LLMs') loads in
+    bf16, where AdamW's small updates round away; ``--precision bf16`` computes in bf16 under autocast, as mixed
+    precision does, over these float32 weights."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model = model.float()
         model.requires_grad_(True)
 
     def bind(self, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
