@@ -18,7 +18,8 @@ then scored once on the reported set by ``dynlora eval --predictions``. Kept und
 predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recomputes every figure from them.
 
 The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
-unless the candidate names its own lrs, on the held-out slice only (``<table>/screen.jsonl``); its ``default``
+unless the candidate names its own lrs (and at the plan's rank unless it names a frontier ``rank``), on the held-out
+slice only (``<table>/screen.jsonl``); its ``default``
 candidate is Dynamic LoRA as the plan's base sets it, from the same code; a candidate is judged against it, or
 against the candidate it names as ``on_top_of`` (its settings then add to that one's). The candidates the
 plan lists under ``confirm`` (those that passed) go first: every seed at the best screened lr, each scored once on
@@ -281,10 +282,11 @@ def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> No
     confirm = [c for c in plan["screen"].get("confirm") or [] if only in (None, c)]
 
     def screen(name: str) -> None:
+        rank = candidates[name].get("rank")  # a candidate at a frontier rank, judged against its frontier run
         for lr in candidates[name].get("lrs", [chosen]):
             change = (name, candidate_change(candidates, name))
-            settings = run_settings(plan, table, "dynamic", lr, plan["selection_seed"], out, None, change)
-            train_once(settings, results, screened(name, lr))
+            settings = run_settings(plan, table, "dynamic", lr, plan["selection_seed"], out, rank, change)
+            train_once(settings, results, screened(name, lr, rank))
 
     for name in confirm:  # passed the screen: every seed at its best screened lr, scored on the reported set
         screen(name)

@@ -324,32 +324,43 @@ def curves(table: Table) -> Figure:
 
 def screen_lines(table: Table) -> list[str]:
     """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score and its difference
-    from the score of what it is screened on (``default``, unless it names another as ``on_top_of``) at the same lr (one
-    seed: a screen, not a verdict); then each confirmed candidate's paired intervals on the reported set against
-    Dynamic LoRA and static LoRA at their chosen lrs."""
+    from the score of what it is screened on (``default``, unless it names another as ``on_top_of``) at the same lr
+    and rank (a candidate at a frontier rank: against that one's frontier run; one seed: a screen, not a verdict);
+    then each confirmed candidate's paired intervals on the reported set against Dynamic LoRA and static LoRA at
+    their chosen lrs."""
     name, plan, runs = table.name, table.plan, table.screen
     if not runs:
         return []
     digits, scale = table.digits, table.scale
     screened = [r for r in runs if r["seed"] == plan["selection_seed"]]
-    scores = {(screen_of(r), r["lr"]): r["best"]["score"] for r in screened if "best" in r}
+    frontier = [r for r in table.runs if r["variant"].startswith("screen-") and r["seed"] == plan["selection_seed"]]
+    scores = {
+        (screen_of(r), r["lr"], name_parts(r["variant"])[2]): r["best"]["score"]
+        for r in screened + frontier
+        if "best" in r
+    }
     changes = plan.get("screen", {}).get("candidates", {})
     lines = [
-        "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step | − what it is on, same lr |",
+        "| candidate | changes | lr | trainable parameters (peak) | best held-out @ step "
+        "| − what it is on, same lr and rank |",
         "|---|---|---|---|---|---|",
     ]
     for run in screened:
         candidate = screen_of(run)
         own = changes.get(candidate, {})
         on = own.get("on_top_of", "default")
-        change = ", ".join(f"{k}={v}" for k, v in own.get("adapter", {}).items()) or "—"
+        rank = name_parts(run["variant"])[2]
+        change = ", ".join(
+            f"{k}={v}" for k, v in {**({"rank": rank} if rank else {}), **own.get("adapter", {})}.items()
+        )
+        change = change or "—"
         change += f" (on {on})" if on != "default" else ""
         if "best" not in run:
             lines.append(f"| {candidate} | {change} | {run['lr']:.1e} | — | diverged | — |")
             continue
         peak = run.get("peak_trainable_parameters", run["trainable_parameters"])
         params = f"{run['trainable_parameters']:,}" + (f" ({peak:,})" if peak > run["trainable_parameters"] else "")
-        score, base = run["best"]["score"], scores.get((on, run["lr"]))
+        score, base = run["best"]["score"], scores.get((on, run["lr"], rank))
         versus = "—" if base is None or candidate == "default" else f"{scale * (score - base):+.{digits}f}"
         lines.append(
             f"| {candidate} | {change} | {run['lr']:.1e} | {params} | "

@@ -304,3 +304,25 @@ def test_a_table_begun_after_the_adoption_runs_dynamic_lora_as_adopted_and_full_
     records = [{"method": "full", "lr": lr, "seed": 0, "rank": 8, "best": {"score": -abs(lr - grid[1])}} for lr in grid]
     assert v3.chosen_lr(plan, records, "full") == grid[1]
     assert v3.chosen_lr(plan, records[:-1], "full") is None  # not before its whole grid has run
+
+
+def test_a_candidate_at_a_frontier_rank_is_judged_against_the_frontier_run_it_is_on(tmp_path):
+    import v3
+    from v3_report import screen_lines
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    change = ("r1-x", {"min_rank": 0})
+    settings = v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 0, Path("out"), 1, change)
+    assert settings["output_dir"] == str(Path("out/stdlib/screen-r1-x-lr4.6e-04-r1/seed0"))
+    assert (settings["adapter"]["rank"], settings["adapter"]["alpha"], settings["adapter"]["min_rank"]) == (1, 2.0, 0)
+    (tmp_path / "stdlib").mkdir()
+    frontier = {"variant": "screen-a-lr4.6e-04-r1", "method": "dynamic", "lr": 4.6e-4, "rank": 1, "seed": 0}
+    frontier["best"] = {"score": -2.80, "step": 200}
+    rank_8 = {"variant": "screen-a-lr4.6e-04", "lr": 4.6e-4, "seed": 0, "best": {"score": -2.70, "step": 200}}
+    mine = {"variant": "screen-r1-x-lr4.6e-04-r1", "lr": 4.6e-4, "seed": 0, "best": {"score": -2.78, "step": 200}}
+    rows = [r | {"trainable_parameters": 10} for r in (rank_8, mine)]
+    (tmp_path / "stdlib" / "screen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "stdlib" / "runs.jsonl").write_text(json.dumps(frontier | {"trainable_parameters": 10}) + "\n")
+    candidates = {"a": {}, "r1-x": {"on_top_of": "a", "rank": 1, "adapter": {"min_rank": 0}}}
+    lines = screen_lines(Table("stdlib", {**PLAN, "screen": {"candidates": candidates}}, tmp_path))
+    assert "| r1-x | rank=1, min_rank=0 (on a) | 4.6e-04 | 10 | -2.7800 @200 | +0.0200 |" in lines  # not −0.08
