@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import DynamicLoRAConfig
-from .protocols import SampleBatches, adamw
+from .protocols import SampleBatches, adamw, load_trained, trainable_count
 
 
 class FullAdapted:
@@ -50,13 +50,10 @@ class FullAdapted:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def load_training_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = sorted(set(self.training_tensors()) - set(tensors))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {missing[0]}")
-        self.model.load_state_dict(tensors, strict=False)
+        load_trained(self.model, tensors, self.training_tensors())
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable_count(self.model)
 
     def save(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory))

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import DynamicLoRAConfig, tagged
 from ..targets import default_modules_to_save, default_target_modules
-from .protocols import SampleBatches, adamw
+from .protocols import SampleBatches, adamw, load_trained, trainable_count
 from .settings import METHODS
 
 LORAPLUS_RATIO = 16  # LoRA+'s lr_B / lr_A, as PEFT's documentation uses
@@ -84,13 +84,10 @@ class PeftAdapted:
         return {name: t for name, t in self.model.state_dict().items() if name in trained}
 
     def load_training_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = sorted(set(self.training_tensors()) - set(tensors))
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {missing[0]}")
-        self.model.load_state_dict(tensors, strict=False)
+        load_trained(self.model, tensors, self.training_tensors())
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable_count(self.model)
 
     def save(self, directory: str | Path) -> None:
         with warnings.catch_warnings():

@@ -53,6 +53,19 @@ class Method(Protocol):
     ) -> AdaptedModel: ...
 
 
+def trainable_count(model: nn.Module) -> int:
+    """The parameters of ``model`` that train (a tied weight once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor], trained: Iterable[str]) -> None:
+    """A checkpoint's ``tensors`` into ``model``; one of the ``trained`` names it lacks is an error naming it."""
+    missing = sorted(set(trained) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors this run trains, e.g. {missing[0]}")
+    model.load_state_dict(tensors, strict=False)
+
+
 def adamw(
     model: nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None
 ) -> torch.optim.Optimizer:
