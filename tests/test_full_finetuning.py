@@ -36,6 +36,8 @@ def test_a_classifier_trains_every_weight_and_saves_a_model_that_loads_as_it_is(
     accuracy = json.loads((out / "results.json").read_text())["metrics"]["validation"]["accuracy"]
     evaluated = run(capsys, "eval", "--adapter", out / "adapter", "--dev-file", train, "--max-length", 32)
     assert f"accuracy {accuracy:.4f}" in evaluated  # the run's own evaluation, from the saved model
+    line = run_cli(capsys, "eval", "--adapter", out / "adapter", "--task", "stsb")  # a one-output regression task
+    assert "has a head of 2 outputs and this task needs 1: evaluate it on the task" in line
     for command, flag in (("merge", "--out"), ("export", "--peft")):
         line = run_cli(capsys, command, "--adapter", out / "adapter", flag, tmp_path / command)
         says = "is a whole model (trained with --method full, or merged), not an adapter: there is nothing to"

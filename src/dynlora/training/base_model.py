@@ -190,7 +190,10 @@ def _whole_model(where: Path, num_labels: int | None) -> tuple[nn.Module, object
         return base.model, base.tokenizer
     saved = len(config.get("id2label") or {}) or 2
     if num_labels is not None and num_labels != saved:
-        raise ValueError(f"{where} classifies into {saved} classes; this task has {num_labels}: evaluate it on its own")
+        raise ValueError(
+            f"{where} has a head of {saved} outputs and this task needs {num_labels}: evaluate it on the task (or a "
+            "--dev-file of the labels) it was trained for"
+        )
     base = load_base(str(where), saved, regression=config.get("problem_type") == "regression")
     return base.model, base.tokenizer
 
