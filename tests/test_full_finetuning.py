@@ -91,6 +91,11 @@ def test_a_bf16_checkpoint_trains_float32_weights():
     assert adapted.trainable_parameters() == sum(p.numel() for p in tiny_llama().parameters())
 
 
+def test_full_fine_tuning_runs_at_a_whole_model_learning_rate_unless_told():
+    assert TrainSettings(method="full").lr == 2e-5 and TrainSettings().lr == 5e-4  # an adapter's would wreck it
+    assert TrainSettings(method="full", lr=1e-4).lr == 1e-4
+
+
 @pytest.mark.parametrize(
     "flags, says",
     [

@@ -26,6 +26,7 @@ OBJECTIVES = ("auto", "classify", "lm", "instruct")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("linear", "constant")
+ADAPTER_LR, FULL_LR = 5e-4, 2e-5  # the lr when not given: an adapter's, and whole-model fine-tuning's usual rate
 QUICK_STEPS = 300  # `dynlora train` with neither --epochs nor --max-steps: a few minutes on a laptop CPU
 
 
@@ -81,7 +82,11 @@ class TrainSettings:
         "one epoch of --train-file)",
         length=True,
     )
-    lr: float = setting(5e-4, "peak learning rate of AdamW")
+    lr: float | None = setting(
+        None,
+        f"peak learning rate of AdamW (default: {ADAPTER_LR:g} for an adapter, {FULL_LR:g} for --method full: "
+        "whole-model fine-tuning runs a decade or more lower)",
+    )
     weight_decay: float = setting(0.0, "AdamW weight decay")
     loraplus_lr_ratio: float | None = setting(
         None,
@@ -131,6 +136,8 @@ class TrainSettings:
             self.max_steps = QUICK_STEPS if self.epochs is None and not self.train_file else 0
         if self.epochs is None:
             self.epochs = 1.0
+        if self.lr is None:
+            self.lr = FULL_LR if self.method == "full" else ADAPTER_LR
         if isinstance(self.adapter, dict):
             self.adapter = DynamicLoRAConfig.from_dict(self.adapter)
         if self.method not in METHODS:
