@@ -19,9 +19,9 @@ predictions (``<run>/seed<k>.predictions.jsonl``): benchmarks/v3_report.py recom
 
 The screen (issue 34) runs each candidate change to Dynamic LoRA on the selection seed, at Dynamic LoRA's chosen lr
 unless the candidate names its own lrs (and at the plan's rank unless it names a frontier ``rank``), on the held-out
-slice only (``<table>/screen.jsonl``); its ``default``
-candidate is Dynamic LoRA as the plan's base sets it, from the same code; a candidate is judged against it, or
-against the candidate it names as ``on_top_of`` (its settings then add to that one's). The candidates the
+slice only (``<table>/screen.jsonl``); its ``default`` candidate is Dynamic LoRA as the plan's base sets it, from the
+same code; a candidate is judged against it, or against the candidate it names as ``on_top_of`` (its settings then
+add to that one's). The candidates the
 plan lists under ``confirm`` (those that passed) go first: every seed at the best screened lr, each scored once on
 the reported set.
 """
@@ -88,6 +88,12 @@ def lr_grid(plan: dict, method: str) -> list[float]:
     """The lrs ``method`` is selected from: the plan's grid, unless ``lr_grids`` gives the method its own (full
     fine-tuning works an order of magnitude below the adapters)."""
     return plan.get("lr_grids", {}).get(method, plan["lr_grid"])
+
+
+def metric(plan: dict, table: str) -> str:
+    """What a table scores: ``loss`` for language modelling, else ``accuracy`` (a classifier's or an instruction's
+    answers)."""
+    return "loss" if plan["tables"][table]["train"].get("objective") == "lm" else "accuracy"
 
 
 def of_table(plan: dict, table: str, key: str) -> list:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from v3 import metric
 
 from dynlora.training.base_model import load_causal_lm, quiet_transformers
 from dynlora.training.data import load_glue
@@ -59,12 +60,11 @@ def zero_shot(model, tok, prompt: str, examples: list, batch_size: int = 16) -> 
 
 def measure(table: str, plan: dict) -> dict:
     quiet_transformers()
-    objective = plan["tables"][table]["train"].get("objective")
-    if objective != "lm":
+    if metric(plan, table) == "accuracy":
         dev = load_glue(plan["tables"][table]["train"]["task"], HERE.parent.parent / "shared" / "data" / "glue")
         dev = dev["validation"]
         majority = 100 * max(sum(int(e.label) == k for e in dev) for k in (0, 1)) / len(dev)
-        if objective == "classify":
+        if plan["tables"][table]["train"].get("objective") == "classify":
             return {"majority": majority, "floor": majority, "summary": f"majority class {majority:.2f} %"}
         base = load_causal_lm(plan["base"]["model"])
         prompts = {name: zero_shot(base.model.eval(), base.tokenizer, p, dev) for name, p in PROMPTS.items()}

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from common import write_section
 from matplotlib.figure import Figure
-from v3 import PREDICTIONS, at_rank, chosen_lr, lr_grid, name_parts, of_table, screen_of, variant
+from v3 import PREDICTIONS, at_rank, chosen_lr, lr_grid, metric, name_parts, of_table, screen_of, variant
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
@@ -44,11 +44,6 @@ UNITS = {"accuracy": ("accuracy, %", "dev examples"), "loss": ("−loss per toke
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def metric(plan: dict, table: str) -> str:
-    """``loss`` for a language-modelling table, else ``accuracy`` (a key of UNITS)."""
-    return "loss" if plan["tables"][table]["train"].get("objective") == "lm" else "accuracy"
 
 
 def units(kind: str, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
