@@ -1,5 +1,6 @@
 """The methods behind one protocol: the same budget from the same config, and PEFT's AdaLoRA saving cleanly."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -79,6 +80,17 @@ def test_rslora_scales_by_the_square_root_of_the_rank():
     model = get_method("peft-rslora").wrap(tiny_bert(), CONFIG, 20).model
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     assert layer.scaling["default"] == pytest.approx(CONFIG.alpha / 2**0.5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dynamic"])
+def test_dynlora_rslora_scales_as_peft_rslora_at_the_budgets_rank(method):
+    config = dataclasses.replace(CONFIG, rslora=True)  # dynamic starts above the rank (start_ratio): same scale
+    ours = get_method(method).wrap(tiny_bert(), config, 20).model
+    peft = get_method("peft-rslora").wrap(tiny_bert(), config, 20).model
+    for name, layer in ours.lora_layers().items():
+        assert layer.scaling == pytest.approx(peft.base_model.model.get_submodule(name).scaling["default"])
+    grown = [layer.rank > CONFIG.rank for layer in ours.lora_layers().values()]
+    assert all(grown) == (method == "dynamic")
 
 
 def test_loraplus_trains_b_faster_than_a():
