@@ -253,16 +253,18 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
     digits = table.digits
-    lines, met, compared = [], [], False
+    lines, met, seeds = [], [], []
     for rank in ranks:
         double = 2 * rank
         if ("dynamic", rank) in runs and ("lora", double) in runs:
             x = table.interval(runs[("dynamic", rank)], runs[("lora", double)])
             lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, digits)}")
             met += [rank] if x is not None and x[1] >= 0 else []
-            compared |= x is not None
-    if compared:
+            seeds += [x[3]] if x is not None else []
+    if seeds:
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
+        planned = len(table.seed_list)
+        where += f", **partial**: {min(seeds)} of {planned} seeds" if min(seeds) < planned else ""
         lines.insert(0, f"- Verdict: {where}")
     both = [rank for rank in ranks if ("dynamic", rank) in runs and ("lora", rank) in runs]
     pairs = [(rank, runs[("dynamic", rank)], runs[("lora", rank)]) for rank in both]
@@ -399,7 +401,7 @@ def main() -> None:
     plan = yaml.safe_load(Path(args.plan).read_text())
     if args.floors:
         floors(plan)
-    parts = []
+    parts, targets = [], []  # the sections, and each one's target line with its verdict (the section opens with them)
     for name in plan["tables"]:
         table = Table(name, plan, root)
         if not args.no_write:
@@ -411,6 +413,9 @@ def main() -> None:
         rank = plan["base"]["adapter"]["rank"]
         done = sum(r["rank"] == rank for r in table.runs)
         status = "complete" if done >= planned else f"**partial**: {done} of {planned} runs"
+        paired = target_lines(table)
+        head = next(line for line in paired if line.startswith("- **Target"))
+        targets.append(f"- {name} ({unit}, {status}): {head.removeprefix('- ')}")
         parts.append(f"""### {name}: {unit}, scored on the {over} ({status})
 
 Held-out selection (seed 0; best held-out score @ its step; ↑: the run's best evaluation was its last, still
@@ -426,7 +431,7 @@ Untrained model: {floor_text}.
 
 Paired differences (95 % interval, seeds and {over} resampled):
 
-{chr(10).join(target_lines(table))}
+{chr(10).join(paired)}
 
 Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
 """)
@@ -443,6 +448,11 @@ Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
     frontier_plan = plan["frontier"]
     planned = len(frontier_plan["ranks"]) * len(frontier_plan["methods"]) * len(table.seed_list)
     done = sum(r["rank"] in frontier_plan["ranks"] for r in table.runs)
+    said = next((line.removeprefix("- Verdict: ") for line in lines if line.startswith("- Verdict")), "not run yet")
+    targets.append(
+        f"- the budget frontier ({frontier_plan['table']}, {done} of {planned} runs): **Target: Dynamic LoRA at "
+        f"budget B ≥ static LoRA at 2B for some B** → {said}"
+    )
     parts.append(f"""### The budget frontier ({frontier_plan["table"]}; {done} of {planned} runs)
 
 **Target: Dynamic LoRA at budget B ≥ static LoRA at 2B for some B**:
@@ -458,6 +468,13 @@ Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
 [results/v3/](results/v3/); protocol in [README.md](README.md) ("Protocol v3"), plan in
 [v3_plan.yaml](v3_plan.yaml). Scores are × 100 for accuracy, and minus the mean loss per token (nats) for the
 code corpus: higher is better in both.
+
+### Target lines
+
+Each is met only when its whole 95 % interval (seeds and reported units resampled) clears it; a line over fewer
+seeds than planned says so.
+
+{chr(10).join(targets)}
 
 {chr(10).join(parts)}"""
     if not args.no_write:

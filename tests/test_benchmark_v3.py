@@ -86,6 +86,10 @@ def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path)
     write(tmp_path / "b", "sst2", runs, scored | {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)})
     lines, _figure = frontier(plan, Table("sst2", plan, tmp_path / "b"))
     assert lines[0] == "- Verdict: **met** at rank 4"  # rank 4 at +10 points over rank 8
+    fewer = plan | {"seeds": [0, 1, 2]}  # a third seed planned, not run
+    assert frontier(fewer, Table("sst2", fewer, tmp_path / "b"))[0][0] == (
+        "- Verdict: **met** at rank 4, **partial**: 2 of 3 seeds"
+    )
     assert not any("same budget" in line for line in lines)  # static LoRA at rank 4 is not scored yet
     more = run("lora", 1e-4, 0, 0.7) | {"variant": "lora-lr1.0e-04-r4", "rank": 4, "trainable_parameters": 400}
     (tmp_path / "b" / "sst2" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*runs, more]))
