@@ -1,6 +1,6 @@
 """Full fine-tuning (``--method full``), the ceiling: every weight trains, the run saves a plain transformers model
 that eval and generate load as it is, a tied output layer checkpoints and resumes exactly, and what it cannot do
-(merge, export, a quantised base, --fsdp, LoRA+) is one clear line."""
+(merge, export, a quantised base, --fsdp, LoRA+) is one clear line; two processes train as one."""
 
 import json
 import os
@@ -9,8 +9,9 @@ import signal
 import pytest
 import torch
 from conftest import save_tiny_llama, tiny_llama
-from helpers import chat_file, csv_data, quick, run_cli, train_args
+from helpers import chat_file, csv_data, dynlora, quick, run_cli, train_args
 from helpers import ok as run
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from dynlora import DynamicLoRAConfig
@@ -108,3 +109,21 @@ def test_what_full_fine_tuning_cannot_do_is_one_line_before_anything_loads(capsy
     out = tmp_path / "run"
     line = run_cli(capsys, *quick("no-such-model", chat_file(tmp_path / "c.jsonl"), out, "--method", "full", *flags))
     assert says in line and not out.exists()
+
+
+def test_two_processes_fine_tune_every_weight_as_one_process_on_the_whole_batch(tmp_path):
+    """torchrun, two gloo processes at batch 4 each, against one at batch 8: the same whole model (a classifier's
+    mean loss per example weighs every process's half alike; Llama has no dropout to draw differently)."""
+    train = csv_data(tmp_path / "data", ["pos", "neg"], n=32)
+    model = save_tiny_llama(tmp_path / "llama", chat_template=None)
+    common = ["train", "--model", model, "--train-file", train, "--dev-file", train, "--objective", "classify"]
+    common += ["--method", "full", "--max-steps", 3, "--max-length", 32, "--lr", "1e-3", "--no-progress"]
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dynlora.cli")
+    one = dynlora(*common, "--batch-size", 8, "--output-dir", tmp_path / "one")
+    two = dynlora(*common, "--batch-size", 4, "--output-dir", tmp_path / "two", module=torchrun)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    alone, shared = (load_file(tmp_path / run / "adapter" / "model.safetensors") for run in ("one", "two"))
+    base = load_file(next((tmp_path / "llama").glob("*.safetensors")))
+    assert alone.keys() == shared.keys() and any(not torch.equal(alone[k], base[k]) for k in base if k in alone)
+    for name, tensor in alone.items():
+        torch.testing.assert_close(shared[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
