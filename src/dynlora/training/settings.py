@@ -51,8 +51,8 @@ class TrainSettings:
     )
     method: str = setting(
         "dynamic",
-        f"adapter method at an equal budget: {' | '.join(METHODS[:-1])}; or full (every weight trains, no adapter: "
-        "the ceiling)",
+        f"adapter method at an equal budget: {' | '.join(m for m in METHODS if m != 'full')}; or full (every "
+        "weight trains, no adapter: the ceiling)",
         choices=METHODS,
     )
     data_dir: str | None = setting(None, "GLUE folder (default: $DYNLORA_GLUE_DIR, else ../shared/data/glue)")
