@@ -3,6 +3,7 @@
     python benchmarks/v3_data.py                       # the data, once (runs/v3-data)
     python benchmarks/v3.py run --table sst2           # lr selection, then the other seeds, then the scoring
     python benchmarks/v3.py run --table stdlib
+    python benchmarks/v3.py run --table sst2 --only peft-rslora   # one method's row: its grid, then its seeds
     python benchmarks/v3.py run --frontier             # after the frontier's table has chosen its lrs
     python benchmarks/v3.py run --screen --table stdlib   # issue 34's candidates, after the table chose its lrs
     python benchmarks/v3.py run --screen --table sst2 --only no-input-norm   # one candidate of the screen
@@ -226,14 +227,17 @@ def score(plan: dict, table: str, record: dict, out: Path) -> None:
     print(printed.strip(), flush=True)
 
 
-def run_table(plan: dict, table: str, out: Path) -> None:
+def run_table(plan: dict, table: str, out: Path, only: str | None = None) -> None:
     """Each method in turn: its lr grid on the selection seed, then its other seeds at the chosen lr, each run
     scored when it finishes (so that a run directory lost later costs no score, and a method's row is whole before
-    the next method starts)."""
+    the next method starts); ``only``: that method alone."""
+    methods = of_table(plan, table, "methods")
+    if only is not None and only not in methods:
+        sys.exit(f"error: --only {only}: not a method of table {table} ({', '.join(methods)})")
     results = plan["results_dir"] / table / "runs.jsonl"
     results.parent.mkdir(parents=True, exist_ok=True)
     first = plan["selection_seed"]
-    for method in of_table(plan, table, "methods"):
+    for method in [m for m in methods if only in (None, m)]:
         for lr in lr_grid(plan, method):
             train_once(run_settings(plan, table, method, lr, first, out, None), results, variant(method, lr))
         score_chosen(plan, table, method, out)
@@ -324,7 +328,7 @@ def main() -> None:
     parser.add_argument("--table", help="a table of the plan")
     parser.add_argument("--frontier", action="store_true", help="the budget frontier (after its table)")
     parser.add_argument("--screen", action="store_true", help="issue 34's candidates on --table (after the table)")
-    parser.add_argument("--only", help="with --screen: this candidate alone")
+    parser.add_argument("--only", help="with --screen: this candidate alone; else: this method of --table alone")
     parser.add_argument("--plan", default=str(HERE / "v3_plan.yaml"))
     parser.add_argument("--output-dir", default="runs/v3", help="run directories (not committed)")
     parser.add_argument("--results-dir", default=str(RESULTS), help="what is committed: records and predictions")
@@ -336,7 +340,7 @@ def main() -> None:
     elif args.screen and args.table in plan["tables"]:
         run_screen(plan, args.table, out, args.only)
     elif args.table in plan["tables"]:
-        run_table(plan, args.table, out)
+        run_table(plan, args.table, out, args.only)
     else:
         sys.exit(f"error: give --table ({', '.join(plan['tables'])}) or --frontier")
 

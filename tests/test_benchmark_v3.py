@@ -146,6 +146,20 @@ def test_a_screened_candidate_runs_in_its_own_directory_with_its_adapter_change(
     assert "default" in plan["screen"]["candidates"]  # what every candidate is judged against
 
 
+def test_a_tables_run_limited_to_one_method_trains_that_methods_row_alone(tmp_path, monkeypatch):
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    plan["results_dir"] = tmp_path
+    trained = []
+    monkeypatch.setattr(v3, "train_once", lambda settings, results, name: trained.append(name) or {})
+    monkeypatch.setattr(v3, "score_chosen", lambda *args: None)
+    v3.run_table(plan, "sst2", tmp_path / "out", only="peft-rslora")
+    assert trained == [v3.variant("peft-rslora", lr) for lr in plan["lr_grid"]]  # its grid; seeds wait for the choice
+    with pytest.raises(SystemExit, match="--only full: not a method of table sst2"):
+        v3.run_table(plan, "sst2", tmp_path / "out", only="full")
+
+
 def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path):
     import fcntl
 
