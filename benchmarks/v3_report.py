@@ -323,8 +323,8 @@ def screen_lines(table: Table) -> list[str]:
     """Issue 34's screen on one table (benchmarks/v3.py): each candidate's best held-out score and its difference
     from the score of what it is screened on (``default``, unless it names another as ``on_top_of``) at the same lr
     and rank (a candidate at a frontier rank: against that one's frontier run; one seed: a screen, not a verdict);
-    then each confirmed candidate's paired intervals on the reported set against Dynamic LoRA and static LoRA at
-    their chosen lrs."""
+    then each confirmed candidate's paired intervals on the reported set against Dynamic LoRA and every baseline
+    at their chosen lrs."""
     name, plan, runs = table.name, table.plan, table.screen
     if not runs:
         return []
@@ -370,7 +370,7 @@ def screen_lines(table: Table) -> list[str]:
     references = [(f"{NAMES['dynamic']} ({adopted}, its default)" if adopted else NAMES["dynamic"], table.dynamic()[0])]
     if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
         references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
-    references.append((NAMES["lora"], table.chosen("lora")))
+    references += [(NAMES[m], table.chosen(m)) for m in table.methods if m not in ("dynamic", "full")]
     for run in confirmed:
         for name, other in references:
             if other != run:

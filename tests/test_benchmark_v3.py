@@ -205,21 +205,23 @@ def test_the_screen_reports_each_candidate_against_what_it_is_screened_on_at_its
     assert any("start-ratio-1.5" in line and "diverged" in line for line in lines)
 
 
-def test_a_confirmed_candidate_is_compared_on_the_reported_set_with_both_methods_chosen_runs(tmp_path):
+def test_a_confirmed_candidate_is_compared_on_the_reported_set_with_dynamic_lora_and_every_baseline(tmp_path):
     from v3_report import screen_lines
 
     candidate = "screen-x-lr1.0e-03"
     scored = {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)}
     scored |= {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)} | {(candidate, s): answers(90) for s in (0, 1)}
-    write(tmp_path, "sst2", GRID, scored)
+    scored |= {("peft-rslora-lr1.0e-04", s): answers(85) for s in (0, 1)}
+    write(tmp_path, "sst2", [*GRID, run("peft-rslora", 1e-4, 0, 0.9), run("peft-rslora", 1e-3, 0, 0.8)], scored)
     screen = [{"variant": candidate, "lr": 1e-3, "seed": s, "best": {"score": 0.9, "step": 50}} for s in (0, 1)]
     (tmp_path / "sst2" / "screen.jsonl").write_text(
         "".join(json.dumps(r | {"trainable_parameters": 1}) + "\n" for r in screen)
     )
-    lines = screen_lines(Table("sst2", PLAN, tmp_path))
+    lines = screen_lines(Table("sst2", {**PLAN, "methods": ["dynamic", "lora", "peft-rslora"]}, tmp_path))
     assert sum(line.startswith("| x |") for line in lines) == 1  # the screen row is seed 0's
     assert any(line.startswith("- x-lr1.0e-03 − Dynamic LoRA: +10.00 [") and "(n=2)" in line for line in lines)
     assert any(line.startswith("- x-lr1.0e-03 − static LoRA: +20.00 [") and "(n=2)" in line for line in lines)
+    assert any(line.startswith("- x-lr1.0e-03 − PEFT rsLoRA: +5.00 [") and "(n=2)" in line for line in lines)
 
 
 def test_the_verdicts_take_the_adopted_default_once_it_is_scored_on_the_table_and_say_which_they_took(tmp_path):
