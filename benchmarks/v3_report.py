@@ -66,6 +66,8 @@ class Table:
     def __init__(self, name: str, plan: dict, root: Path = RESULTS) -> None:
         self.name, self.plan, self.metric = name, plan, metric(plan, name)
         self.seed_list, self.methods = of_table(plan, name, "seeds"), of_table(plan, name, "methods")
+        # What Dynamic LoRA is judged against: every method but itself and full fine-tuning (the ceiling)
+        self.baselines = [m for m in self.methods if m not in ("dynamic", "full")]
         # How its scores print: accuracy in points (x 100, 2 decimals), a loss in nats per token (4 decimals).
         self.digits, self.scale = (2, 100.0) if self.metric == "accuracy" else (4, 1.0)
         self.runs, self.screen = (read_jsonl(root / name / f) if (root / name / f).is_file() else [] for f in RECORDS)
@@ -216,17 +218,16 @@ def target_lines(table: Table) -> list[str]:
     baseline."""
     digits = table.digits
     dynamic, note = table.dynamic()
-    baselines = [m for m in table.methods if m not in ("dynamic", "full")]
     means = {}
     lines = []
-    for method in baselines:
+    for method in table.baselines:
         run = table.chosen(method)
         x = table.interval(dynamic, run) if dynamic and run else None
         lines.append(f"- Dynamic LoRA − {NAMES[method]}: {fmt(x, digits)}")
         if run and table.seeds(run):
             means[method] = statistics.mean(table.score(run, s) for s in table.seeds(run))
     target = table.plan["tables"][table.name].get("target", {})
-    best = max(means, key=means.__getitem__) if len(means) == len(baselines) else None
+    best = max(means, key=means.__getitem__) if len(means) == len(table.baselines) else None
     best = target.get("over", best)
     x = table.interval(dynamic, table.chosen(best)) if best and dynamic and table.chosen(best) else None
     name = NAMES[best] if best else "the best baseline"
@@ -370,7 +371,7 @@ def screen_lines(table: Table) -> list[str]:
     references = [(f"{NAMES['dynamic']} ({adopted}, its default)" if adopted else NAMES["dynamic"], table.dynamic()[0])]
     if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
         references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
-    references += [(NAMES[m], table.chosen(m)) for m in table.methods if m not in ("dynamic", "full")]
+    references += [(NAMES[m], table.chosen(m)) for m in table.baselines]
     for run in confirmed:
         for name, other in references:
             if other != run:
