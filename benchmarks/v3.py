@@ -102,6 +102,20 @@ def of_table(plan: dict, table: str, key: str) -> list:
     return plan["tables"][table].get(key, plan[key])
 
 
+def row_seeds(plan: dict, table: str, method: str) -> list[int]:
+    """The seeds ``method``'s row of ``table`` runs. A Dynamic LoRA row begun before its default's adoption keeps
+    its selection seed only (its grid): the adopted default, confirmed on every seed by the screen, is the row
+    judged, and the old default stays as the screen's reference."""
+    seeds = of_table(plan, table, "seeds")
+    adoption = plan.get("screen", {})
+    superseded = (
+        method == "dynamic"
+        and adoption.get("adopted") in (adoption.get("confirm") or [])
+        and plan["tables"][table].get("dynamic") != "adopted"
+    )
+    return [plan["selection_seed"]] if superseded else seeds
+
+
 def run_settings(
     plan: dict,
     table: str,
@@ -244,7 +258,7 @@ def run_table(plan: dict, table: str, out: Path, only: str | None = None) -> Non
         lr = chosen_lr(plan, read_results(results), method)
         if lr is None:  # its grid is not whole (another invocation is training part of it)
             continue
-        for seed in [s for s in of_table(plan, table, "seeds") if s != first]:
+        for seed in [s for s in row_seeds(plan, table, method) if s != first]:
             train_once(run_settings(plan, table, method, lr, seed, out, None), results, variant(method, lr))
             score_chosen(plan, table, method, out)
 

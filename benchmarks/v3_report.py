@@ -25,7 +25,18 @@ import numpy as np
 import yaml
 from common import write_section
 from matplotlib.figure import Figure
-from v3 import PREDICTIONS, at_rank, chosen_lr, lr_grid, metric, name_parts, of_table, screen_of, variant
+from v3 import (
+    PREDICTIONS,
+    at_rank,
+    chosen_lr,
+    lr_grid,
+    metric,
+    name_parts,
+    of_table,
+    row_seeds,
+    screen_of,
+    variant,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
@@ -131,6 +142,20 @@ class Table:
             f"{name}, is not scored on this table yet."
         )
 
+    def progress(self) -> tuple[int, int]:
+        """(finished, planned) runs of the table's rows: each method's grid on the selection seed, then its row's
+        other seeds at its chosen lr (at the plan's rank)."""
+        first, rank = self.plan["selection_seed"], self.plan["base"]["adapter"]["rank"]
+        ran = {(r["variant"], r["seed"]) for r in self.runs if r["rank"] == rank}
+        done = planned = 0
+        for method in self.methods:
+            grid, seeds = lr_grid(self.plan, method), [s for s in row_seeds(self.plan, self.name, method) if s != first]
+            planned += len(grid) + len(seeds)
+            done += sum((variant(method, lr), first) in ran for lr in grid)
+            chosen = self.chosen(method)
+            done += sum((chosen, s) in ran for s in seeds) if chosen else 0
+        return done, planned
+
     def chosen(self, method: str) -> str | None:
         """The run name (method and lr) chosen for ``method`` on the held-out slice; None until its grid is done."""
         lr = chosen_lr(self.plan, self.runs, method)
@@ -188,10 +213,12 @@ def selection_lines(table: Table) -> list[str]:
 def score_table(table: Table) -> list[str]:
     digits = table.digits
     lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
-    rows = [(NAMES[m], table.chosen(m)) for m in table.methods]
     adopted = table.adopted()
+    before = "Dynamic LoRA before issue 34 (the plan's base settings)"
+    rows = [(before if adopted and m == "dynamic" else NAMES[m], table.chosen(m)) for m in table.methods]
     if adopted:
-        rows.insert(1, (f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})", adopted))
+        after = f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})"
+        rows.insert(table.methods.index("dynamic") + 1, (after, adopted))
     for name, run in rows:
         seeds = table.seeds(run) if run else []
         if not seeds:
@@ -410,9 +437,7 @@ def main() -> None:
         unit, over = UNITS[table.metric]
         floor = root / name / "floors.json"
         floor_text = json.loads(floor.read_text())["summary"] if floor.is_file() else "not measured yet (--floors)"
-        planned = sum(len(lr_grid(plan, m)) + len(table.seed_list) - 1 for m in table.methods)
-        rank = plan["base"]["adapter"]["rank"]
-        done = sum(r["rank"] == rank for r in table.runs)
+        done, planned = table.progress()
         status = "complete" if done >= planned else f"**partial**: {done} of {planned} runs"
         paired = target_lines(table)
         head = next(line for line in paired if line.startswith("- **Target"))

@@ -253,6 +253,28 @@ def test_the_verdicts_take_the_adopted_default_once_it_is_scored_on_the_table_an
     assert "| Dynamic LoRA, its default since issue 34 (x) | 1.0e-03 | 7 | 90.00 ± 0.00 (n=2) |" in score_table(table)
 
 
+def test_a_dynamic_row_begun_before_the_adoption_runs_its_grid_alone_once_the_adopted_default_is_confirmed(
+    tmp_path, monkeypatch
+):
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    plan["results_dir"] = tmp_path
+    grid = [v3.variant("dynamic", lr) for lr in plan["lr_grid"]]
+    records = [run("dynamic", lr, 0, 0.8 + lr) for lr in plan["lr_grid"]]
+    write(tmp_path, "sst2", records, {})
+    trained = []
+    monkeypatch.setattr(v3, "train_once", lambda settings, results, name: trained.append(name) or {})
+    monkeypatch.setattr(v3, "score_chosen", lambda *args: None)
+    v3.run_table(plan, "sst2", tmp_path / "out", only="dynamic")
+    assert trained == grid  # no other seed: the adopted default's confirmation is the row judged
+    assert Table("sst2", plan, tmp_path).progress() == (4, 4 + 3 * (4 + 2))  # the baselines' grids and seeds to go
+    plan["screen"]["confirm"] = []  # not confirmed (yet): the row runs every seed
+    trained.clear()
+    v3.run_table(plan, "sst2", tmp_path / "out", only="dynamic")
+    assert trained == grid + [grid[-1]] * 2
+
+
 def test_an_interval_is_the_same_whichever_intervals_were_drawn_before_it(tmp_path):
     rights = {"dynamic-lr1.0e-03": (80, 88, 75), "lora-lr1.0e-04": (70, 71, 78)}  # seeds that differ
     write(tmp_path, "sst2", GRID, {(run, s): answers(rights[run][s]) for run in rights for s in (0, 1, 2)})
