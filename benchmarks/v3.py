@@ -111,7 +111,7 @@ def row_seeds(plan: dict, table: str, method: str) -> list[int]:
     superseded = (
         method == "dynamic"
         and adoption.get("adopted") in (adoption.get("confirm") or [])
-        and plan["tables"][table].get("dynamic") != "adopted"
+        and plan["tables"][table].get("dynamic") != adoption["adopted"]
     )
     return [plan["selection_seed"]] if superseded else seeds
 
@@ -132,8 +132,9 @@ def run_settings(
     if rank:
         settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
     name = variant(method, lr, rank)
-    if method == "dynamic" and candidate is None and plan["tables"][table].get("dynamic") == "adopted":
-        settings["adapter"] = {**settings["adapter"], **adopted(plan)[1]}  # a table begun after the adoption
+    row = plan["tables"][table].get("dynamic")  # a table begun after an adoption: the candidate its row runs as
+    if method == "dynamic" and candidate is None and row:
+        settings["adapter"] = {**settings["adapter"], **candidate_change(plan["screen"]["candidates"], row)}
     if candidate:
         name = screened(candidate[0], lr, rank)
         settings["adapter"] = {**settings["adapter"], **candidate[1]}

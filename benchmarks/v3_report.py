@@ -132,15 +132,20 @@ class Table:
         name = self.plan.get("screen", {}).get("adopted")
         if not name:
             return self.chosen("dynamic"), ""
-        if self.plan["tables"][self.name].get("dynamic") == "adopted":  # begun after the adoption: its own row
+        row = self.plan["tables"][self.name].get("dynamic")  # the candidate the table's row runs as, if any
+        if row == name:  # begun after the adoption: its own row
             return self.chosen("dynamic"), f"Dynamic LoRA here is its default since issue 34: {name} (its own row)."
         adopted = self.adopted()
         if adopted:
             return adopted, f"Dynamic LoRA here is its default since issue 34: {name} (the screen below)."
         return self.chosen("dynamic"), (
-            f"Dynamic LoRA here is the table's `dynamic` row, input normalisation on: its default since issue 34, "
+            f"Dynamic LoRA here is the table's Dynamic LoRA row ({self.row_ran()}): its default since issue 34, "
             f"{name}, is not scored on this table yet."
         )
+
+    def row_ran(self) -> str:
+        """What the table's own ``dynamic`` row ran: a named screen candidate, or the plan's base settings."""
+        return self.plan["tables"][self.name].get("dynamic") or "the plan's base"
 
     def progress(self) -> tuple[int, int]:
         """(finished, planned) runs of the table's rows: each method's grid on the selection seed, then its row's
@@ -214,7 +219,7 @@ def score_table(table: Table) -> list[str]:
     digits = table.digits
     lines = ["| method | lr | trainable parameters | score (mean ± std over seeds) |", "|---|---|---|---|"]
     adopted = table.adopted()
-    before = "Dynamic LoRA before issue 34 (the plan's base settings)"
+    before = f"Dynamic LoRA ({table.row_ran()})"
     rows = [(before if adopted and m == "dynamic" else NAMES[m], table.chosen(m)) for m in table.methods]
     if adopted:
         after = f"Dynamic LoRA, its default since issue 34 ({table.plan['screen']['adopted']})"
@@ -397,7 +402,7 @@ def screen_lines(table: Table) -> list[str]:
     adopted = table.plan["screen"]["adopted"] if table.adopted() else None  # once scored, it stands for Dynamic LoRA
     references = [(f"{NAMES['dynamic']} ({adopted}, its default)" if adopted else NAMES["dynamic"], table.dynamic()[0])]
     if table.adopted():  # Dynamic LoRA is then the adopted default: the table's own row is the one it replaced
-        references.append(("the table's Dynamic LoRA (input normalisation on)", table.chosen("dynamic")))
+        references.append((f"the table's Dynamic LoRA row ({table.row_ran()})", table.chosen("dynamic")))
     references += [(NAMES[m], table.chosen(m)) for m in table.baselines]
     for run in confirmed:
         for name, other in references:

@@ -308,7 +308,7 @@ def test_a_table_of_its_own_methods_seeds_and_target_judges_over_its_baseline_by
             "train": {"objective": "classify"},
             "methods": ["dynamic", "lora", "full"],
             "seeds": [0, 1, 2],
-            "dynamic": "adopted",
+            "dynamic": "x",
             "target": {"over": "lora", "margin": 1.0},
         }
     }
@@ -333,13 +333,33 @@ def test_a_table_of_its_own_methods_seeds_and_target_judges_over_its_baseline_by
     assert target_lines(Table("enc", plan, tmp_path / "b"))[2].endswith("→ **met**")  # +6 points, all above 1
 
 
+def test_a_table_whose_row_ran_as_an_earlier_default_is_judged_by_the_later_default_once_it_is_scored(tmp_path):
+    from v3_report import score_table, target_lines
+
+    plan = {**PLAN, "screen": {"adopted": "new", "confirm": ["new"], "candidates": {"old": {}, "new": {}}}}
+    plan["tables"] = {**PLAN["tables"], "sst2": {**PLAN["tables"]["sst2"], "dynamic": "old"}}
+    write(tmp_path, "sst2", GRID, {("dynamic-lr1.0e-03", s): answers(80) for s in (0, 1)})
+    assert target_lines(Table("sst2", plan, tmp_path))[0] == (
+        "Dynamic LoRA here is the table's Dynamic LoRA row (old): its default since issue 34, new, is not scored on "
+        "this table yet."
+    )
+    for s in (0, 1):
+        (tmp_path / "sst2" / "screen-new-lr1.0e-03").mkdir(exist_ok=True)
+        (tmp_path / "sst2" / "screen-new-lr1.0e-03" / f"seed{s}.predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in answers(90))
+        )
+    table = Table("sst2", plan, tmp_path)
+    assert target_lines(table)[0] == "Dynamic LoRA here is its default since issue 34: new (the screen below)."
+    assert any(line.startswith("| Dynamic LoRA (old) | 1.0e-03 |") for line in score_table(table))
+
+
 def test_a_table_begun_after_the_adoption_runs_dynamic_lora_as_adopted_and_full_on_its_own_grid():
     import v3
 
     plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
     encoder = v3.run_settings(plan, "sst2-encoder", "dynamic", 4.6e-4, 0, Path("out"), None)
-    adopted = v3.adopted(plan)[1]
-    assert encoder["adapter"] == {**encoder["adapter"], **adopted} and encoder["model"] == "minilm"
+    ran_as = v3.candidate_change(plan["screen"]["candidates"], plan["tables"]["sst2-encoder"]["dynamic"])
+    assert encoder["adapter"] == {**encoder["adapter"], **ran_as} and encoder["model"] == "minilm"
     assert v3.run_settings(plan, "stdlib", "dynamic", 4.6e-4, 0, Path("out"), None)["adapter"] != encoder["adapter"]
     assert v3.lr_grid(plan, "full") != v3.lr_grid(plan, "lora") == plan["lr_grid"]
     grid = v3.lr_grid(plan, "full")
