@@ -102,6 +102,12 @@ def of_table(plan: dict, table: str, key: str) -> list:
     return plan["tables"][table].get(key, plan[key])
 
 
+def row_candidate(plan: dict, table: str) -> str | None:
+    """The screen candidate a table's Dynamic LoRA row runs as (a table begun after an adoption), or None: the
+    plan's base."""
+    return plan["tables"][table].get("dynamic")
+
+
 def row_seeds(plan: dict, table: str, method: str) -> list[int]:
     """The seeds ``method``'s row of ``table`` runs. A Dynamic LoRA row begun before its default's adoption keeps
     its selection seed only (its grid): the adopted default, confirmed on every seed by the screen, is the row
@@ -111,7 +117,7 @@ def row_seeds(plan: dict, table: str, method: str) -> list[int]:
     superseded = (
         method == "dynamic"
         and adoption.get("adopted") in (adoption.get("confirm") or [])
-        and plan["tables"][table].get("dynamic") != adoption["adopted"]
+        and row_candidate(plan, table) != adoption["adopted"]
     )
     return [plan["selection_seed"]] if superseded else seeds
 
@@ -132,7 +138,7 @@ def run_settings(
     if rank:
         settings["adapter"] = {**settings["adapter"], "rank": rank, "alpha": 2.0 * rank}
     name = variant(method, lr, rank)
-    row = plan["tables"][table].get("dynamic")  # a table begun after an adoption: the candidate its row runs as
+    row = row_candidate(plan, table)
     if method == "dynamic" and candidate is None and row:
         settings["adapter"] = {**settings["adapter"], **candidate_change(plan["screen"]["candidates"], row)}
     if candidate:

@@ -33,6 +33,7 @@ from v3 import (
     metric,
     name_parts,
     of_table,
+    row_candidate,
     row_seeds,
     screen_of,
     variant,
@@ -132,8 +133,7 @@ class Table:
         name = self.plan.get("screen", {}).get("adopted")
         if not name:
             return self.chosen("dynamic"), ""
-        row = self.plan["tables"][self.name].get("dynamic")  # the candidate the table's row runs as, if any
-        if row == name:  # begun after the adoption: its own row
+        if row_candidate(self.plan, self.name) == name:  # begun after the adoption: its own row
             return self.chosen("dynamic"), f"Dynamic LoRA here is its default since issue 34: {name} (its own row)."
         adopted = self.adopted()
         if adopted:
@@ -145,7 +145,7 @@ class Table:
 
     def row_ran(self) -> str:
         """What the table's own ``dynamic`` row ran: a named screen candidate, or the plan's base settings."""
-        return self.plan["tables"][self.name].get("dynamic") or "the plan's base"
+        return row_candidate(self.plan, self.name) or "the plan's base"
 
     def progress(self) -> tuple[int, int]:
         """(finished, planned) runs of the table's rows: each method's grid on the selection seed, then its row's

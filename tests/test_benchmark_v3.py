@@ -353,7 +353,7 @@ def test_a_table_whose_row_ran_as_an_earlier_default_is_judged_by_the_later_defa
     assert any(line.startswith("| Dynamic LoRA (old) | 1.0e-03 |") for line in score_table(table))
 
 
-def test_a_table_begun_after_the_adoption_runs_dynamic_lora_as_adopted_and_full_on_its_own_grid():
+def test_a_table_begun_after_an_adoption_runs_dynamic_lora_as_the_candidate_it_names_and_full_on_its_own_grid():
     import v3
 
     plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
