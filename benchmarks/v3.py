@@ -9,8 +9,9 @@
     python benchmarks/v3.py run --screen --table sst2 --only no-input-norm   # one candidate of the screen
 
 Resumable: a finished run is a line of RESULTS/<table>/runs.jsonl and is skipped; an interrupted one resumes from
-its checkpoint. One run at a time per invocation; start one per core (OMP_NUM_THREADS=1), on the same table or not:
-a run another invocation is training is locked (OUTPUT/<table>/<run>/seed<k>.lock) and skipped.
+its checkpoint; a chosen run whose directory is lost before it was scored is trained again (a new line). One run at
+a time per invocation; start one per core (OMP_NUM_THREADS=1), on the same table or not: a run another invocation
+is training is locked (OUTPUT/<table>/<run>/seed<k>.lock) and skipped.
 
 For each method in turn, seed 0 runs at every lr of the grid; the lr whose run reached the best held-out score at
 any of its evaluations is chosen, and the other seeds run at it. Each chosen run's best held-out adapter (``best/``) is
@@ -177,9 +178,10 @@ def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], run_score(r["metrics"])) for r in read_log(run_dir) if r.get("event") == "eval"]
 
 
-def train_once(settings: dict, results: Path, name: str) -> dict:
-    """Train one run unless ``results`` has it, or another process is training it (then skipped here: an empty
-    record); returns its record (a diverged run's says so)."""
+def train_once(settings: dict, results: Path, name: str, again: bool = False) -> dict:
+    """Train one run unless ``results`` has it (``again``: train it anyway, its new record appended and read from
+    then on), or another process is training it (then skipped here: an empty record); returns its record (a
+    diverged run's says so)."""
     run_dir = Path(settings["output_dir"])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
@@ -189,7 +191,7 @@ def train_once(settings: dict, results: Path, name: str) -> dict:
             print(f"{name} seed {settings['seed']}: another process is training it, skipped", flush=True)
             return {}
         done = {(r["variant"], r["seed"]): r for r in read_results(results)}  # read under the lock
-        if (name, settings["seed"]) in done:
+        if (name, settings["seed"]) in done and not again:
             return done[(name, settings["seed"])]
         return train(settings, results, name, run_dir)
 
@@ -231,21 +233,36 @@ def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
     return max(finished, key=finished.__getitem__) if finished else None
 
 
-def score(plan: dict, table: str, record: dict, out: Path) -> None:
-    """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions."""
+def score(plan: dict, table: str, record: dict, settings: dict, results: Path) -> None:
+    """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions. A run
+    whose directory was lost before its adapter was scored is trained again first (its new record is the one read
+    from then on; whether it reproduced the recorded held-out curve is printed)."""
     target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}{PREDICTIONS}"
     if target.is_file():
         return
-    run_dir = out / table / record["variant"] / f"seed{record['seed']}"
+    run_dir = Path(settings["output_dir"])
+    if not (run_dir / "best").is_dir():
+        print(f"{record['variant']} seed {record['seed']}: its adapter is gone unscored; training it again", flush=True)
+        again = train_once(settings, results, record["variant"], again=True)
+        if "best" not in again:  # another process is training it, or it diverged this time
+            return
+        was, now = ([list(point) for point in r["curve"]] for r in (record, again))
+        print(
+            f"{record['variant']} seed {record['seed']}: held-out curve {'reproduced' if was == now else now}",
+            flush=True,
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
     model = merge(plan["base"], plan["tables"][table]["train"])["model"]
     command += ["--model", model, *plan["tables"][table]["report"], "--predictions", str(partial)]
     print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
-    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"error: scoring {record['variant']} seed {record['seed']} failed: {why}")
     os.replace(partial, target)
-    print(printed.strip(), flush=True)
+    print(done.stdout.strip(), flush=True)
 
 
 def run_table(plan: dict, table: str, out: Path, only: str | None = None) -> None:
@@ -272,11 +289,12 @@ def run_table(plan: dict, table: str, out: Path, only: str | None = None) -> Non
 
 def score_chosen(plan: dict, table: str, method: str, out: Path) -> None:
     """Score every finished run of ``method`` at its chosen lr (at the plan's rank) that is not scored yet."""
-    records = read_results(plan["results_dir"] / table / "runs.jsonl")
+    results = plan["results_dir"] / table / "runs.jsonl"
+    records = read_results(results)
     lr = chosen_lr(plan, records, method)
-    for record in records:
+    for record in {(r["variant"], r["seed"]): r for r in records}.values():  # a run trained again: its last record
         if lr is not None and "best" in record and record["variant"] == variant(method, lr):
-            score(plan, table, record, out)
+            score(plan, table, record, run_settings(plan, table, method, lr, record["seed"], out, None), results)
 
 
 def run_frontier(plan: dict, out: Path) -> None:
@@ -295,7 +313,7 @@ def run_frontier(plan: dict, out: Path) -> None:
                 settings = run_settings(plan, table, method, lr, seed, out, rank, change)
                 record = train_once(settings, results, Path(settings["output_dir"]).parent.name)
                 if "best" in record:
-                    score(plan, table, record, out)
+                    score(plan, table, record, settings, results)
 
 
 def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> None:
@@ -328,11 +346,10 @@ def run_screen(plan: dict, table: str, out: Path, only: str | None = None) -> No
         lr = max(finished, key=lambda r: r["best"]["score"])["lr"]
         change = (name, candidate_change(candidates, name))
         for seed in of_table(plan, table, "seeds"):
-            record = train_once(
-                run_settings(plan, table, "dynamic", lr, seed, out, None, change), results, screened(name, lr)
-            )
+            settings = run_settings(plan, table, "dynamic", lr, seed, out, None, change)
+            record = train_once(settings, results, screened(name, lr))
             if "best" in record:
-                score(plan, table, record, out)
+                score(plan, table, record, settings, results)
     for name in candidates:
         if name not in confirm and only in (None, name):
             screen(name)

@@ -178,6 +178,69 @@ def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tmp_path
     assert v3.train_once(settings, tmp_path / "runs.jsonl", "dynamic-lr4.6e-04") == done  # finished: not run again
 
 
+def lost_run(tmp_path: Path) -> tuple[dict, dict, dict, Path]:
+    """The plan, the settings and the record of a chosen run whose directory is gone before it was scored."""
+    import v3
+
+    plan = v3.load_plan(Path(__file__).resolve().parents[1] / "benchmarks" / "v3_plan.yaml")
+    plan["results_dir"] = tmp_path / "results"
+    settings = v3.run_settings(plan, "sst2", "peft-rslora", 1e-4, 0, tmp_path / "out", None)
+    record = {"variant": "peft-rslora-lr1.0e-04", "seed": 0, "curve": [[50, 0.8], [100, 0.9]], "best": {"score": 0.9}}
+    results = plan["results_dir"] / "sst2" / "runs.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps(record) + "\n")
+    return plan, settings, record, results
+
+
+def test_a_chosen_run_whose_directory_was_lost_unscored_is_trained_again_then_scored(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    import v3
+
+    plan, settings, record, results = lost_run(tmp_path)
+
+    def train(settings, results, name, run_dir):
+        (run_dir / "best").mkdir(parents=True)
+        again = {**record, "curve": [(50, 0.8), (100, 0.9)]}  # as train() returns it: tuples, not yet JSON
+        v3.append_result(results, again)
+        return again
+
+    def dynlora_eval(command, **kwargs):
+        assert command[command.index("--adapter") + 1] == str(Path(settings["output_dir"]) / "best")
+        Path(command[command.index("--predictions") + 1]).write_text('{"label": 1, "prediction": 1}\n')
+        return subprocess.CompletedProcess(command, 0, "validation: accuracy 1.0", "")
+
+    monkeypatch.setattr(v3, "train", train)
+    monkeypatch.setattr(v3.subprocess, "run", dynlora_eval)
+    v3.score(plan, "sst2", record, settings, results)
+    assert (results.parent / "peft-rslora-lr1.0e-04" / "seed0.predictions.jsonl").is_file()
+    assert len(results.read_text().splitlines()) == 2  # the new record is appended, the old one kept
+    printed = capsys.readouterr().out
+    assert "its adapter is gone unscored; training it again" in printed and "held-out curve reproduced" in printed
+
+
+def test_a_failed_scoring_stops_with_the_evaluations_own_error_line(tmp_path, monkeypatch):
+    import subprocess
+
+    import v3
+
+    plan, settings, record, results = lost_run(tmp_path)
+    (Path(settings["output_dir"]) / "best").mkdir(parents=True)
+    message = "Error: best is not a Dynamic LoRA adapter directory: dynlora_config.json is missing"
+    failed = subprocess.CompletedProcess([], 2, "", f"Loading weights\n{message}\n")
+    monkeypatch.setattr(v3.subprocess, "run", lambda command, **kwargs: failed)
+    with pytest.raises(SystemExit, match=f"scoring peft-rslora-lr1.0e-04 seed 0 failed: {message}"):
+        v3.score(plan, "sst2", record, settings, results)
+    assert not (results.parent / "peft-rslora-lr1.0e-04" / "seed0.predictions.jsonl").exists()
+
+
+def test_a_run_trained_again_is_read_by_its_last_record(tmp_path):
+    again = run("lora", 1e-4, 0, 0.6)  # now below its 1e-3 run's 0.7: 1e-3 is chosen
+    write(tmp_path, "sst2", [*GRID[:2], run("lora", 1e-4, 0, 0.9), run("lora", 1e-3, 0, 0.7), again], {})
+    table = Table("sst2", PLAN, tmp_path)
+    assert len(table.runs) == 4 and table.chosen("lora") == "lora-lr1.0e-03"
+
+
 def test_the_screen_reports_each_candidate_against_what_it_is_screened_on_at_its_lr(tmp_path):
     from v3_report import screen_lines
 
