@@ -51,6 +51,10 @@ NAMES = {
     "full": "full fine-tuning (every weight: the ceiling)",
 }
 # A table's score by what it trains for: answers right (a classifier's or an instruction's), or a language model's loss
+FRONTIER_PLOT = """![frontier](results/v3/frontier.png)
+
+Left: each method's test score, its interval the test documents' spread (wide: documents differ more than methods
+do). Right: the paired differences the lines above read, their intervals resampling seeds and documents."""
 UNITS = {"accuracy": ("accuracy, %", "dev examples"), "loss": ("−loss per token, nats", "test documents")}
 
 
@@ -284,7 +288,8 @@ def target_lines(table: Table) -> list[str]:
 
 
 def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
-    """Dynamic LoRA at budget B against static LoRA at 2B, and the plot of score against parameters."""
+    """Dynamic LoRA at budget B against static LoRA at 2B, and the plot: score against parameters, and the paired
+    differences the verdict reads (each method's own interval spans the documents' spread, which pairing removes)."""
     ranks = [*plan["frontier"]["ranks"], plan["base"]["adapter"]["rank"]]
     runs = {}
     for method in plan["frontier"]["methods"]:
@@ -293,7 +298,7 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
     digits = table.digits
-    lines, met, seeds = [], [], []
+    lines, met, seeds, doubled = [], [], [], []
     for rank in ranks:
         double = 2 * rank
         if ("dynamic", rank) in runs and ("lora", double) in runs:
@@ -301,6 +306,7 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, digits)}")
             met += [rank] if x is not None and x[1] >= 0 else []
             seeds += [x[3]] if x is not None else []
+            doubled += [(rank, x)] if x is not None else []
     if seeds:
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
         planned = len(table.seed_list)
@@ -314,8 +320,8 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
         lines += [f"- Dynamic LoRA − static LoRA at rank {rank}: {fmt(x, digits)}" for rank, x in same]
     if not any(table.seeds(r) for r in runs.values()):
         return lines, None
-    fig = Figure(figsize=(5.5, 3.6))
-    ax = fig.subplots()
+    fig = Figure(figsize=(10, 3.6))
+    ax, paired = fig.subplots(1, 2)
     for method in plan["frontier"]["methods"]:
         points = []
         for rank in ranks:
@@ -336,6 +342,21 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
     ax.set_xlabel("trainable parameters (ranks 1, 2, 4, 8 of all 210 projections)", fontsize=7)
     ax.set_ylabel(f"test {UNITS[table.metric][0]}", fontsize=7)
     ax.legend(fontsize=7)
+    against = [("static LoRA at rank B", same, "tab:green"), ("static LoRA at rank 2B", doubled, "tab:red")]
+    for offset, (label, points, color) in enumerate(against):
+        if points:
+            p = np.array([(rank * 1.04**offset, *x[:3]) for rank, x in points])  # side by side, not on top
+            paired.errorbar(p[:, 0], p[:, 1], yerr=[p[:, 1] - p[:, 2], p[:, 3] - p[:, 1]], fmt="o", capsize=3,
+                            color=color, label=f"Dynamic LoRA at rank B − {label}")  # fmt: skip
+    paired.axhline(0, color="grey", linewidth=0.8)
+    paired.set_xscale("log", base=2)
+    paired.set_xticks(ranks, [str(rank) for rank in ranks])
+    paired.set_xlabel("budget: rank B of all 210 projections", fontsize=7)
+    paired.set_ylabel(f"paired difference, {UNITS[table.metric][0]} (95 % interval)", fontsize=7)
+    if same or doubled:
+        paired.legend(fontsize=7)
+    for panel in (ax, paired):
+        panel.tick_params(labelsize=7, which="both")
     fig.tight_layout()
     return lines, fig
 
@@ -497,7 +518,7 @@ Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
 
 {chr(10).join(lines) or "- not run yet"}
 
-{"![frontier](results/v3/frontier.png)" if fig is not None else ""}
+{FRONTIER_PLOT if fig is not None else ""}
 """)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     body = f"""## Protocol v3 (the current benchmark)
