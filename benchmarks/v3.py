@@ -36,6 +36,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,20 +180,30 @@ def held_out_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], run_score(r["metrics"])) for r in read_log(run_dir) if r.get("event") == "eval"]
 
 
-def train_once(settings: dict, results: Path, name: str, again: bool = False) -> dict:
-    """Train one run unless ``results`` has it (``again``: train it anyway, its new record appended and read from
-    then on), or another process is training it (then skipped here: an empty record); returns its record (a
-    diverged run's says so)."""
-    run_dir = Path(settings["output_dir"])
+@contextmanager
+def locked(run_dir: Path) -> Iterator[bool]:
+    """Hold the run's lock while the block runs, or yield False if another invocation holds it (training or scoring
+    that run)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.parent / f"{run_dir.name}.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def train_once(settings: dict, results: Path, name: str) -> dict:
+    """Train one run unless ``results`` has it, or another process is training it (then skipped here: an empty
+    record); returns its record (a diverged run's says so)."""
+    run_dir = Path(settings["output_dir"])
+    with locked(run_dir) as mine:
+        if not mine:
             print(f"{name} seed {settings['seed']}: another process is training it, skipped", flush=True)
             return {}
         done = {(r["variant"], r["seed"]): r for r in read_results(results)}  # read under the lock
-        if (name, settings["seed"]) in done and not again:
+        if (name, settings["seed"]) in done:
             return done[(name, settings["seed"])]
         return train(settings, results, name, run_dir)
 
@@ -234,35 +246,48 @@ def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
 
 
 def score(plan: dict, table: str, record: dict, settings: dict, results: Path) -> None:
-    """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions. A run
-    whose directory was lost before its adapter was scored is trained again first (its new record is the one read
-    from then on; whether it reproduced the recorded held-out curve is printed)."""
+    """Score a chosen run's best held-out adapter once on the reported set, into the committed predictions; not a
+    run another invocation is training (its ``best/`` is not final). A run whose directory was lost before its
+    adapter was scored is trained again first (its new record is the one read from then on; whether it reproduced
+    the recorded held-out curve is printed)."""
     target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}{PREDICTIONS}"
     if target.is_file():
         return
     run_dir = Path(settings["output_dir"])
-    if not (run_dir / "best").is_dir():
-        print(f"{record['variant']} seed {record['seed']}: its adapter is gone unscored; training it again", flush=True)
-        again = train_once(settings, results, record["variant"], again=True)
-        if "best" not in again:  # another process is training it, or it diverged this time
+    with locked(run_dir) as mine:  # not while another invocation trains it: its best/ is not final yet
+        if not mine:
+            print(
+                f"{record['variant']} seed {record['seed']}: another process is training it, not scored here",
+                flush=True,
+            )
             return
-        was, now = ([list(point) for point in r["curve"]] for r in (record, again))
-        print(
-            f"{record['variant']} seed {record['seed']}: held-out curve {'reproduced' if was == now else now}",
-            flush=True,
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
-    model = merge(plan["base"], plan["tables"][table]["train"])["model"]
-    command += ["--model", model, *plan["tables"][table]["report"], "--predictions", str(partial)]
-    print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        sys.exit(f"error: scoring {record['variant']} seed {record['seed']} failed: {why}")
-    os.replace(partial, target)
-    print(done.stdout.strip(), flush=True)
+        if target.is_file():  # scored by another invocation meanwhile
+            return
+        if not (run_dir / "best").is_dir():
+            print(
+                f"{record['variant']} seed {record['seed']}: its adapter is gone unscored; training it again",
+                flush=True,
+            )
+            again = train(settings, results, record["variant"], run_dir)
+            if "best" not in again:  # it diverged this time
+                return
+            was, now = ([list(point) for point in r["curve"]] for r in (record, again))
+            print(
+                f"{record['variant']} seed {record['seed']}: held-out curve {'reproduced' if was == now else now}",
+                flush=True,
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
+        model = merge(plan["base"], plan["tables"][table]["train"])["model"]
+        command += ["--model", model, *plan["tables"][table]["report"], "--predictions", str(partial)]
+        print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            sys.exit(f"error: scoring {record['variant']} seed {record['seed']} failed: {why}")
+        os.replace(partial, target)
+        print(done.stdout.strip(), flush=True)
 
 
 def run_table(plan: dict, table: str, out: Path, only: str | None = None) -> None:

@@ -219,6 +219,21 @@ def test_a_chosen_run_whose_directory_was_lost_unscored_is_trained_again_then_sc
     assert "its adapter is gone unscored; training it again" in printed and "held-out curve reproduced" in printed
 
 
+def test_a_run_another_process_is_training_is_not_scored_from_its_unfinished_best(tmp_path, monkeypatch):
+    import fcntl
+
+    import v3
+
+    plan, settings, record, results = lost_run(tmp_path)
+    run_dir = Path(settings["output_dir"])
+    (run_dir / "best").mkdir(parents=True)  # saved at an early evaluation of the run the other process trains
+    monkeypatch.setattr(v3.subprocess, "run", lambda *args, **kwargs: pytest.fail("scored an unfinished run"))
+    with open(run_dir.parent / f"{run_dir.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        v3.score(plan, "sst2", record, settings, results)
+    assert not (results.parent / "peft-rslora-lr1.0e-04").exists()
+
+
 def test_a_failed_scoring_stops_with_the_evaluations_own_error_line(tmp_path, monkeypatch):
     import subprocess
 
