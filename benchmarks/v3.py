@@ -233,6 +233,11 @@ def train(settings: dict, results: Path, name: str, run_dir: Path) -> dict:
     return record
 
 
+def latest(records: list[dict]) -> list[dict]:
+    """Each run's last record: a run trained again after its directory was lost is appended anew."""
+    return list({(r["variant"], r["seed"]): r for r in records}.values())
+
+
 def chosen_lr(plan: dict, records: list[dict], method: str) -> float | None:
     """The grid lr whose selection run (the plan's rank, its selection seed) reached the best held-out score (a tie
     goes to the lr first in the grid, the smaller); None until every one has finished."""
@@ -253,39 +258,30 @@ def score(plan: dict, table: str, record: dict, settings: dict, results: Path) -
     target = plan["results_dir"] / table / record["variant"] / f"seed{record['seed']}{PREDICTIONS}"
     if target.is_file():
         return
-    run_dir = Path(settings["output_dir"])
+    run_dir, run = Path(settings["output_dir"]), f"{record['variant']} seed {record['seed']}"
     with locked(run_dir) as mine:  # not while another invocation trains it: its best/ is not final yet
         if not mine:
-            print(
-                f"{record['variant']} seed {record['seed']}: another process is training it, not scored here",
-                flush=True,
-            )
+            print(f"{run}: another process is training it, not scored here", flush=True)
             return
         if target.is_file():  # scored by another invocation meanwhile
             return
         if not (run_dir / "best").is_dir():
-            print(
-                f"{record['variant']} seed {record['seed']}: its adapter is gone unscored; training it again",
-                flush=True,
-            )
+            print(f"{run}: its adapter is gone unscored; training it again", flush=True)
             again = train(settings, results, record["variant"], run_dir)
             if "best" not in again:  # it diverged this time
                 return
             was, now = ([list(point) for point in r["curve"]] for r in (record, again))
-            print(
-                f"{record['variant']} seed {record['seed']}: held-out curve {'reproduced' if was == now else now}",
-                flush=True,
-            )
+            print(f"{run}: held-out curve {'reproduced' if was == now else now}", flush=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
         command = [sys.executable, "-m", "dynlora.cli", "eval", "--adapter", str(run_dir / "best")]
         model = merge(plan["base"], plan["tables"][table]["train"])["model"]
         command += ["--model", model, *plan["tables"][table]["report"], "--predictions", str(partial)]
-        print(f"scoring {record['variant']} seed {record['seed']} on the reported set", flush=True)
+        print(f"scoring {run} on the reported set", flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            sys.exit(f"error: scoring {record['variant']} seed {record['seed']} failed: {why}")
+            sys.exit(f"error: scoring {run} failed: {why}")
         os.replace(partial, target)
         print(done.stdout.strip(), flush=True)
 
@@ -317,7 +313,7 @@ def score_chosen(plan: dict, table: str, method: str, out: Path) -> None:
     results = plan["results_dir"] / table / "runs.jsonl"
     records = read_results(results)
     lr = chosen_lr(plan, records, method)
-    for record in {(r["variant"], r["seed"]): r for r in records}.values():  # a run trained again: its last record
+    for record in latest(records):
         if lr is not None and "best" in record and record["variant"] == variant(method, lr):
             score(plan, table, record, run_settings(plan, table, method, lr, record["seed"], out, None), results)
 

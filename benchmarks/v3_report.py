@@ -29,6 +29,7 @@ from v3 import (
     PREDICTIONS,
     at_rank,
     chosen_lr,
+    latest,
     lr_grid,
     metric,
     name_parts,
@@ -76,13 +77,6 @@ def units(kind: str, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return -loss, tokens
 
 
-def last_records(path: Path) -> list[dict]:
-    """A records file's runs, each by its last record (a run trained again after its directory was lost is
-    appended anew); none if the file is absent."""
-    records = read_jsonl(path) if path.is_file() else []
-    return list({(r["variant"], r["seed"]): r for r in records}.values())
-
-
 class Table:
     """A table's scored runs: (run name, seed) -> per-unit (numerator, denominator), and the bootstrap draws."""
 
@@ -93,7 +87,9 @@ class Table:
         self.baselines = [m for m in self.methods if m not in ("dynamic", "full")]
         # How its scores print: accuracy in points (x 100, 2 decimals), a loss in nats per token (4 decimals).
         self.digits, self.scale = (2, 100.0) if self.metric == "accuracy" else (4, 1.0)
-        self.runs, self.screen = (last_records(root / name / f) for f in RECORDS)
+        self.runs, self.screen = (
+            latest(read_jsonl(root / name / f)) if (root / name / f).is_file() else [] for f in RECORDS
+        )
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
             seed = int(path.name.removesuffix(PREDICTIONS).removeprefix("seed"))
