@@ -40,6 +40,8 @@ from v3 import (
     variant,
 )
 
+from dynlora.training.compare import read_results
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "v3"
 RECORDS = ("runs.jsonl", "screen.jsonl")  # a table's run records: its own runs, and issue 34's screen
@@ -57,10 +59,6 @@ FRONTIER_PLOT = """![frontier](results/v3/frontier.png)
 Left: each method's test score, its interval the test documents' spread (wide: documents differ more than methods
 do). Right: the paired differences the lines above read, their intervals resampling seeds and documents."""
 UNITS = {"accuracy": ("accuracy, %", "dev examples"), "loss": ("−loss per token, nats", "test documents")}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def units(kind: str, rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,13 +85,11 @@ class Table:
         self.baselines = [m for m in self.methods if m not in ("dynamic", "full")]
         # How its scores print: accuracy in points (x 100, 2 decimals), a loss in nats per token (4 decimals).
         self.digits, self.scale = (2, 100.0) if self.metric == "accuracy" else (4, 1.0)
-        self.runs, self.screen = (
-            latest(read_jsonl(root / name / f)) if (root / name / f).is_file() else [] for f in RECORDS
-        )
+        self.runs, self.screen = (latest(read_results(root / name / f)) for f in RECORDS)
         self.scored: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         for path in sorted((root / name).glob(f"*/seed*{PREDICTIONS}")):
             seed = int(path.name.removesuffix(PREDICTIONS).removeprefix("seed"))
-            self.scored[(path.parent.name, seed)] = units(self.metric, read_jsonl(path))
+            self.scored[(path.parent.name, seed)] = units(self.metric, read_results(path))
         sizes = {len(num) for num, _ in self.scored.values()}
         if len(sizes) > 1:
             sys.exit(f"error: the scored runs of {name} cover different numbers of units: {sorted(sizes)}")
