@@ -300,8 +300,10 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             seeds += [x[3]] if x is not None else []
             doubled += [(rank, x)] if x is not None else []
     if seeds:
-        where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank run so far"
         planned = len(table.seed_list)
+        whole = min(seeds) >= planned and len(seeds) == sum(2 * rank in ranks for rank in ranks)
+        where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank"
+        where += "" if whole or met else " run so far"
         where += f", **partial**: {min(seeds)} of {planned} seeds" if min(seeds) < planned else ""
         lines.insert(0, f"- Verdict: {where}")
     both = [rank for rank in ranks if ("dynamic", rank) in runs and ("lora", rank) in runs]

@@ -103,6 +103,21 @@ def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path)
     assert same[0].startswith("- Dynamic LoRA − static LoRA at rank 4: +20.00 [")  # 80 against 60 answers right
 
 
+def test_the_frontier_says_not_met_for_good_only_once_every_pair_and_seed_is_scored(tmp_path):
+    plan = PLAN | {"frontier": {"ranks": [2, 4], "methods": ["dynamic", "lora"]}}
+    small = run("dynamic", 1e-3, 0, 0.8) | {"variant": "dynamic-lr1.0e-03-r4", "rank": 4}
+    scored = {("dynamic-lr1.0e-03-r4", s): answers(60) for s in (0, 1)}
+    write(tmp_path, "sst2", [*GRID, small], scored | {("lora-lr1.0e-04", s): answers(70) for s in (0, 1)})
+    verdict = frontier(plan, Table("sst2", plan, tmp_path))[0][0]
+    assert verdict == "- Verdict: **not met** at any rank run so far"  # rank 2 against rank 4: not run yet
+    whole = plan | {"frontier": {"ranks": [4], "methods": ["dynamic", "lora"]}}
+    assert frontier(whole, Table("sst2", whole, tmp_path))[0][0] == "- Verdict: **not met** at any rank"
+    fewer = whole | {"seeds": [0, 1, 2]}
+    assert frontier(fewer, Table("sst2", fewer, tmp_path))[0][0] == (
+        "- Verdict: **not met** at any rank run so far, **partial**: 2 of 3 seeds"
+    )
+
+
 def test_the_frontier_waits_for_a_method_whose_lr_is_not_chosen_yet(tmp_path):
     plan = PLAN | {"frontier": {"ranks": [4], "methods": ["dynamic", "lora"]}}
     dynamic = [r for r in GRID if r["method"] == "dynamic"]
