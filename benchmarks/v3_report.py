@@ -501,12 +501,13 @@ Held-out curves of the selection runs: ![curves](results/v3/{name}_curves.png)
     frontier_plan = plan["frontier"]
     planned = len(frontier_plan["ranks"]) * len(frontier_plan["methods"]) * len(table.seed_list)
     done = sum(r["rank"] in frontier_plan["ranks"] for r in table.runs)
+    status = "complete" if done >= planned else f"{done} of {planned} runs"
     said = next((line.removeprefix("- Verdict: ") for line in lines if line.startswith("- Verdict")), "not run yet")
     targets.append(
-        f"- the budget frontier ({frontier_plan['table']}, {done} of {planned} runs): **Target: Dynamic LoRA at "
+        f"- the budget frontier ({frontier_plan['table']}, {status}): **Target: Dynamic LoRA at "
         f"budget B ≥ static LoRA at 2B for some B** → {said}"
     )
-    parts.append(f"""### The budget frontier ({frontier_plan["table"]}; {done} of {planned} runs)
+    parts.append(f"""### The budget frontier ({frontier_plan["table"]}; {status})
 
 **Target: Dynamic LoRA at budget B ≥ static LoRA at 2B for some B**:
 
