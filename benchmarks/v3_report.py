@@ -312,6 +312,11 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
     if same:  # where re-allocation gains most: it should grow as the budget shrinks
         lines += ["", "At the same budget:", ""]
         lines += [f"- Dynamic LoRA − static LoRA at rank {rank}: {fmt(x, digits)}" for rank, x in same]
+    steps = [(r, 2 * r) for r in ranks if ("lora", r) in runs and ("lora", 2 * r) in runs]
+    grown = [(r, d, x) for r, d in steps if (x := table.interval(runs[("lora", d)], runs[("lora", r)])) is not None]
+    if grown:  # the yardstick for both lists above: what a doubled budget buys without re-allocation
+        lines += ["", "What doubling the rank buys static LoRA:", ""]
+        lines += [f"- static LoRA at rank {d} − at rank {r}: {fmt(x, digits)}" for r, d, x in grown]
     if not any(table.seeds(r) for r in runs.values()):
         return lines, None
     fig = Figure(figsize=(10, 3.6))

@@ -100,6 +100,7 @@ def test_the_frontier_has_no_verdict_until_a_pair_of_budgets_is_scored(tmp_path)
     lines, _figure = frontier(plan, Table("sst2", plan, tmp_path / "b"))
     same = [line for line in lines if line.startswith("- Dynamic LoRA − static LoRA at rank")]
     assert len(same) == 1  # rank 8: Dynamic LoRA's own run is not scored here
+    assert lines[-1].startswith("- static LoRA at rank 8 − at rank 4: +10.00 [")  # 70 against 60 answers right
     assert same[0].startswith("- Dynamic LoRA − static LoRA at rank 4: +20.00 [")  # 80 against 60 answers right
 
 
