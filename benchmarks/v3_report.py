@@ -290,21 +290,20 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
             for rank in ranks:
                 runs[(method, rank)] = chosen if rank == plan["base"]["adapter"]["rank"] else at_rank(chosen, rank)
     digits = table.digits
-    lines, met, seeds, doubled = [], [], [], []
+    lines, met, doubled = [], [], []
     for rank in ranks:
         double = 2 * rank
         if ("dynamic", rank) in runs and ("lora", double) in runs:
             x = table.interval(runs[("dynamic", rank)], runs[("lora", double)])
             lines.append(f"- Dynamic LoRA at rank {rank} − static LoRA at rank {double}: {fmt(x, digits)}")
             met += [rank] if x is not None and x[1] >= 0 else []
-            seeds += [x[3]] if x is not None else []
             doubled += [(rank, x)] if x is not None else []
-    if seeds:
-        planned = len(table.seed_list)
-        whole = min(seeds) >= planned and len(seeds) == sum(2 * rank in ranks for rank in ranks)
+    if doubled:
+        planned, fewest = len(table.seed_list), min(x[3] for _, x in doubled)
+        whole = fewest >= planned and len(doubled) == sum(2 * rank in ranks for rank in ranks)
         where = f"**met** at rank {', '.join(map(str, met))}" if met else "**not met** at any rank"
         where += "" if whole or met else " run so far"
-        where += f", **partial**: {min(seeds)} of {planned} seeds" if min(seeds) < planned else ""
+        where += f", **partial**: {fewest} of {planned} seeds" if fewest < planned else ""
         lines.insert(0, f"- Verdict: {where}")
     both = [rank for rank in ranks if ("dynamic", rank) in runs and ("lora", rank) in runs]
     pairs = [(rank, runs[("dynamic", rank)], runs[("lora", rank)]) for rank in both]
@@ -312,8 +311,8 @@ def frontier(plan: dict, table: Table) -> tuple[list[str], Figure | None]:
     if same:  # where re-allocation gains most: it should grow as the budget shrinks
         lines += ["", "At the same budget:", ""]
         lines += [f"- Dynamic LoRA − static LoRA at rank {rank}: {fmt(x, digits)}" for rank, x in same]
-    steps = [(r, 2 * r) for r in ranks if ("lora", r) in runs and ("lora", 2 * r) in runs]
-    grown = [(r, d, x) for r, d in steps if (x := table.interval(runs[("lora", d)], runs[("lora", r)])) is not None]
+    doublings = [(r, 2 * r) for r in ranks if ("lora", r) in runs and ("lora", 2 * r) in runs]
+    grown = [(r, d, x) for r, d in doublings if (x := table.interval(runs[("lora", d)], runs[("lora", r)])) is not None]
     if grown:  # the yardstick for both lists above: what a doubled budget buys without re-allocation
         lines += ["", "What doubling the rank buys static LoRA:", ""]
         lines += [f"- static LoRA at rank {d} − at rank {r}: {fmt(x, digits)}" for r, d, x in grown]
